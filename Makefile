@@ -1,0 +1,35 @@
+# make test / make demo each create .venv if missing and install the project into it.
+# GPU users: make TORCH_SPEC="torch==2.9.1 --index-url https://download.pytorch.org/whl/cu128" test
+PYTHON ?= python3
+VENV ?= .venv
+TORCH_SPEC ?= torch==2.13.0
+PY := $(VENV)/bin/python
+PYTEST_ARGS ?=
+
+.PHONY: install test demo lint bench clean
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	# Torch first, from the local CPU wheel unless a torch is already there:
+	# an unpinned torch pulled in by a dependency would be a multi-GB CUDA build.
+	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q $(TORCH_SPEC)
+	$(PY) -m pip install -q -e ".[dev]"
+	touch $@
+
+install: $(VENV)/.installed
+
+test: install
+	$(PY) -m pytest -q -x --durations=15 $(PYTEST_ARGS)
+
+demo: install
+	$(VENV)/bin/llada-train pipeline --config configs/pipeline_tiny.yaml
+
+lint: install
+	$(VENV)/bin/ruff check llada_train tests benchmarks
+
+bench: install
+	for b in benchmarks/bench_*.py; do $(PY) $$b || exit 1; done
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache

@@ -1,0 +1,257 @@
+"""LLaDA2-MoE: a block-diffusion MoE transformer, state-dict compatible with the released checkpoints.
+
+Logits are not shifted: the logit at position i predicts token i (masked diffusion, not AR).
+Routed experts live fused in memory ([E, out, in] per projection, for grouped GEMMs) and are
+written/read in the released per-expert layout by `save_pretrained` / `from_pretrained`.
+"""
+
+import json
+import os
+import re
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+from transformers import GenerationMixin, PreTrainedModel
+from transformers.modeling_outputs import CausalLMOutputWithPast
+
+from .attention import BlockKVCache, LLaDA2MoeAttention, RMSNorm, RotaryEmbedding
+from .configuration_llada2_moe import LLaDA2MoeConfig
+from .moe import LLaDA2MoeExperts, LLaDA2MoeMLP, LLaDA2MoeSparseMoeBlock
+
+EXPERT_PROJS = ("gate_proj", "up_proj", "down_proj")
+_FUSED_KEY = re.compile(r"^(.*\.mlp\.experts)\.(gate_proj|up_proj|down_proj)$")
+_PER_EXPERT_KEY = re.compile(r"^(.*\.mlp\.experts)\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight$")
+
+
+class LLaDA2MoeDecoderLayer(nn.Module):
+    def __init__(self, config: LLaDA2MoeConfig, layer_idx: int):
+        super().__init__()
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.attention = LLaDA2MoeAttention(config, layer_idx)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        if layer_idx < config.first_k_dense_replace:
+            self.mlp = LLaDA2MoeMLP(config.hidden_size, config.intermediate_size)
+        else:
+            self.mlp = LLaDA2MoeSparseMoeBlock(config)
+
+    def forward(self, x, cos, sin, mask, cache=None, commit_len=None):
+        x = x + self.attention(self.input_layernorm(x), cos, sin, mask, cache, commit_len)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+def _as_bool_mask(attention_mask: torch.Tensor, q_len: int) -> torch.Tensor:
+    """2D padding mask (B, K) or 4D (B|1, 1, Q, K) bool/additive mask -> 4D bool, True = attend."""
+    if attention_mask.dim() == 2:
+        valid = attention_mask.bool()  # (B, K)
+        mask = valid[:, None, None, :].expand(-1, 1, q_len, -1)
+        # Padding queries (the last q_len keys) attend to themselves so softmax stays finite.
+        q_valid = valid[:, -q_len:]
+        eye = torch.eye(q_len, valid.shape[1], dtype=torch.bool, device=valid.device).roll(
+            valid.shape[1] - q_len, dims=1
+        )
+        return mask | (~q_valid[:, None, :, None] & eye)
+    if attention_mask.dim() != 4:
+        raise ValueError(f"attention_mask must be 2D (B, L) or 4D (B, 1, Q, K); got shape {tuple(attention_mask.shape)}")
+    return attention_mask if attention_mask.dtype == torch.bool else attention_mask == 0
+
+
+class LLaDA2MoePreTrainedModel(PreTrainedModel):
+    config_class = LLaDA2MoeConfig
+    base_model_prefix = "model"
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["LLaDA2MoeDecoderLayer"]
+    _supports_sdpa = True
+
+    @torch.no_grad()
+    def _init_weights(self, module):
+        std = self.config.initializer_range
+        if isinstance(module, nn.Linear):
+            module.weight.normal_(0.0, std)
+            if module.bias is not None:
+                module.bias.zero_()
+        elif isinstance(module, nn.Embedding):
+            module.weight.normal_(0.0, std)
+        elif isinstance(module, LLaDA2MoeExperts):
+            for name in EXPERT_PROJS:
+                getattr(module, name).normal_(0.0, std)
+        elif isinstance(module, RMSNorm):
+            module.weight.fill_(1.0)
+        elif isinstance(module, LLaDA2MoeSparseMoeBlock):
+            module.gate.weight.normal_(0.0, std)
+            module.gate.expert_bias.zero_()
+            module.expert_load.zero_()
+        elif isinstance(module, RotaryEmbedding):
+            module.inv_freq.copy_(RotaryEmbedding(module.inv_freq.numel() * 2, self.config.rope_theta).inv_freq)
+
+
+class LLaDA2MoeModel(LLaDA2MoePreTrainedModel):
+    def __init__(self, config: LLaDA2MoeConfig):
+        super().__init__(config)
+        self.word_embeddings = nn.Embedding(config.vocab_size, config.hidden_size, config.pad_token_id)
+        self.layers = nn.ModuleList(LLaDA2MoeDecoderLayer(config, i) for i in range(config.num_hidden_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.rotary_emb = RotaryEmbedding(config.rotary_dim, config.rope_theta)
+        self.gradient_checkpointing = False
+        self.post_init()
+
+    def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
+                inputs_embeds=None, use_cache=False, commit_len=None):
+        x = self.word_embeddings(input_ids) if inputs_embeds is None else inputs_embeds  # (B, L, H)
+        bsz, seq = x.shape[:2]
+        past = past_key_values.get_seq_length() if past_key_values is not None else 0
+        if position_ids is None:
+            position_ids = torch.arange(past, past + seq, device=x.device)[None].expand(bsz, -1)
+        cos, sin = self.rotary_emb(position_ids, x.dtype)
+        mask = attention_mask
+        if mask is not None and isinstance(mask, torch.Tensor):
+            mask = _as_bool_mask(mask, seq)
+        commit = commit_len if use_cache else 0
+        for layer in self.layers:
+            if self.gradient_checkpointing and self.training:
+                x = checkpoint(layer, x, cos, sin, mask, past_key_values, commit, use_reentrant=False)
+            else:
+                x = layer(x, cos, sin, mask, past_key_values, commit)
+        return self.norm(x)
+
+
+class LLaDA2MoeModelLM(LLaDA2MoePreTrainedModel, GenerationMixin):
+    _tied_weights_keys = {"lm_head.weight": "model.word_embeddings.weight"}
+
+    def __init__(self, config: LLaDA2MoeConfig):
+        super().__init__(config)
+        self.model = LLaDA2MoeModel(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.post_init()
+
+    def get_input_embeddings(self):
+        return self.model.word_embeddings
+
+    def set_input_embeddings(self, value):
+        self.model.word_embeddings = value
+
+    def get_output_embeddings(self):
+        return self.lm_head
+
+    def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
+                inputs_embeds=None, labels=None, use_cache=False, commit_len=None, return_dict=True, **kwargs):
+        """`past_key_values`: a `BlockKVCache`; with `use_cache=True` the first `commit_len` new
+        positions (all when None) are appended to it. Labels are unshifted; -100 is ignored."""
+        if use_cache and past_key_values is None:
+            past_key_values = BlockKVCache()
+        hidden = self.model(input_ids, attention_mask, position_ids, past_key_values, inputs_embeds,
+                            use_cache, commit_len)
+        logits = self.lm_head(hidden)  # (B, L, V)
+        loss = None
+        if labels is not None:
+            loss = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=-100)
+        out = CausalLMOutputWithPast(loss=loss, logits=logits)
+        if use_cache:
+            out["past_key_values"] = past_key_values
+        return out if return_dict else out.to_tuple()
+
+    # ---- released on-disk layout -------------------------------------------------------------
+
+    def save_pretrained(self, save_directory, state_dict=None, **kwargs):
+        state = to_released_layout(state_dict if state_dict is not None else self.state_dict())
+        if self.config.tie_word_embeddings:
+            state.pop("lm_head.weight", None)
+        return super().save_pretrained(save_directory, state_dict=state, **kwargs)
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *model_args, config=None, dtype=None,
+                        torch_dtype=None, **kwargs):
+        """Load a directory in the released layout (safetensors only; pickles are refused)."""
+        path = Path(pretrained_model_name_or_path)
+        if not path.is_dir():
+            raise ValueError(
+                f"{pretrained_model_name_or_path}: not a directory. Download the checkpoint first "
+                "(e.g. `huggingface-cli download inclusionAI/LLaDA2.0-mini --local-dir DIR`) and pass DIR."
+            )
+        for key in ("trust_remote_code", "device_map", "low_cpu_mem_usage", "attn_implementation"):
+            kwargs.pop(key, None)
+        if config is None:
+            config = LLaDA2MoeConfig.from_pretrained(path, **kwargs)
+        else:
+            for key, value in kwargs.items():
+                setattr(config, key, value)
+        with torch.device("meta"):
+            model = cls(config)
+        state = from_released_layout(load_safetensors_dir(path), config)
+        if config.tie_word_embeddings:
+            state.setdefault("lm_head.weight", state["model.word_embeddings.weight"])
+        missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
+        if missing or unexpected:
+            raise ValueError(
+                f"{path}: checkpoint does not match LLaDA2MoeConfig: missing keys {sorted(missing)[:8]}, "
+                f"unexpected keys {sorted(unexpected)[:8]}"
+            )
+        if config.tie_word_embeddings:
+            model.lm_head.weight = model.model.word_embeddings.weight
+        model._materialize_runtime_buffers()
+        dtype = dtype or torch_dtype
+        if dtype is not None and dtype != "auto":
+            model.to(getattr(torch, dtype) if isinstance(dtype, str) else dtype)
+        model.eval()
+        return model
+
+    def _materialize_runtime_buffers(self):
+        """Non-persistent buffers are not in checkpoints: rebuild them off the meta device."""
+        rotary = self.model.rotary_emb
+        rotary.inv_freq = RotaryEmbedding(self.config.rotary_dim, self.config.rope_theta).inv_freq
+        for module in self.modules():
+            if isinstance(module, LLaDA2MoeSparseMoeBlock):
+                module.expert_load = torch.zeros(self.config.num_experts)
+
+
+def to_released_layout(state: dict) -> dict:
+    """Fused `...experts.gate_proj` (E, out, in) -> `...experts.{e}.gate_proj.weight` (out, in)."""
+    out = {}
+    for key, value in state.items():
+        match = _FUSED_KEY.match(key)
+        if match is None:
+            out[key] = value
+            continue
+        prefix, proj = match.groups()
+        for e in range(value.shape[0]):
+            out[f"{prefix}.{e}.{proj}.weight"] = value[e].contiguous()
+    return out
+
+
+def from_released_layout(state: dict, config: LLaDA2MoeConfig) -> dict:
+    """Per-expert released keys -> fused (E, out, in) tensors; other keys pass through."""
+    out, experts = {}, {}
+    for key, value in state.items():
+        match = _PER_EXPERT_KEY.match(key)
+        if match is None:
+            out[key] = value
+            continue
+        prefix, e, proj = match.groups()
+        experts.setdefault((prefix, proj), {})[int(e)] = value
+    for (prefix, proj), by_index in experts.items():
+        if sorted(by_index) != list(range(config.num_experts)):
+            missing = sorted(set(range(config.num_experts)) - set(by_index))
+            raise ValueError(f"{prefix}.{proj}: experts {missing[:8]} missing from the checkpoint")
+        out[f"{prefix}.{proj}"] = torch.stack([by_index[e] for e in range(config.num_experts)])
+    return out
+
+
+def load_safetensors_dir(path: Path) -> dict:
+    """All tensors of a (possibly sharded) safetensors checkpoint directory."""
+    index = path / "model.safetensors.index.json"
+    if index.exists():
+        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+    else:
+        files = sorted(p.name for p in path.glob("*.safetensors"))
+    if not files:
+        pickles = [p.name for p in path.glob("*.bin")] + [p.name for p in path.glob("*.pt")]
+        hint = (f" Found pickle files {pickles}: they can run arbitrary code when loaded and are refused; "
+                "convert them to safetensors in a trusted environment first." if pickles else "")
+        raise ValueError(f"{path}: no *.safetensors weights found.{hint}")
+    state = {}
+    for name in files:
+        state.update(load_file(os.fspath(path / name)))
+    return state

@@ -236,6 +236,21 @@ def kill_all() -> None:
         _kill_group(p.pid)
 
 
+def terminate_group(pid: int, grace_s: float = 0.0) -> None:
+    """SIGTERM `pid`, give it `grace_s` to exit, then SIGKILL its whole process group.
+
+    For children started with start_new_session (pgid == pid) that are not yet reaped; the caller
+    reaps `pid` afterwards (Popen.wait()).
+    """
+    if grace_s > 0:
+        try:
+            os.kill(pid, signal.SIGTERM)
+        except ProcessLookupError:
+            pass
+        _wait_no_reap(pid, grace_s)
+    _kill_group(pid)
+
+
 def _reason(rc: int | None, timed_out: bool, stderr: str) -> str | None:
     if timed_out or rc == -signal.SIGALRM:
         return "timeout"

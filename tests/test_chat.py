@@ -3,7 +3,6 @@ packing. Spans are checked against an independent string search in the rendered 
 
 import json
 import random
-from pathlib import Path
 
 import pytest
 import torch
@@ -12,6 +11,7 @@ from transformers import PreTrainedTokenizerFast
 
 from llada_train.data.chat import load_chat_rows, render_prompt, tokenize_chat
 from llada_train.data.tasks import make_rows
+from llada_train.data.tokenizer import load_tokenizer
 
 SPECIALS = ["<|endoftext|>", "<|mask|>", "<role>", "</role>", "<|role_end|>", "<|im_start|>", "<|im_end|>"]
 LLADA_TEMPLATE = (
@@ -34,7 +34,7 @@ UNSTABLE_TEMPLATE = (
     "{%- if add_generation_prompt -%}{{- '<role>assistant</role>' -}}{%- endif -%}"
 )
 # (assistant header, end marker) per template, for the independent span search
-MARKERS = {"llada": ("<role>ASSISTANT</role>", "<|role_end|>"),
+MARKERS = {"llada": ("<role>ASSISTANT</role>", "<|role_end|>"), "project": ("<role>ASSISTANT</role>", "<|role_end|>"),
            "chatml": ("<|im_start|>assistant\n", "<|im_end|>\n")}
 ALPHABET = "abcdefghij klmnop 0123456789+=,.?!é中"
 
@@ -58,7 +58,7 @@ def _make_tokenizer(template: str) -> PreTrainedTokenizerFast:
 @pytest.fixture(scope="module")
 def toks():
     return {"llada": _make_tokenizer(LLADA_TEMPLATE), "chatml": _make_tokenizer(CHATML_TEMPLATE),
-            "unstable": _make_tokenizer(UNSTABLE_TEMPLATE)}
+            "unstable": _make_tokenizer(UNSTABLE_TEMPLATE), "project": load_tokenizer(None)}
 
 
 def _text(rng, lo=1, hi=12):
@@ -92,18 +92,21 @@ def _byte_decoder() -> dict[str, int]:
     return {**{chr(b): b for b in keep}, **{chr(256 + i): b for i, b in enumerate(extra)}}
 
 
-def _token_bytes(tok, token_id: int, table=_byte_decoder()) -> bytes:
+BYTE_DECODER = _byte_decoder()
+
+
+def _token_bytes(tok, token_id: int) -> bytes:
     piece = tok.convert_ids_to_tokens(token_id)
     if piece in tok.all_special_tokens:
         return piece.encode()
-    return bytes(table[c] for c in piece)
+    return bytes(BYTE_DECODER[c] for c in piece)
 
 
 def _decode(tok, ids):
     return tok.decode(ids, skip_special_tokens=False, clean_up_tokenization_spaces=False)
 
 
-@pytest.mark.parametrize("name", ["llada", "chatml"])
+@pytest.mark.parametrize("name", ["llada", "chatml", "project"])
 def test_multi_turn_supervises_only_assistant_turns(toks, name):
     tok, rng, block = toks[name], random.Random(name), 8
     rows = [_conversation(rng, rng.randint(1, 3)) for _ in range(40)]
@@ -134,7 +137,8 @@ def test_multi_turn_supervises_only_assistant_turns(toks, name):
 
 def test_render_prompt(toks):
     tok = toks["llada"]
-    assert render_prompt("12+3=", tok) == "<role>HUMAN</role>12+3=<|role_end|><role>ASSISTANT</role>"
+    for name in ("llada", "project"):
+        assert render_prompt("12+3=", toks[name]) == "<role>HUMAN</role>12+3=<|role_end|><role>ASSISTANT</role>"
     msgs = [{"role": "system", "content": "s"}, {"role": "user", "content": "q"}]
     assert render_prompt(msgs, toks["chatml"]) == "<|im_start|>system\ns<|im_end|>\n<|im_start|>user\nq<|im_end|>\n" \
                                                   "<|im_start|>assistant\n"

@@ -14,7 +14,7 @@ def _solve(task: str, problem: str) -> str:
     if task == "addition":
         a, b = problem.rstrip("=").split("+")
         return str(sum(int(x) for x in (a, b)))
-    word, arg = problem.split(" ")
+    _, arg = problem.split(" ")
     if task == "reversal":
         return "".join(arg[i] for i in range(len(arg) - 1, -1, -1))
     if task == "sorting":
@@ -22,11 +22,7 @@ def _solve(task: str, problem: str) -> str:
     if task == "copy":
         return arg
     if task == "max":
-        values = [int(x) for x in arg.split(",")]
-        best = values[0]
-        for v in values:
-            best = v if v > best else best
-        return str(best)
+        return str(max(int(x) for x in arg.split(",")))
     raise AssertionError(task)
 
 

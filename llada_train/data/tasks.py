@@ -22,9 +22,9 @@ import inspect
 import json
 import random
 import string
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 EVAL_FRACTION = 0.1
 SPLITS = ("train", "eval")

@@ -218,6 +218,7 @@ class _Worker:
         self.proc = subprocess.Popen(
             [sys.executable, "-c", "from llada_train.rl.rewards import _worker_main; _worker_main()"],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env, start_new_session=True, bufsize=0)
+        self.loaded: set[str] = set()  # specs already imported in this worker
         try:
             if self.recv(start_timeout_s) != ("ready", self.proc.pid):
                 raise RewardError("reward worker sent an unexpected handshake")
@@ -262,12 +263,16 @@ def _worker_main() -> None:
     _send(proto_out, ("ready", os.getpid()))
     while True:
         try:
-            fn, prompts, completions, kwargs, path = _recv(proto_in, None)
+            kind, fn, args = _recv(proto_in, None)
         except EOFError:
             return
-        sys.path[:0] = [p for p in path if p not in sys.path]
         try:
-            reply = ("ok", call_reward(fn, prompts, completions, kwargs))
+            if kind == "load":  # import outside the call's timeout; args = the parent's sys.path
+                sys.path[:0] = [p for p in args if p not in sys.path]
+                resolve_reward(fn)
+                reply = ("ok", None)
+            else:
+                reply = ("ok", call_reward(fn, *args))
         except BaseException as e:  # noqa: BLE001 - every failure goes back to the parent as text
             reply = ("error", _describe(e))
         _send(proto_out, reply)
@@ -286,7 +291,8 @@ class LocalRewardPool:
     """Reward executor for local mode: persistent worker processes, one busy call per worker.
 
     A call that overruns `spec.timeout_s` gets its worker's whole process group killed (sandboxes
-    included) and raises TimeoutError; a fresh worker is started for the next call.
+    included) and raises TimeoutError; a fresh worker is started for the next call. Importing the
+    reward's module happens before the call, under `start_timeout_s`, not the call's timeout.
     """
 
     def __init__(self, start_timeout_s: float = 120.0):
@@ -305,7 +311,14 @@ class LocalRewardPool:
                 self._all.add(worker)
         healthy = False
         try:
-            worker.send((spec.fn, prompts, completions, kwargs, list(sys.path)))
+            if spec.fn not in worker.loaded:
+                worker.send(("load", spec.fn, list(sys.path)))
+                status, payload = worker.recv(self.start_timeout_s)
+                if status == "error":
+                    healthy = True
+                    raise RewardError(payload)
+                worker.loaded.add(spec.fn)
+            worker.send(("call", spec.fn, (prompts, completions, kwargs)))
             status, payload = worker.recv(spec.timeout_s)
             healthy = True
         except TimeoutError:

@@ -59,16 +59,20 @@ _MARK = %r
 def _refuse(what):
     raise PermissionError(_MARK + " " + what)
 
-def _inside(path):
+def _abs(path, dir_fd=None):  # real absolute path (relative to dir_fd if given); None for an fd
     if isinstance(path, int):
-        return True
-    p = os.path.realpath(os.fsdecode(path))
-    return p == _root or p.startswith(_root + os.sep)
+        return None
+    p = os.fsdecode(path)
+    if isinstance(dir_fd, int) and dir_fd >= 0 and not os.path.isabs(p):
+        p = os.path.join(os.readlink("/proc/self/fd/%%d" %% dir_fd), p)
+    return os.path.realpath(p)
+
+def _inside(path, dir_fd=None):
+    p = _abs(path, dir_fd)
+    return p is None or p == _root or p.startswith(_root + os.sep)
 
 def _other_proc(path):
-    if isinstance(path, int):
-        return False
-    parts = os.path.realpath(os.fsdecode(path)).split(os.sep)
+    parts = (_abs(path) or "").split(os.sep)
     return len(parts) > 2 and parts[1] == "proc" and parts[2].isdigit() and int(parts[2]) != os.getpid()
 
 def _group_size():
@@ -83,10 +87,11 @@ def _group_size():
                 pass
     return n
 
-_PATH_EVENTS = {"os.remove": (0,), "os.rmdir": (0,), "os.mkdir": (0,), "os.chmod": (0,),
-                "os.chown": (0,), "os.truncate": (0,), "os.utime": (0,), "os.setxattr": (0,),
-                "os.removexattr": (0,), "os.rename": (0, 1), "os.link": (0, 1), "os.symlink": (1,),
-                "os.chdir": (0,)}
+# event -> ((path arg, its dir_fd arg or None), ...), per the CPython audit events table
+_PATH_EVENTS = {"os.remove": ((0, 1),), "os.rmdir": ((0, 1),), "os.mkdir": ((0, 2),), "os.chmod": ((0, 2),),
+                "os.chown": ((0, 3),), "os.truncate": ((0, None),), "os.utime": ((0, 3),),
+                "os.setxattr": ((0, None),), "os.removexattr": ((0, None),), "os.rename": ((0, 2), (1, 3)),
+                "os.link": ((0, 2), (1, 3)), "os.symlink": ((1, 2),), "os.chdir": ((0, None),)}
 _DENY = ("subprocess.Popen", "os.exec", "os.posix_spawn", "os.spawn", "os.system", "os.forkpty",
          "pty.spawn", "ctypes.dlopen", "ctypes.dlsym", "ctypes.dlsym/handle", "ctypes.cdata",
          "socket.connect", "socket.bind", "socket.sendto", "socket.sendmsg", "socket.getaddrinfo",
@@ -107,8 +112,8 @@ def _hook(event, args):
             if _other_proc(path):
                 _refuse("reading another process's /proc entry: %%r" %% (path,))
         elif event in _PATH_EVENTS:
-            for i in _PATH_EVENTS[event]:
-                if not _inside(args[i]):
+            for i, fd in _PATH_EVENTS[event]:
+                if not _inside(args[i], None if fd is None else args[fd]):
                     _refuse("%%s outside the sandbox dir: %%r" %% (event, args[i]))
         elif event == "socket.__new__":
             import socket
@@ -134,8 +139,16 @@ def _hook(event, args):
 def _no_escape(*a, **k):
     _refuse("leaving the sandbox process group")
 
+_os_open = os.open
+
+def _open(path, flags, mode=0o777, *, dir_fd=None):  # the "open" audit event does not carry dir_fd
+    if flags & _W and not _inside(path, dir_fd):
+        _refuse("write outside the sandbox dir: %%r" %% (path,))
+    return _os_open(path, flags, mode, dir_fd=dir_fd)
+
 for _m in (os, sys.modules["posix"]):
     _m.setsid = _m.setpgid = _m.setpgrp = _no_escape
+    _m.open = _open
 sys.addaudithook(_hook)
 sys.argv = ["solution.py"]
 _code = compile(open("solution.py", encoding="utf-8").read(), "solution.py", "exec")

@@ -43,11 +43,10 @@ def stdlib_files() -> list[Path]:
     """The local Python stdlib's .py files without test suites and installed packages, sorted."""
     root = Path(sysconfig.get_paths()["stdlib"])
     files = []
-    for path in root.rglob("*.py"):
-        parts = path.relative_to(root).parts
-        if parts[0] in ("site-packages", "dist-packages") or _TEST_DIRS.intersection(parts[:-1]):
-            continue
-        files.append(path)
+    for dirpath, dirnames, filenames in os.walk(root):
+        skip = _TEST_DIRS | ({"site-packages", "dist-packages"} if Path(dirpath) == root else set())
+        dirnames[:] = [d for d in dirnames if d not in skip]  # prune: never walk installed packages
+        files.extend(Path(dirpath) / f for f in filenames if f.endswith(".py"))
     return sorted(files, key=lambda p: p.relative_to(root).as_posix())
 
 
@@ -255,9 +254,9 @@ def pack_documents(
     total = int(lengths.sum())
     rows = -(-total // seq_len)
     flat = np.full(rows * seq_len, eos_id, dtype=np.int64)
-    flat[:total] = np.fromiter(
-        itertools.chain.from_iterable(itertools.chain(t, (eos_id,)) for t in token_lists),
-        dtype=np.int64, count=total)
+    ends = np.cumsum(lengths)
+    for t, end, n in zip(token_lists, ends.tolist(), lengths.tolist()):
+        flat[end - n:end - 1] = t  # flat[end - 1] stays EOS
     doc = np.full(rows * seq_len, -1, dtype=np.int64)
     doc[:total] = np.repeat(np.arange(len(token_lists), dtype=np.int64), lengths)
     doc = doc.reshape(rows, seq_len)
@@ -289,11 +288,11 @@ class _Encoder:
     def __init__(self, tokenizer, eval_fraction: float, seed: int):
         self.tokenizer, self.eval_fraction, self.seed = tokenizer, eval_fraction, seed
 
-    def __call__(self, texts: list[str]) -> tuple[list[list[int]], list[float]]:
+    def __call__(self, texts: list[str]) -> tuple[list[np.ndarray], list[float]]:
         # split_special_tokens: a literal "<|endoftext|>" in a source file is text, not EOS
         ids = self.tokenizer(texts, add_special_tokens=False, split_special_tokens=True,
                              return_attention_mask=False)["input_ids"]
-        return ids, [_split_hash(t, self.seed) for t in texts]
+        return [np.asarray(t, dtype=np.int32) for t in ids], [_split_hash(t, self.seed) for t in texts]
 
 
 _worker: _Encoder | None = None
@@ -301,8 +300,23 @@ _worker: _Encoder | None = None
 
 def _init_worker(encoder: _Encoder) -> None:
     global _worker
-    os.environ["TOKENIZERS_PARALLELISM"] = "false"
     _worker = encoder
+
+
+def _pool(num_proc: int, encoder: _Encoder):
+    """Tokenizer worker processes. Fork (where there is one) starts in milliseconds; the Rust
+    tokenizer is told not to use its thread pool in the children, which is what it does after a
+    fork anyway, minus the warning."""
+    method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
+    before = os.environ.get("TOKENIZERS_PARALLELISM")
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"
+    try:
+        return multiprocessing.get_context(method).Pool(num_proc, _init_worker, (encoder,))
+    finally:
+        if before is None:
+            del os.environ["TOKENIZERS_PARALLELISM"]
+        else:
+            os.environ["TOKENIZERS_PARALLELISM"] = before
 
 
 def _encode_in_worker(texts: list[str]):
@@ -359,13 +373,13 @@ def build_corpus(
     docs = _iter_documents(sources, text_field, max_docs, MAX_LINE_CHARS, stats)
     batches = iter(lambda: list(itertools.islice(docs, _BATCH_DOCS)), [])
     encoder = _Encoder(tokenizer, eval_fraction, seed)
-    train: list[list[int]] = []
-    evals: list[list[int]] = []
+    train: list[np.ndarray] = []  # token ids per document
+    evals: list[np.ndarray] = []
     first_train = (2.0, -1)  # (hash, index) of the train doc closest to the eval side
     with tqdm(desc="tokenize", unit="doc", leave=False) as bar:
         pool = None
         if num_proc > 1:
-            pool = multiprocessing.get_context("spawn").Pool(num_proc, _init_worker, (encoder,))
+            pool = _pool(num_proc, encoder)
             results = pool.imap(_encode_in_worker, batches)
         else:
             results = map(encoder, batches)

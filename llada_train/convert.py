@@ -1,0 +1,403 @@
+"""`llada-train convert`: an autoregressive Hugging Face checkpoint -> an LLaDA2-MoE checkpoint.
+
+LLaDA2.0 starts from an AR model and turns it into a block-diffusion model by continued training;
+the architecture itself does not change. So conversion is a pure re-naming of weights (plus one new
+embedding row for the mask token): with a causal attention mask the converted model computes the
+source model's logits exactly. Only the objective changes in CPT (see docs/convert.md).
+
+Sources: Llama, Qwen2, Qwen3 (dense; written as all-dense layers) and Ling / BailingMoeV2 (MoE,
+already in the released LLaDA2 layout). Safetensors only: pickles can run code when loaded.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Iterator
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from transformers import AutoTokenizer
+
+from .model import LLaDA2MoeConfig, LLaDA2MoeModelLM
+from .model.modeling_llada2_moe import to_released_layout
+
+SUPPORTED = {
+    "LlamaForCausalLM": "llama",
+    "Qwen2ForCausalLM": "qwen2",
+    "Qwen3ForCausalLM": "qwen3",
+    "BailingMoeV2ForCausalLM": "bailing_moe_v2",
+}
+_DENSE = ("llama", "qwen2", "qwen3")
+_PICKLES = ("*.bin", "*.pt", "*.pth", "*.ckpt", "*.pkl")
+_MAX_SHARD_BYTES = 4 << 30
+# LLaDA2.0-style threshold decoding defaults (DESIGN §6), written to generation_config.json.
+GENERATION_DEFAULTS = {
+    "gen_length": 256,
+    "block_length": 32,
+    "threshold": 0.95,
+    "editing_threshold": None,
+    "max_post_steps": 16,
+    "temperature": 0.0,
+    "top_k": None,
+    "top_p": None,
+    "eos_early_stop": True,
+    "mbe_window": 0,
+    "use_cache": True,
+}
+
+
+class _SourceTensors:
+    """Lazy reader over a (possibly sharded) safetensors directory; remembers what was consumed."""
+
+    def __init__(self, path: Path):
+        index = path / "model.safetensors.index.json"
+        if index.exists():
+            weight_map = json.loads(index.read_text())["weight_map"]
+            files = sorted(set(weight_map.values()))
+        else:
+            files = sorted(p.name for p in path.glob("*.safetensors"))
+        if not files:
+            pickles = sorted(p.name for pattern in _PICKLES for p in path.glob(pattern))
+            hint = (f" It holds pickle weights {pickles}: loading a pickle can execute arbitrary code, so "
+                    "they are refused. Re-save them as safetensors in a trusted environment (e.g. "
+                    "`AutoModelForCausalLM.from_pretrained(dir).save_pretrained(out, safe_serialization=True)`)"
+                    " and convert that." if pickles else "")
+            raise ValueError(f"{path}: no *.safetensors weights found.{hint}")
+        self._handles = {name: safe_open(os.fspath(path / name), framework="pt") for name in files}
+        self._where = {key: name for name, h in self._handles.items() for key in h.keys()}
+        self._taken: set[str] = set()
+
+    def __contains__(self, key: str) -> bool:
+        return key in self._where
+
+    def keys(self) -> list[str]:
+        return list(self._where)
+
+    def take(self, key: str) -> torch.Tensor:
+        if key not in self._where:
+            raise ValueError(f"source checkpoint has no tensor {key!r}; is it the architecture config.json says?")
+        self._taken.add(key)
+        return self._handles[self._where[key]].get_tensor(key)
+
+    def untaken(self) -> list[str]:
+        return sorted(set(self._where) - self._taken)
+
+
+class _ShardWriter:
+    """Writes tensors into ~4 GiB safetensors shards (+ index), HF naming, as they come."""
+
+    def __init__(self, out: Path, max_bytes: int = _MAX_SHARD_BYTES):
+        self.out, self.max_bytes = out, max_bytes
+        self.pending: dict[str, torch.Tensor] = {}
+        self.pending_bytes = 0
+        self.shards: list[list[str]] = []
+        self.total = 0
+
+    def add(self, name: str, tensor: torch.Tensor):
+        size = tensor.numel() * tensor.element_size()
+        if self.pending and self.pending_bytes + size > self.max_bytes:
+            self._flush()
+        self.pending[name] = tensor.contiguous()
+        self.pending_bytes += size
+        self.total += size
+
+    def _flush(self):
+        save_file(self.pending, os.fspath(self.out / f"shard-{len(self.shards)}.tmp"), metadata={"format": "pt"})
+        self.shards.append(list(self.pending))
+        self.pending, self.pending_bytes = {}, 0
+
+    def close(self):
+        if self.pending:
+            self._flush()
+        n = len(self.shards)
+        names = ["model.safetensors"] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
+        weight_map = {}
+        for i, (name, keys) in enumerate(zip(names, self.shards)):
+            (self.out / f"shard-{i}.tmp").rename(self.out / name)
+            weight_map.update(dict.fromkeys(keys, name))
+        if n > 1:
+            index = {"metadata": {"total_size": self.total}, "weight_map": weight_map}
+            (self.out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+
+
+# ---- config ------------------------------------------------------------------------------------
+
+def _read_config(src: Path) -> tuple[str, dict]:
+    path = src / "config.json"
+    if not path.exists():
+        raise ValueError(f"{src}: no config.json; pass a Hugging Face checkpoint directory")
+    cfg = json.loads(path.read_text())
+    archs = cfg.get("architectures") or []
+    family = next((SUPPORTED[a] for a in archs if a in SUPPORTED), None)
+    if family is None:
+        raise ValueError(
+            f"{path}: architecture {archs or cfg.get('model_type')!r} is not supported by `llada-train convert`; "
+            f"supported: {', '.join(SUPPORTED)}"
+        )
+    if family in _DENSE:  # transformers' own config class fills the keys config.json leaves at default
+        from transformers import AutoConfig
+
+        try:
+            cfg = {**AutoConfig.from_pretrained(src).to_dict(), "architectures": archs}
+        except (KeyError, ValueError, OSError) as e:
+            raise ValueError(f"{path}: transformers cannot read this config: {e}") from e
+    return family, cfg
+
+
+def _rope(cfg: dict, where: Path) -> tuple[float, float]:
+    """(rope_theta, partial_rotary_factor); refuses RoPE scaling (LLaDA2 has plain RoPE only)."""
+    params = cfg.get("rope_parameters") or {}  # transformers >= 5 nests RoPE settings here
+    scaling = cfg.get("rope_scaling") or {}
+    kind = params.get("rope_type") or scaling.get("rope_type") or scaling.get("type") or "default"
+    if kind != "default":
+        raise ValueError(
+            f"{where}: RoPE scaling type {kind!r} is not implemented by LLaDA2MoeConfig (plain RoPE with "
+            "rope_theta only); converting would silently change the position encoding. Supported: no "
+            "rope_scaling / rope_type 'default'."
+        )
+    theta = cfg.get("rope_theta") or params.get("rope_theta") or 10000.0
+    factor = cfg.get("partial_rotary_factor") or params.get("partial_rotary_factor") or 1.0
+    return float(theta), float(factor)
+
+
+def _model_config(family: str, cfg: dict, keys: _SourceTensors, where: Path) -> dict:
+    """LLaDA2MoeConfig keyword arguments describing the same network as the source."""
+    if cfg.get("hidden_act", "silu") != "silu":
+        raise ValueError(f"{where}: hidden_act {cfg['hidden_act']!r} unsupported; LLaDA2 MLPs are SwiGLU (silu)")
+    theta, factor = _rope(cfg, where)
+    heads = cfg["num_attention_heads"]
+    head_dim = cfg.get("head_dim") or cfg["hidden_size"] // heads
+    common = dict(
+        vocab_size=cfg["vocab_size"],
+        hidden_size=cfg["hidden_size"],
+        intermediate_size=cfg["intermediate_size"],
+        num_hidden_layers=cfg["num_hidden_layers"],
+        num_attention_heads=heads,
+        num_key_value_heads=cfg.get("num_key_value_heads") or heads,
+        head_dim=head_dim,
+        rope_theta=theta,
+        partial_rotary_factor=factor,
+        rotary_dim=int(head_dim * factor),
+        rms_norm_eps=cfg.get("rms_norm_eps", 1e-6),
+        tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+        max_position_embeddings=cfg.get("max_position_embeddings", 32768),
+        initializer_range=cfg.get("initializer_range", 0.02),
+    )
+    if family == "bailing_moe_v2":
+        if cfg.get("score_function", "sigmoid") != "sigmoid":
+            raise ValueError(f"{where}: router score_function {cfg['score_function']!r} unsupported (sigmoid only)")
+        return dict(
+            common,
+            moe_intermediate_size=cfg["moe_intermediate_size"],
+            num_experts=cfg["num_experts"],
+            num_experts_per_tok=cfg["num_experts_per_tok"],
+            num_shared_experts=cfg.get("num_shared_experts") or 0,
+            first_k_dense_replace=cfg.get("first_k_dense_replace", 0),
+            n_group=cfg.get("n_group") or 1,
+            topk_group=cfg.get("topk_group") or 1,
+            routed_scaling_factor=cfg.get("routed_scaling_factor", 1.0),
+            norm_topk_prob=cfg.get("norm_topk_prob", True),
+            moe_router_enable_expert_bias=cfg.get("moe_router_enable_expert_bias", True),
+            router_dtype=cfg.get("router_dtype", "fp32"),
+            use_qk_norm=cfg.get("use_qk_norm", False),
+            use_bias=cfg.get("use_bias", False),
+            use_qkv_bias=cfg.get("use_qkv_bias", False),
+        )
+    if cfg.get("mlp_bias"):
+        raise ValueError(f"{where}: mlp_bias=true unsupported (LLaDA2 MLPs have no bias)")
+    windows = [t for t in cfg.get("layer_types") or [] if t != "full_attention"]
+    if cfg.get("use_sliding_window") or windows:
+        raise ValueError(f"{where}: sliding-window attention layers unsupported; LLaDA2 attends to the whole sequence")
+    attn = "model.layers.0.self_attn."
+    return dict(
+        common,
+        # All layers dense: the MoE settings below only need to validate, no MoE layer is built.
+        first_k_dense_replace=cfg["num_hidden_layers"],
+        moe_intermediate_size=cfg["intermediate_size"],
+        num_experts=1,
+        num_experts_per_tok=1,
+        num_shared_experts=0,
+        n_group=1,
+        topk_group=1,
+        routed_scaling_factor=1.0,
+        moe_router_enable_expert_bias=False,
+        use_qk_norm=attn + "q_norm.weight" in keys,
+        use_qkv_bias=attn + "q_proj.bias" in keys,
+        use_bias=attn + "o_proj.bias" in keys,
+    )
+
+
+# ---- weights -----------------------------------------------------------------------------------
+
+def _dense_tensors(src: _SourceTensors, n_layers: int) -> Iterator[tuple[str, torch.Tensor]]:
+    """Llama / Qwen2 / Qwen3 names -> released LLaDA2 names; q, k, v fused row-wise in that order."""
+    yield "model.word_embeddings.weight", src.take("model.embed_tokens.weight")
+    for i in range(n_layers):
+        s, d = f"model.layers.{i}.", f"model.layers.{i}."
+        for norm in ("input_layernorm", "post_attention_layernorm"):
+            yield f"{d}{norm}.weight", src.take(f"{s}{norm}.weight")
+        for kind in ("weight", "bias"):
+            qkv = [f"{s}self_attn.{p}_proj.{kind}" for p in "qkv"]
+            if qkv[0] in src:
+                yield f"{d}attention.query_key_value.{kind}", torch.cat([src.take(k) for k in qkv])
+            if f"{s}self_attn.o_proj.{kind}" in src:
+                yield f"{d}attention.dense.{kind}", src.take(f"{s}self_attn.o_proj.{kind}")
+        for ours, theirs in (("query_layernorm", "q_norm"), ("key_layernorm", "k_norm")):
+            if f"{s}self_attn.{theirs}.weight" in src:
+                yield f"{d}attention.{ours}.weight", src.take(f"{s}self_attn.{theirs}.weight")
+        for proj in ("gate_proj", "up_proj", "down_proj"):
+            yield f"{d}mlp.{proj}.weight", src.take(f"{s}mlp.{proj}.weight")
+    yield "model.norm.weight", src.take("model.norm.weight")
+    if "lm_head.weight" in src:
+        yield "lm_head.weight", src.take("lm_head.weight")
+
+
+def _bailing_tensors(src: _SourceTensors, config: LLaDA2MoeConfig) -> Iterator[tuple[str, torch.Tensor]]:
+    """BailingMoeV2 already uses the released names; multi-token-prediction layers (indices past
+    num_hidden_layers) are dropped: the diffusion model has no next-token head."""
+    def layer_of(key: str) -> int | None:
+        parts = key.split(".")
+        return int(parts[2]) if key.startswith("model.layers.") else None
+
+    for key in src.keys():
+        layer = layer_of(key)
+        if layer is not None and layer >= config.num_hidden_layers:
+            src.take(key)  # MTP layer: consumed, not written
+        elif not key.endswith("rotary_emb.inv_freq"):
+            yield key, src.take(key)
+    for i in range(config.first_k_dense_replace, config.num_hidden_layers):
+        bias = f"model.layers.{i}.mlp.gate.expert_bias"
+        if bias not in src:  # checkpoints trained without the aux-free bias: zero = plain routing
+            yield bias, torch.zeros(config.num_experts, dtype=torch.float32)
+
+
+def _with_mask_row(weight: torch.Tensor, vocab: int, mask_id: int, mean_rows: list[int]) -> torch.Tensor:
+    """Grow to `vocab` rows if needed; the mask row = mean of the real tokens' rows (the paper's
+    suggestion: a neutral point of the embedding cloud, neither zero nor any real token)."""
+    if weight.shape[0] < vocab:
+        weight = torch.cat([weight, weight.new_zeros(vocab - weight.shape[0], weight.shape[1])])
+    else:
+        weight = weight.clone()
+    weight[mask_id] = weight[mean_rows].float().mean(0).to(weight.dtype)
+    return weight
+
+
+def _expected_shapes(config: LLaDA2MoeConfig) -> dict[str, torch.Size]:
+    """On-disk names and shapes the converted checkpoint must have (built on the meta device)."""
+    with torch.device("meta"):
+        model = LLaDA2MoeModelLM(config)
+    shapes = {k: v.shape for k, v in to_released_layout(model.state_dict()).items()}
+    if config.tie_word_embeddings:
+        shapes.pop("lm_head.weight")
+    return shapes
+
+
+# ---- entry points ------------------------------------------------------------------------------
+
+def convert_checkpoint(src: str, dst: str, *, mask_token: str = "<|mask|>", dtype=None) -> Path:
+    """Convert the AR checkpoint directory `src` into an LLaDA2-MoE checkpoint directory `dst`.
+
+    `dtype` (None, "float32", "bfloat16" or a torch dtype) casts the floating weights; None keeps the
+    source dtype. `dst` must not exist or be empty; it is written under `dst.partial` and renamed
+    when complete. Returns `dst`.
+    """
+    source, out = Path(src), Path(dst)
+    if not source.is_dir():
+        raise ValueError(f"--from {src}: not a directory (download the checkpoint first, then pass its directory)")
+    if out.exists() and any(out.iterdir()):
+        raise ValueError(f"--to {dst}: exists and is not empty; choose a new directory")
+    if isinstance(dtype, str):
+        if dtype not in ("float32", "bfloat16"):
+            raise ValueError(f"--dtype {dtype!r}: choose float32 or bfloat16")
+        dtype = getattr(torch, dtype)
+    family, cfg = _read_config(source)
+    tensors = _SourceTensors(source)
+    kwargs = _model_config(family, cfg, tensors, source / "config.json")
+
+    try:
+        tok = AutoTokenizer.from_pretrained(source)
+    except (OSError, ValueError) as e:
+        raise ValueError(f"{source}: could not load its tokenizer (tokenizer.json / tokenizer_config.json): {e}") from e
+    n_before = len(tok)
+    had_mask = mask_token in tok.get_vocab()
+    tok.add_special_tokens({"mask_token": mask_token})
+    mask_id = tok.convert_tokens_to_ids(mask_token)
+    if tok.eos_token_id is None:
+        raise ValueError(f"{source}: the tokenizer has no eos token; set `eos_token` in tokenizer_config.json")
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    vocab = max(kwargs["vocab_size"], len(tok))
+    mean_rows = [i for i in range(min(n_before, kwargs["vocab_size"])) if i != mask_id]
+
+    config = LLaDA2MoeConfig(
+        **{**kwargs, "vocab_size": vocab},
+        mask_token_id=mask_id,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+    )
+    config.architectures = ["LLaDA2MoeModelLM"]
+    expected = _expected_shapes(config)
+
+    partial = out.with_name(out.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    partial.mkdir(parents=True)
+    writer = _ShardWriter(partial)
+    stream = (_bailing_tensors(tensors, config) if family == "bailing_moe_v2"
+              else _dense_tensors(tensors, config.num_hidden_layers))
+    weights_dtype = None
+    for name, tensor in stream:
+        if name in ("model.word_embeddings.weight", "lm_head.weight"):
+            tensor = _with_mask_row(tensor, vocab, mask_id, mean_rows)
+        if dtype is not None and tensor.is_floating_point() and not name.endswith("expert_bias"):
+            tensor = tensor.to(dtype)
+        want = expected.pop(name, None)
+        if want is None or want != tensor.shape:
+            raise ValueError(f"{source}: tensor {name} has shape {tuple(tensor.shape)}, the converted model expects "
+                             f"{'no such tensor' if want is None else tuple(want)}; config.json and weights disagree")
+        writer.add(name, tensor)
+        weights_dtype = weights_dtype or tensor.dtype
+    leftover = [k for k in tensors.untaken() if not k.endswith("rotary_emb.inv_freq")]
+    if expected or leftover:
+        raise ValueError(f"{source}: cannot map every weight: missing {sorted(expected)[:8]}, "
+                         f"unmapped source tensors {leftover[:8]}")
+    writer.close()
+
+    config.torch_dtype = weights_dtype
+    config.save_pretrained(partial)
+    tok.save_pretrained(partial)
+    generation = {**GENERATION_DEFAULTS, "mask_token_id": mask_id, "eos_token_id": tok.eos_token_id,
+                  "pad_token_id": tok.pad_token_id}
+    (partial / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
+    info = {"source": os.fspath(source.resolve()), "architecture": family, "mask_token": mask_token,
+            "mask_token_id": mask_id, "mask_token_was_in_vocab": had_mask,
+            "embedding_rows_added": vocab - kwargs["vocab_size"], "mask_row_init": "mean of the other token rows"}
+    (partial / "conversion.json").write_text(json.dumps(info, indent=2) + "\n")
+    if out.exists():
+        out.rmdir()
+    partial.rename(out)
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="llada-train convert",
+        description="Convert an autoregressive Hugging Face checkpoint (Llama, Qwen2, Qwen3, Ling/BailingMoeV2) "
+                    "into an LLaDA2-MoE block-diffusion checkpoint (then run CPT on it).",
+    )
+    parser.add_argument("--from", dest="src", required=True, metavar="PATH", help="source checkpoint directory")
+    parser.add_argument("--to", dest="dst", required=True, metavar="DIR", help="output directory (new or empty)")
+    parser.add_argument("--mask-token", default="<|mask|>", help="mask token, added to the tokenizer if absent")
+    parser.add_argument("--dtype", choices=("float32", "bfloat16"), default=None,
+                        help="cast the weights (default: keep the source dtype)")
+    args = parser.parse_args(argv)
+    out = convert_checkpoint(args.src, args.dst, mask_token=args.mask_token, dtype=args.dtype)
+    info = json.loads((out / "conversion.json").read_text())
+    print(f"converted {info['architecture']} checkpoint {args.src} -> {out} "
+          f"(mask token {info['mask_token']!r} = id {info['mask_token_id']}, "
+          f"{info['embedding_rows_added']} embedding row(s) added)")
+    return 0

@@ -31,7 +31,7 @@ def raises(prompts, completions, **kwargs):
 
 
 def hangs(prompts, completions, pid_file, **kwargs):
-    """Starts a sandbox that sleeps (own session) and then hangs itself; records every pid involved."""
+    """Starts a sandbox that sleeps (own session) and then hangs itself; records pids and the sandbox dir."""
     import threading
 
     from llada_train.rl import sandbox
@@ -41,7 +41,7 @@ def hangs(prompts, completions, pid_file, **kwargs):
     while not sandbox._LIVE:
         time.sleep(0.01)
     pids = [os.getpid()] + [p.pid for p in sandbox._LIVE]
-    Path(pid_file[0]).write_text(" ".join(map(str, pids)))
+    Path(pid_file[0]).write_text(" ".join(map(str, pids)) + "\n" + "\n".join(sandbox._LIVE.values()))
     time.sleep(60)
 
 
@@ -154,9 +154,11 @@ def test_raise_hang_none_async_are_contained(tmp_path, pool):
         t0 = time.monotonic()
         out = rc.score(["p"] * 3, ["a", "b", "c"], columns)
         assert time.monotonic() - t0 < 10
-        pids = [int(p) for p in pid_file.read_text().split()]
+        pid_line, sandbox_dir = pid_file.read_text().splitlines()
+        pids = [int(p) for p in pid_line.split()]
         assert len(pids) == 2  # the worker and its sandbox child (a separate session)
         assert _gone_soon(pids), "the hung reward's processes must be killed, not leaked"
+        assert not Path(sandbox_dir).exists()
         assert out.scores["raises"] == [on_error] * 3
         assert out.scores["hangs"] == [on_error] * 3
         assert out.scores["nothing"] == [None] * 3

@@ -3,6 +3,7 @@
 import os
 import secrets
 import socket
+import tempfile
 import time
 from pathlib import Path
 
@@ -40,14 +41,15 @@ def test_infinite_loop_and_its_children_are_killed():
     code = ("import os, time\n"
             "pid = os.fork()\n"
             "if pid == 0:\n    time.sleep(600)\n"
-            "print(os.getpid(), pid, flush=True)\n"
+            "print(os.getcwd(), os.getpid(), pid, flush=True)\n"
             "while True:\n    pass\n")
     t0 = time.monotonic()
     r = run_python(code, timeout_s=1.0)
     assert time.monotonic() - t0 < 5
     assert (r.ok, r.timed_out, r.returncode, r.killed_reason) == (False, True, None, "timeout")
-    pids = [int(p) for p in r.stdout.split()]
-    assert len(pids) == 2 and _gone_soon(pids)
+    cwd, *pids = r.stdout.split()
+    assert len(pids) == 2 and _gone_soon([int(p) for p in pids])
+    assert cwd.startswith(tempfile.gettempdir()) and not os.path.exists(cwd)  # temp dir removed
 
 
 def test_huge_allocation_is_refused():

@@ -42,7 +42,7 @@ from llada_train.rl import sandbox
 
 log = logging.getLogger(__name__)
 
-Scores = list  # list[float | None], one entry per completion
+Scores = list[float | None]  # one entry per completion
 
 # executor(spec, prompts, completions, kwargs) -> scores. Raise TimeoutError when the call overran
 # spec.timeout_s (the call must be stopped by then), any other exception for a failed call.
@@ -104,8 +104,9 @@ def _resolve(spec: str) -> Callable:
         if not hasattr(obj, part):
             raise ValueError(f"reward spec {spec!r}: {where} has no attribute {attr!r}")
         obj = getattr(obj, part)
-    if not callable(obj):
-        raise ValueError(f"reward spec {spec!r}: {attr!r} in {where} is not callable (it is a {type(obj).__name__})")
+    if not callable(obj):  # a config mistake, hence ValueError like the others
+        raise ValueError(  # noqa: TRY004
+            f"reward spec {spec!r}: {attr!r} in {where} is not callable (it is a {type(obj).__name__})")
     return obj
 
 
@@ -309,7 +310,7 @@ class LocalRewardPool:
             worker = _Worker(self.start_timeout_s)
             with self._lock:
                 self._all.add(worker)
-        healthy = False
+        healthy, limit = False, f"its start timeout of {self.start_timeout_s}s while importing"
         try:
             if spec.fn not in worker.loaded:
                 worker.send(("load", spec.fn, list(sys.path)))
@@ -318,11 +319,12 @@ class LocalRewardPool:
                     healthy = True
                     raise RewardError(payload)
                 worker.loaded.add(spec.fn)
+            limit = f"its timeout of {spec.timeout_s}s"
             worker.send(("call", spec.fn, (prompts, completions, kwargs)))
             status, payload = worker.recv(spec.timeout_s)
             healthy = True
         except TimeoutError:
-            raise TimeoutError(f"reward {spec.name!r} exceeded its timeout of {spec.timeout_s}s") from None
+            raise TimeoutError(f"reward {spec.name!r} exceeded {limit}") from None
         except (EOFError, OSError) as e:
             raise RewardError(f"reward worker died during {spec.name!r} ({type(e).__name__})") from None
         finally:
@@ -354,6 +356,8 @@ class RewardBatch:
     total: list[float]  # (B,) weighted sum of the applicable (non-None) scores; 0 if none applies
     scores: dict[str, Scores]  # name -> (B,) raw scores as used (rewards_on_error after a failure)
     errors: dict[str, str]  # name -> what went wrong in this batch
+    # reward/<name>/{mean,std} over applicable scores, /applicable (fraction), /errors and /timeouts
+    # (cumulative counts since the computer was built), reward/total/{mean,std}
     metrics: dict[str, float]
 
 
@@ -515,7 +519,7 @@ DEFAULT_FORMAT_PATTERN = r"\\boxed\{.+\}|####\s*\S+"
 
 
 def format(prompts: list[str], completions: list[str], *, pattern: str = DEFAULT_FORMAT_PATTERN,
-           mode: str = "search", **kwargs) -> Scores:  # noqa: A001 - the config name is `rewards:format`
+           mode: str = "search", **kwargs) -> Scores:  # shadows the builtin: the config name is `rewards:format`
     """1.0 if the completion matches `pattern` (re.DOTALL). mode: `search` (anywhere) or `fullmatch`
     (whole completion, e.g. r"<think>.*</think>\\s*<answer>.*</answer>"). Default: an answer is present."""
     if mode not in ("search", "fullmatch"):

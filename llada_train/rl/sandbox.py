@@ -54,7 +54,7 @@ _signal.alarm(_cfg["alarm_s"])
 _pgid = os.getpgid(0)
 _max_procs = _cfg["max_processes"]
 _W = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_APPEND | os.O_TRUNC
-_MARK = %r
+_MARK = _cfg["mark"]
 
 def _refuse(what):
     raise PermissionError(_MARK + " " + what)
@@ -64,7 +64,7 @@ def _abs(path, dir_fd=None):  # real absolute path (relative to dir_fd if given)
         return None
     p = os.fsdecode(path)
     if isinstance(dir_fd, int) and dir_fd >= 0 and not os.path.isabs(p):
-        p = os.path.join(os.readlink("/proc/self/fd/%%d" %% dir_fd), p)
+        p = os.path.join(os.readlink("/proc/self/fd/%d" % dir_fd), p)
     return os.path.realpath(p)
 
 def _inside(path, dir_fd=None):
@@ -108,13 +108,13 @@ def _hook(event, args):
             path, mode, flags = args
             writing = (isinstance(mode, str) and any(c in mode for c in "wax+")) or bool((flags or 0) & _W)
             if writing and not _inside(path):
-                _refuse("write outside the sandbox dir: %%r" %% (path,))
+                _refuse("write outside the sandbox dir: %r" % (path,))
             if _other_proc(path):
-                _refuse("reading another process's /proc entry: %%r" %% (path,))
+                _refuse("reading another process's /proc entry: %r" % (path,))
         elif event in _PATH_EVENTS:
             for i, fd in _PATH_EVENTS[event]:
                 if not _inside(args[i], None if fd is None else args[fd]):
-                    _refuse("%%s outside the sandbox dir: %%r" %% (event, args[i]))
+                    _refuse("%s outside the sandbox dir: %r" % (event, args[i]))
         elif event == "socket.__new__":
             import socket
             if args[1] != socket.AF_UNIX:
@@ -130,7 +130,7 @@ def _hook(event, args):
                 _refuse("signal outside the sandbox process group")
         elif event == "os.fork":
             if _group_size() >= _max_procs:
-                _refuse("more than %%d processes" %% _max_procs)
+                _refuse("more than %d processes" % _max_procs)
         elif event in _DENY:
             _refuse(event)
     finally:
@@ -143,7 +143,7 @@ _os_open = os.open
 
 def _open(path, flags, mode=0o777, *, dir_fd=None):  # the "open" audit event does not carry dir_fd
     if flags & _W and not _inside(path, dir_fd):
-        _refuse("write outside the sandbox dir: %%r" %% (path,))
+        _refuse("write outside the sandbox dir: %r" % (path,))
     return _os_open(path, flags, mode, dir_fd=dir_fd)
 
 for _m in (os, sys.modules["posix"]):
@@ -154,10 +154,10 @@ sys.argv = ["solution.py"]
 _code = compile(open("solution.py", encoding="utf-8").read(), "solution.py", "exec")
 del _cfg, _name, _val, _res, _soft, _hard, _cur_hard, _m
 exec(_code, {"__name__": "__main__", "__builtins__": __builtins__})
-""" % (_MARK,)
+"""
 
-# Live sandbox children, so a reward worker being torn down can kill them (see kill_all).
-_LIVE: set[subprocess.Popen] = set()
+# Live sandbox children -> their temp dirs, so a reward worker being torn down can clean up (kill_all).
+_LIVE: dict[subprocess.Popen, str] = {}
 _LIVE_LOCK = threading.Lock()
 
 
@@ -205,6 +205,7 @@ def run_python(
             "root": root,
             "alarm_s": cpu_s + 2,
             "max_processes": max_processes,
+            "mark": _MARK,
             "limits": {
                 "RLIMIT_AS": (memory_mb * 2**20, memory_mb * 2**20),
                 "RLIMIT_CPU": (cpu_s, cpu_s + 1),
@@ -223,14 +224,14 @@ def run_python(
             proc = subprocess.Popen(argv, cwd=root, env=env, stdin=fin, stdout=fout, stderr=ferr,
                                     start_new_session=True, close_fds=True)
         with _LIVE_LOCK:
-            _LIVE.add(proc)
+            _LIVE[proc] = root
         try:
             timed_out = not _wait_no_reap(proc.pid, timeout_s)
             _kill_group(proc.pid)  # also reaps stragglers of a finished run
             proc.wait()
         finally:
             with _LIVE_LOCK:
-                _LIVE.discard(proc)
+                _LIVE.pop(proc, None)
         _kill_strays(root)
         stdout = _read_capped(os.path.join(root, ".stdout"), max_output_bytes)
         stderr = _read_capped(os.path.join(root, ".stderr"), max_output_bytes)
@@ -242,11 +243,12 @@ def run_python(
 
 
 def kill_all() -> None:
-    """SIGKILL every live sandbox of this process (for a reward worker that is being torn down)."""
+    """SIGKILL every live sandbox of this process and delete its temp dir (for a worker being torn down)."""
     with _LIVE_LOCK:
-        procs = list(_LIVE)
-    for p in procs:
-        _kill_group(p.pid)
+        live = list(_LIVE.items())
+    for proc, root in live:
+        _kill_group(proc.pid)
+        shutil.rmtree(root, ignore_errors=True)
 
 
 def terminate_group(pid: int, grace_s: float = 0.0) -> None:

@@ -221,12 +221,12 @@ class _Worker:
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env, start_new_session=True, bufsize=0)
         self.loaded: set[str] = set()  # specs already imported in this worker
         try:
-            if self.recv(start_timeout_s) != ("ready", self.proc.pid):
-                raise RewardError("reward worker sent an unexpected handshake")
-        except (TimeoutError, EOFError) as e:
+            hello = self.recv(start_timeout_s)
+        except (TimeoutError, EOFError, pickle.UnpicklingError) as e:
+            hello = type(e).__name__
+        if hello != ("ready", self.proc.pid):
             self.kill()
-            raise RewardError(f"reward worker failed to start ({type(e).__name__}, exit code "
-                              f"{self.proc.returncode})") from None
+            raise RewardError(f"reward worker failed to start ({hello!r}, exit code {self.proc.returncode})")
 
     def send(self, obj) -> None:
         _send(self.proc.stdin.fileno(), obj)

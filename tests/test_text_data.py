@@ -10,7 +10,12 @@ import pytest
 import torch
 
 from llada_train.data.text import (
-    MAX_LINE_CHARS, BatchIterator, build_corpus, load_documents, pack_documents, stdlib_files,
+    MAX_LINE_CHARS,
+    BatchIterator,
+    build_corpus,
+    load_documents,
+    pack_documents,
+    stdlib_files,
 )
 from llada_train.data.tokenizer import load_tokenizer
 
@@ -195,7 +200,7 @@ def test_tiny_corpus_keeps_an_eval_doc(tmp_path, tok):
 
 
 def test_build_corpus_cache_and_num_proc(tmp_path, tok):
-    kw = dict(seq_len=64, eval_fraction=0.1, max_docs=12)
+    kw = {"seq_len": 64, "eval_fraction": 0.1, "max_docs": 12}
     ref = build_corpus(["stdlib"], tok, **kw)
     cached = build_corpus(["stdlib"], tok, cache_dir=tmp_path / "cache", **kw)
     again = build_corpus(["stdlib"], tok, cache_dir=tmp_path / "cache", **kw)

@@ -16,7 +16,7 @@ import multiprocessing
 import os
 import sysconfig
 from collections import Counter
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -278,15 +278,15 @@ class Corpus:
 
 def _split_hash(text: str, seed: int) -> float:
     """Position of a document in [0, 1) from its content: the split survives adding files."""
-    digest = hashlib.blake2b(f"{seed}\x00{text}".encode("utf-8"), digest_size=8).digest()
+    digest = hashlib.blake2b(f"{seed}\x00{text}".encode(), digest_size=8).digest()
     return int.from_bytes(digest, "little") / 2.0**64
 
 
 class _Encoder:
-    """Tokenizes a batch of documents and assigns each to the train or eval split."""
+    """Tokenizes a batch of documents and hashes each one for the train/eval split."""
 
-    def __init__(self, tokenizer, eval_fraction: float, seed: int):
-        self.tokenizer, self.eval_fraction, self.seed = tokenizer, eval_fraction, seed
+    def __init__(self, tokenizer, seed: int):
+        self.tokenizer, self.seed = tokenizer, seed
 
     def __call__(self, texts: list[str]) -> tuple[list[np.ndarray], list[float]]:
         # split_special_tokens: a literal "<|endoftext|>" in a source file is text, not EOS
@@ -372,7 +372,7 @@ def build_corpus(
     stats: Counter = Counter()
     docs = _iter_documents(sources, text_field, max_docs, MAX_LINE_CHARS, stats)
     batches = iter(lambda: list(itertools.islice(docs, _BATCH_DOCS)), [])
-    encoder = _Encoder(tokenizer, eval_fraction, seed)
+    encoder = _Encoder(tokenizer, seed)
     train: list[np.ndarray] = []  # token ids per document
     evals: list[np.ndarray] = []
     first_train = (2.0, -1)  # (hash, index) of the train doc closest to the eval side

@@ -23,7 +23,7 @@ def load_tokenizer(path_or_name: str | None = None) -> PreTrainedTokenizerFast:
     except (OSError, ValueError) as e:
         raise ValueError(f"could not load tokenizer {path_or_name!r} (a local directory with "
                          f"tokenizer.json, a Hugging Face name, or 'default'): {e}") from e
-    if not isinstance(tok, PreTrainedTokenizerFast):
+    if not tok.is_fast:
         raise ValueError(f"tokenizer {path_or_name!r} is a slow {type(tok).__name__}; a fast "
                          f"(tokenizers-backed) tokenizer with a tokenizer.json is required")
     if tok.mask_token is None:

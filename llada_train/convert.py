@@ -15,13 +15,13 @@ import argparse
 import json
 import os
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
-from transformers import AutoTokenizer
+from transformers import AutoConfig, AutoTokenizer
 
 from .model import LLaDA2MoeConfig, LLaDA2MoeModelLM
 from .model.modeling_llada2_moe import to_released_layout
@@ -63,10 +63,14 @@ class _SourceTensors:
             files = sorted(p.name for p in path.glob("*.safetensors"))
         if not files:
             pickles = sorted(p.name for pattern in _PICKLES for p in path.glob(pattern))
-            hint = (f" It holds pickle weights {pickles}: loading a pickle can execute arbitrary code, so "
-                    "they are refused. Re-save them as safetensors in a trusted environment (e.g. "
-                    "`AutoModelForCausalLM.from_pretrained(dir).save_pretrained(out, safe_serialization=True)`)"
-                    " and convert that." if pickles else "")
+            hint = (
+                f" It holds pickle weights {pickles}: loading a pickle can execute arbitrary code, so "
+                "they are refused. Re-save them as safetensors in a trusted environment (e.g. "
+                "`AutoModelForCausalLM.from_pretrained(dir).save_pretrained(out, safe_serialization=True)`)"
+                " and convert that."
+                if pickles
+                else ""
+            )
             raise ValueError(f"{path}: no *.safetensors weights found.{hint}")
         self._handles = {name: safe_open(os.fspath(path / name), framework="pt") for name in files}
         self._where = {key: name for name, h in self._handles.items() for key in h.keys()}
@@ -80,7 +84,9 @@ class _SourceTensors:
 
     def take(self, key: str) -> torch.Tensor:
         if key not in self._where:
-            raise ValueError(f"source checkpoint has no tensor {key!r}; is it the architecture config.json says?")
+            raise ValueError(
+                f"source checkpoint has no tensor {key!r}; is it the architecture config.json says?"
+            )
         self._taken.add(key)
         return self._handles[self._where[key]].get_tensor(key)
 
@@ -91,8 +97,8 @@ class _SourceTensors:
 class _ShardWriter:
     """Writes tensors into ~4 GiB safetensors shards (+ index), HF naming, as they come."""
 
-    def __init__(self, out: Path, max_bytes: int = _MAX_SHARD_BYTES):
-        self.out, self.max_bytes = out, max_bytes
+    def __init__(self, out: Path):
+        self.out, self.max_bytes = out, _MAX_SHARD_BYTES
         self.pending: dict[str, torch.Tensor] = {}
         self.pending_bytes = 0
         self.shards: list[list[str]] = []
@@ -107,7 +113,9 @@ class _ShardWriter:
         self.total += size
 
     def _flush(self):
-        save_file(self.pending, os.fspath(self.out / f"shard-{len(self.shards)}.tmp"), metadata={"format": "pt"})
+        save_file(
+            self.pending, os.fspath(self.out / f"shard-{len(self.shards)}.tmp"), metadata={"format": "pt"}
+        )
         self.shards.append(list(self.pending))
         self.pending, self.pending_bytes = {}, 0
 
@@ -115,7 +123,11 @@ class _ShardWriter:
         if self.pending:
             self._flush()
         n = len(self.shards)
-        names = ["model.safetensors"] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
+        names = (
+            ["model.safetensors"]
+            if n == 1
+            else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
+        )
         weight_map = {}
         for i, (name, keys) in enumerate(zip(names, self.shards)):
             (self.out / f"shard-{i}.tmp").rename(self.out / name)
@@ -127,6 +139,7 @@ class _ShardWriter:
 
 # ---- config ------------------------------------------------------------------------------------
 
+
 def _read_config(src: Path) -> tuple[str, dict]:
     path = src / "config.json"
     if not path.exists():
@@ -136,11 +149,10 @@ def _read_config(src: Path) -> tuple[str, dict]:
     family = next((SUPPORTED[a] for a in archs if a in SUPPORTED), None)
     if family is None:
         raise ValueError(
-            f"{path}: architecture {archs or cfg.get('model_type')!r} is not supported by `llada-train convert`; "
-            f"supported: {', '.join(SUPPORTED)}"
+            f"{path}: architecture {archs or cfg.get('model_type')!r} is not supported by "
+            f"`llada-train convert`; supported: {', '.join(SUPPORTED)}"
         )
     if family in _DENSE:  # transformers' own config class fills the keys config.json leaves at default
-        from transformers import AutoConfig
 
         try:
             cfg = {**AutoConfig.from_pretrained(src).to_dict(), "architectures": archs}
@@ -168,7 +180,9 @@ def _rope(cfg: dict, where: Path) -> tuple[float, float]:
 def _model_config(family: str, cfg: dict, keys: _SourceTensors, where: Path) -> dict:
     """LLaDA2MoeConfig keyword arguments describing the same network as the source."""
     if cfg.get("hidden_act", "silu") != "silu":
-        raise ValueError(f"{where}: hidden_act {cfg['hidden_act']!r} unsupported; LLaDA2 MLPs are SwiGLU (silu)")
+        raise ValueError(
+            f"{where}: hidden_act {cfg['hidden_act']!r} unsupported; LLaDA2 MLPs are SwiGLU (silu)"
+        )
     theta, factor = _rope(cfg, where)
     heads = cfg["num_attention_heads"]
     head_dim = cfg.get("head_dim") or cfg["hidden_size"] // heads
@@ -190,7 +204,9 @@ def _model_config(family: str, cfg: dict, keys: _SourceTensors, where: Path) -> 
     )
     if family == "bailing_moe_v2":
         if cfg.get("score_function", "sigmoid") != "sigmoid":
-            raise ValueError(f"{where}: router score_function {cfg['score_function']!r} unsupported (sigmoid only)")
+            raise ValueError(
+                f"{where}: router score_function {cfg['score_function']!r} unsupported (sigmoid only)"
+            )
         return dict(
             common,
             moe_intermediate_size=cfg["moe_intermediate_size"],
@@ -212,7 +228,9 @@ def _model_config(family: str, cfg: dict, keys: _SourceTensors, where: Path) -> 
         raise ValueError(f"{where}: mlp_bias=true unsupported (LLaDA2 MLPs have no bias)")
     windows = [t for t in cfg.get("layer_types") or [] if t != "full_attention"]
     if cfg.get("use_sliding_window") or windows:
-        raise ValueError(f"{where}: sliding-window attention layers unsupported; LLaDA2 attends to the whole sequence")
+        raise ValueError(
+            f"{where}: sliding-window attention layers unsupported; LLaDA2 attends to the whole sequence"
+        )
     attn = "model.layers.0.self_attn."
     return dict(
         common,
@@ -233,6 +251,7 @@ def _model_config(family: str, cfg: dict, keys: _SourceTensors, where: Path) -> 
 
 
 # ---- weights -----------------------------------------------------------------------------------
+
 
 def _dense_tensors(src: _SourceTensors, n_layers: int) -> Iterator[tuple[str, torch.Tensor]]:
     """Llama / Qwen2 / Qwen3 names -> released LLaDA2 names; q, k, v fused row-wise in that order."""
@@ -260,6 +279,7 @@ def _dense_tensors(src: _SourceTensors, n_layers: int) -> Iterator[tuple[str, to
 def _bailing_tensors(src: _SourceTensors, config: LLaDA2MoeConfig) -> Iterator[tuple[str, torch.Tensor]]:
     """BailingMoeV2 already uses the released names; multi-token-prediction layers (indices past
     num_hidden_layers) are dropped: the diffusion model has no next-token head."""
+
     def layer_of(key: str) -> int | None:
         parts = key.split(".")
         return int(parts[2]) if key.startswith("model.layers.") else None
@@ -277,8 +297,8 @@ def _bailing_tensors(src: _SourceTensors, config: LLaDA2MoeConfig) -> Iterator[t
 
 
 def _with_mask_row(weight: torch.Tensor, vocab: int, mask_id: int, mean_rows: list[int]) -> torch.Tensor:
-    """Grow to `vocab` rows if needed; the mask row = mean of the real tokens' rows (the paper's
-    suggestion: a neutral point of the embedding cloud, neither zero nor any real token)."""
+    """Grow to `vocab` rows if needed; the mask row = mean of the real tokens' rows: a neutral point
+    of the embedding cloud, neither zero nor any real token (as transformers' `mean_resizing`)."""
     if weight.shape[0] < vocab:
         weight = torch.cat([weight, weight.new_zeros(vocab - weight.shape[0], weight.shape[1])])
     else:
@@ -297,7 +317,38 @@ def _expected_shapes(config: LLaDA2MoeConfig) -> dict[str, torch.Size]:
     return shapes
 
 
+def _write_weights(
+    source: Path, stream, out: Path, expected: dict, vocab: int, mask_id: int, mean_rows: list[int], dtype
+) -> tuple[torch.dtype, float]:
+    """Check every mapped tensor against `expected` (names and shapes), add the mask row, cast, write.
+    Returns the weights' dtype and the per-coordinate std of the source token embeddings."""
+    writer = _ShardWriter(out)
+    weights_dtype = noise_std = None
+    for name, tensor in stream:
+        if name == "model.word_embeddings.weight":
+            noise_std = round(tensor[mean_rows].float().std().item(), 6)
+        if name in ("model.word_embeddings.weight", "lm_head.weight"):
+            tensor = _with_mask_row(tensor, vocab, mask_id, mean_rows)
+        if dtype is not None and tensor.is_floating_point() and not name.endswith("expert_bias"):
+            tensor = tensor.to(dtype)  # the router bias stays fp32, as the router runs in fp32
+        want = expected.pop(name, None)
+        if want != tensor.shape:
+            raise ValueError(
+                f"{source}: tensor {name} has shape {tuple(tensor.shape)}, the converted model expects "
+                f"{'no such tensor' if want is None else tuple(want)}; config.json and weights disagree"
+            )
+        writer.add(name, tensor)
+        weights_dtype = weights_dtype or tensor.dtype
+    if expected:
+        raise ValueError(
+            f"{source}: the checkpoint lacks tensors the converted model needs: {sorted(expected)[:8]}"
+        )
+    writer.close()
+    return weights_dtype, noise_std
+
+
 # ---- entry points ------------------------------------------------------------------------------
+
 
 def convert_checkpoint(src: str, dst: str, *, mask_token: str = "<|mask|>", dtype=None) -> Path:
     """Convert the AR checkpoint directory `src` into an LLaDA2-MoE checkpoint directory `dst`.
@@ -308,7 +359,9 @@ def convert_checkpoint(src: str, dst: str, *, mask_token: str = "<|mask|>", dtyp
     """
     source, out = Path(src), Path(dst)
     if not source.is_dir():
-        raise ValueError(f"--from {src}: not a directory (download the checkpoint first, then pass its directory)")
+        raise ValueError(
+            f"--from {src}: not a directory (download the checkpoint first, then pass its directory)"
+        )
     if out.exists() and any(out.iterdir()):
         raise ValueError(f"--to {dst}: exists and is not empty; choose a new directory")
     if isinstance(dtype, str):
@@ -322,13 +375,17 @@ def convert_checkpoint(src: str, dst: str, *, mask_token: str = "<|mask|>", dtyp
     try:
         tok = AutoTokenizer.from_pretrained(source)
     except (OSError, ValueError) as e:
-        raise ValueError(f"{source}: could not load its tokenizer (tokenizer.json / tokenizer_config.json): {e}") from e
+        raise ValueError(
+            f"{source}: could not load its tokenizer (tokenizer.json / tokenizer_config.json): {e}"
+        ) from e
     n_before = len(tok)
     had_mask = mask_token in tok.get_vocab()
     tok.add_special_tokens({"mask_token": mask_token})
     mask_id = tok.convert_tokens_to_ids(mask_token)
     if tok.eos_token_id is None:
-        raise ValueError(f"{source}: the tokenizer has no eos token; set `eos_token` in tokenizer_config.json")
+        raise ValueError(
+            f"{source}: the tokenizer has no eos token; set `eos_token` in tokenizer_config.json"
+        )
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     vocab = max(kwargs["vocab_size"], len(tok))
@@ -346,37 +403,42 @@ def convert_checkpoint(src: str, dst: str, *, mask_token: str = "<|mask|>", dtyp
     partial = out.with_name(out.name + ".partial")
     shutil.rmtree(partial, ignore_errors=True)
     partial.mkdir(parents=True)
-    writer = _ShardWriter(partial)
-    stream = (_bailing_tensors(tensors, config) if family == "bailing_moe_v2"
-              else _dense_tensors(tensors, config.num_hidden_layers))
-    weights_dtype = None
-    for name, tensor in stream:
-        if name in ("model.word_embeddings.weight", "lm_head.weight"):
-            tensor = _with_mask_row(tensor, vocab, mask_id, mean_rows)
-        if dtype is not None and tensor.is_floating_point() and not name.endswith("expert_bias"):
-            tensor = tensor.to(dtype)
-        want = expected.pop(name, None)
-        if want is None or want != tensor.shape:
-            raise ValueError(f"{source}: tensor {name} has shape {tuple(tensor.shape)}, the converted model expects "
-                             f"{'no such tensor' if want is None else tuple(want)}; config.json and weights disagree")
-        writer.add(name, tensor)
-        weights_dtype = weights_dtype or tensor.dtype
-    leftover = [k for k in tensors.untaken() if not k.endswith("rotary_emb.inv_freq")]
-    if expected or leftover:
-        raise ValueError(f"{source}: cannot map every weight: missing {sorted(expected)[:8]}, "
-                         f"unmapped source tensors {leftover[:8]}")
-    writer.close()
-
-    config.torch_dtype = weights_dtype
-    config.save_pretrained(partial)
-    tok.save_pretrained(partial)
-    generation = {**GENERATION_DEFAULTS, "mask_token_id": mask_id, "eos_token_id": tok.eos_token_id,
-                  "pad_token_id": tok.pad_token_id}
-    (partial / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
-    info = {"source": os.fspath(source.resolve()), "architecture": family, "mask_token": mask_token,
-            "mask_token_id": mask_id, "mask_token_was_in_vocab": had_mask,
-            "embedding_rows_added": vocab - kwargs["vocab_size"], "mask_row_init": "mean of the other token rows"}
-    (partial / "conversion.json").write_text(json.dumps(info, indent=2) + "\n")
+    try:
+        stream = (
+            _bailing_tensors(tensors, config)
+            if family == "bailing_moe_v2"
+            else _dense_tensors(tensors, config.num_hidden_layers)
+        )
+        weights_dtype, noise_std = _write_weights(
+            source, stream, partial, expected, vocab, mask_id, mean_rows, dtype
+        )
+        leftover = [k for k in tensors.untaken() if not k.endswith("rotary_emb.inv_freq")]
+        if leftover:
+            raise ValueError(f"{source}: source tensors with no place in the converted model: {leftover[:8]}")
+        config.dtype = str(weights_dtype).removeprefix("torch.")
+        config.save_pretrained(partial)
+        tok.save_pretrained(partial)
+        generation = {
+            **GENERATION_DEFAULTS,
+            "mask_token_id": mask_id,
+            "eos_token_id": tok.eos_token_id,
+            "pad_token_id": tok.pad_token_id,
+        }
+        (partial / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
+        info = {
+            "source": os.fspath(source.resolve()),
+            "architecture": family,
+            "mask_token": mask_token,
+            "mask_token_id": mask_id,
+            "mask_token_was_in_vocab": had_mask,
+            "embedding_rows_added": vocab - kwargs["vocab_size"],
+            "mask_row_init": "mean of the other token rows",
+            "suggested_mask_embed_noise_std": noise_std,
+        }
+        (partial / "conversion.json").write_text(json.dumps(info, indent=2) + "\n")
+    except BaseException:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise
     if out.exists():
         out.rmdir()
     partial.rename(out)
@@ -386,18 +448,30 @@ def convert_checkpoint(src: str, dst: str, *, mask_token: str = "<|mask|>", dtyp
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="llada-train convert",
-        description="Convert an autoregressive Hugging Face checkpoint (Llama, Qwen2, Qwen3, Ling/BailingMoeV2) "
-                    "into an LLaDA2-MoE block-diffusion checkpoint (then run CPT on it).",
+        description="Convert an autoregressive Hugging Face checkpoint (Llama, Qwen2, Qwen3, "
+        "Ling/BailingMoeV2) into an LLaDA2-MoE block-diffusion checkpoint (then run CPT on it).",
     )
-    parser.add_argument("--from", dest="src", required=True, metavar="PATH", help="source checkpoint directory")
-    parser.add_argument("--to", dest="dst", required=True, metavar="DIR", help="output directory (new or empty)")
-    parser.add_argument("--mask-token", default="<|mask|>", help="mask token, added to the tokenizer if absent")
-    parser.add_argument("--dtype", choices=("float32", "bfloat16"), default=None,
-                        help="cast the weights (default: keep the source dtype)")
+    parser.add_argument(
+        "--from", dest="src", required=True, metavar="PATH", help="source checkpoint directory"
+    )
+    parser.add_argument(
+        "--to", dest="dst", required=True, metavar="DIR", help="output directory (new or empty)"
+    )
+    parser.add_argument(
+        "--mask-token", default="<|mask|>", help="mask token, added to the tokenizer if absent"
+    )
+    parser.add_argument(
+        "--dtype",
+        choices=("float32", "bfloat16"),
+        default=None,
+        help="cast the weights (default: keep the source dtype)",
+    )
     args = parser.parse_args(argv)
     out = convert_checkpoint(args.src, args.dst, mask_token=args.mask_token, dtype=args.dtype)
     info = json.loads((out / "conversion.json").read_text())
-    print(f"converted {info['architecture']} checkpoint {args.src} -> {out} "
-          f"(mask token {info['mask_token']!r} = id {info['mask_token_id']}, "
-          f"{info['embedding_rows_added']} embedding row(s) added)")
+    print(
+        f"converted {info['architecture']} checkpoint {args.src} -> {out} "
+        f"(mask token {info['mask_token']!r} = id {info['mask_token_id']}, "
+        f"{info['embedding_rows_added']} embedding row(s) added)"
+    )
     return 0

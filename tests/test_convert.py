@@ -31,21 +31,35 @@ N_TOKENS = 300  # tokenizer size of the tiny sources
 def save_tokenizer(path, n_tokens=N_TOKENS, extra_special=()):
     """A WordLevel tokenizer: <s> </s> <unk>, words w3..., then `extra_special` as added tokens."""
     specials = ["<s>", "</s>", "<unk>"]
-    vocab = {t: i for i, t in enumerate(specials + [f"w{i}" for i in range(3, n_tokens - len(extra_special))])}
+    vocab = {
+        t: i for i, t in enumerate(specials + [f"w{i}" for i in range(3, n_tokens - len(extra_special))])
+    }
     backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     backend.pre_tokenizer = pre_tokenizers.Whitespace()
-    tok = PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=backend, bos_token="<s>", eos_token="</s>", unk_token="<unk>"
+    )
     if extra_special:
         tok.add_special_tokens({"additional_special_tokens": list(extra_special)})
     assert len(tok) == n_tokens
     tok.save_pretrained(path)
 
 
-SMALL = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
-             num_key_value_heads=2, max_position_embeddings=128, rms_norm_eps=1e-5)
+SMALL = dict(
+    hidden_size=64,
+    intermediate_size=96,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=128,
+    rms_norm_eps=1e-5,
+)
 SOURCES = {
     # Llama with attention biases (q, k, v and o): the vocabulary is full, the mask needs a new row.
-    "llama": (LlamaForCausalLM, LlamaConfig(vocab_size=N_TOKENS, attention_bias=True, rope_theta=5000.0, **SMALL)),
+    "llama": (
+        LlamaForCausalLM,
+        LlamaConfig(vocab_size=N_TOKENS, attention_bias=True, rope_theta=5000.0, **SMALL),
+    ),
     # Qwen2: q/k/v biases, tied embeddings, padded vocabulary (the mask takes a spare row).
     "qwen2": (Qwen2ForCausalLM, Qwen2Config(vocab_size=N_TOKENS + 20, tie_word_embeddings=True, **SMALL)),
     # Qwen3: QK-norm and a head_dim that is not hidden_size / heads.
@@ -104,6 +118,8 @@ def test_converted_model_reproduces_source_logits(tmp_path, family):
         assert model.lm_head.weight.data_ptr() == emb.data_ptr()  # still tied
     else:
         torch.testing.assert_close(model.lm_head.weight[n_tok], source.lm_head.weight[:n_tok].mean(0))
+    info = json.loads((dst / "conversion.json").read_text())
+    assert info["suggested_mask_embed_noise_std"] == pytest.approx(src_emb[:n_tok].std().item(), rel=1e-4)
     gen = json.loads((dst / "generation_config.json").read_text())
     assert gen["threshold"] == 0.95 and gen["mask_token_id"] == n_tok and gen["eos_token_id"] == 1
 
@@ -130,15 +146,22 @@ def test_converted_model_trains_masked_diffusion(tmp_path):
     assert losses[-1] < 0.8 * losses[0], losses
 
 
-def test_cli_casts_to_bfloat16_and_refuses_a_non_empty_target(tmp_path, capsys):
-    _, src = make_source(tmp_path, "llama")
+def test_cli_casts_to_bfloat16_shards_and_refuses_a_non_empty_target(tmp_path, capsys, monkeypatch):
+    source, src = make_source(tmp_path, "llama")
+    monkeypatch.setattr("llada_train.convert._MAX_SHARD_BYTES", 40_000)  # force several shards + index
     out = tmp_path / "bf16"
     assert main(["--from", str(src), "--to", str(out), "--dtype", "bfloat16"]) == 0
     assert "mask token '<|mask|>' = id 300" in capsys.readouterr().out
-    with safe_open(str(out / "model.safetensors"), framework="pt") as f:
-        assert {f.get_slice(k).get_dtype() for k in f.keys()} == {"BF16"}
+    index = json.loads((out / "model.safetensors.index.json").read_text())["weight_map"]
+    shards = sorted(set(index.values()))
+    assert len(shards) > 2 and shards == sorted(p.name for p in out.glob("*.safetensors"))
+    for shard in shards:
+        with safe_open(str(out / shard), framework="pt") as f:
+            assert {f.get_slice(k).get_dtype() for k in f.keys()} == {"BF16"}
     model = AutoModelForCausalLM.from_pretrained(out)
+    assert json.loads((out / "config.json").read_text())["dtype"] == "bfloat16"
     assert model.model.word_embeddings.weight.dtype == torch.bfloat16
+    torch.testing.assert_close(model.model.norm.weight, source.model.norm.weight.to(torch.bfloat16))
     with pytest.raises(ValueError, match="not empty"):
         convert_checkpoint(str(src), str(out))
 
@@ -149,9 +172,14 @@ def test_unsupported_sources_are_refused(tmp_path):
 
     gpt2 = tmp_path / "gpt2"
     gpt2.mkdir()
-    (gpt2 / "config.json").write_text(json.dumps({"architectures": ["GPT2LMHeadModel"], "model_type": "gpt2"}))
-    with pytest.raises(ValueError, match="GPT2LMHeadModel.*supported: LlamaForCausalLM, Qwen2ForCausalLM, "
-                                         "Qwen3ForCausalLM, BailingMoeV2ForCausalLM"):
+    (gpt2 / "config.json").write_text(
+        json.dumps({"architectures": ["GPT2LMHeadModel"], "model_type": "gpt2"})
+    )
+    with pytest.raises(
+        ValueError,
+        match="GPT2LMHeadModel.*supported: LlamaForCausalLM, Qwen2ForCausalLM, "
+        "Qwen3ForCausalLM, BailingMoeV2ForCausalLM",
+    ):
         convert_checkpoint(str(gpt2), str(tmp_path / "o1"))
 
     pickled = tmp_path / "pickled"
@@ -161,8 +189,13 @@ def test_unsupported_sources_are_refused(tmp_path):
     with pytest.raises(ValueError, match=r"pickle weights \['pytorch_model.bin'\].*safetensors"):
         convert_checkpoint(str(pickled), str(tmp_path / "o2"))
 
-    llama31 = {"factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,  # as in Llama 3.1's config.json
-               "original_max_position_embeddings": 8192, "rope_type": "llama3"}
+    llama31 = {
+        "factor": 8.0,
+        "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0,  # as in Llama 3.1's config.json
+        "original_max_position_embeddings": 8192,
+        "rope_type": "llama3",
+    }
     config.pop("rope_parameters", None)
     (src / "config.json").write_text(json.dumps({**config, "rope_theta": 5e5, "rope_scaling": llama31}))
     with pytest.raises(ValueError, match="RoPE scaling type 'llama3'"):
@@ -172,42 +205,87 @@ def test_unsupported_sources_are_refused(tmp_path):
 
 # ---- Ling / BailingMoeV2: synthetic checkpoint in the released names, checked against a naive forward
 
-BAILING = dict(vocab_size=N_TOKENS, hidden_size=32, intermediate_size=48, moe_intermediate_size=16,
-               num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2, head_dim=8,
-               num_experts=8, num_experts_per_tok=2, num_shared_experts=1, first_k_dense_replace=1,
-               n_group=4, topk_group=2, routed_scaling_factor=2.5, rope_theta=600000.0,
-               partial_rotary_factor=0.5, rms_norm_eps=1e-6, use_qk_norm=True, use_qkv_bias=False,
-               use_bias=False, tie_word_embeddings=False, num_nextn_predict_layers=1, hidden_act="silu",
-               score_function="sigmoid", moe_router_enable_expert_bias=True, rope_scaling=None)
+BAILING = dict(
+    vocab_size=N_TOKENS,
+    hidden_size=32,
+    intermediate_size=48,
+    moe_intermediate_size=16,
+    num_hidden_layers=3,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=8,
+    num_experts=8,
+    num_experts_per_tok=2,
+    num_shared_experts=1,
+    first_k_dense_replace=1,
+    n_group=4,
+    topk_group=2,
+    routed_scaling_factor=2.5,
+    rope_theta=600000.0,
+    partial_rotary_factor=0.5,
+    rms_norm_eps=1e-6,
+    use_qk_norm=True,
+    use_qkv_bias=False,
+    use_bias=False,
+    tie_word_embeddings=False,
+    num_nextn_predict_layers=1,
+    hidden_act="silu",
+    score_function="sigmoid",
+    moe_router_enable_expert_bias=True,
+    rope_scaling=None,
+)
 
 
 def bailing_state_dict(c, gen):
     """Random tensors under the BailingMoeV2 names, including one MTP layer (index == num layers)."""
+
     def rnd(*shape, scale=0.2):
         return torch.randn(*shape, generator=gen) * scale
 
     h, d, q, kv = c["hidden_size"], c["head_dim"], c["num_attention_heads"], c["num_key_value_heads"]
-    sd = {"model.word_embeddings.weight": rnd(c["vocab_size"], h, scale=1.0), "model.norm.weight": 1 + rnd(h),
-          "lm_head.weight": rnd(c["vocab_size"], h)}
+    sd = {
+        "model.word_embeddings.weight": rnd(c["vocab_size"], h, scale=1.0),
+        "model.norm.weight": 1 + rnd(h),
+        "lm_head.weight": rnd(c["vocab_size"], h),
+    }
     for i in range(c["num_hidden_layers"] + c["num_nextn_predict_layers"]):
         p = f"model.layers.{i}."
-        sd.update({p + "input_layernorm.weight": 1 + rnd(h), p + "post_attention_layernorm.weight": 1 + rnd(h),
-                   p + "attention.query_key_value.weight": rnd((q + 2 * kv) * d, h),
-                   p + "attention.dense.weight": rnd(h, q * d),
-                   p + "attention.query_layernorm.weight": 1 + rnd(d),
-                   p + "attention.key_layernorm.weight": 1 + rnd(d)})
-        mlps = ["mlp."] if i < c["first_k_dense_replace"] else (
-            [f"mlp.experts.{e}." for e in range(c["num_experts"])] + ["mlp.shared_experts."])
+        sd.update(
+            {
+                p + "input_layernorm.weight": 1 + rnd(h),
+                p + "post_attention_layernorm.weight": 1 + rnd(h),
+                p + "attention.query_key_value.weight": rnd((q + 2 * kv) * d, h),
+                p + "attention.dense.weight": rnd(h, q * d),
+                p + "attention.query_layernorm.weight": 1 + rnd(d),
+                p + "attention.key_layernorm.weight": 1 + rnd(d),
+            }
+        )
+        mlps = (
+            ["mlp."]
+            if i < c["first_k_dense_replace"]
+            else ([f"mlp.experts.{e}." for e in range(c["num_experts"])] + ["mlp.shared_experts."])
+        )
         for m in mlps:
             inner = c["intermediate_size"] if m == "mlp." else c["moe_intermediate_size"]
-            sd.update({p + m + "gate_proj.weight": rnd(inner, h), p + m + "up_proj.weight": rnd(inner, h),
-                       p + m + "down_proj.weight": rnd(h, inner)})
+            sd.update(
+                {
+                    p + m + "gate_proj.weight": rnd(inner, h),
+                    p + m + "up_proj.weight": rnd(inner, h),
+                    p + m + "down_proj.weight": rnd(h, inner),
+                }
+            )
         if i >= c["first_k_dense_replace"]:
             sd[p + "mlp.gate.weight"] = rnd(c["num_experts"], h, scale=1.0)
             sd[p + "mlp.gate.expert_bias"] = rnd(c["num_experts"], scale=0.5)
         if i >= c["num_hidden_layers"]:  # MTP-only tensors
-            sd.update({p + "enorm.weight": rnd(h), p + "hnorm.weight": rnd(h), p + "eh_proj.weight": rnd(h, 2 * h),
-                       p + "final_layernorm.weight": rnd(h)})
+            sd.update(
+                {
+                    p + "enorm.weight": rnd(h),
+                    p + "hnorm.weight": rnd(h),
+                    p + "eh_proj.weight": rnd(h, 2 * h),
+                    p + "final_layernorm.weight": rnd(h),
+                }
+            )
     return sd
 
 
@@ -219,7 +297,7 @@ def bailing_reference_logits(sd, c, ids):
     """BailingMoeV2's causal forward written out from its definition, float64, one token at a time
     through the router (sigmoid scores + bias for selection, best top-2 groups, renormalised weights)."""
     sd = {k: v.double() for k, v in sd.items()}
-    h, d, nq, nkv, eps = c["hidden_size"], c["head_dim"], c["num_attention_heads"], c["num_key_value_heads"], 1e-6
+    d, nq, nkv, eps = c["head_dim"], c["num_attention_heads"], c["num_key_value_heads"], 1e-6
     r = int(d * c["partial_rotary_factor"])
     inv_freq = 1.0 / c["rope_theta"] ** (torch.arange(0, r, 2, dtype=torch.float64) / r)
     ang = torch.arange(ids.shape[1], dtype=torch.float64)[:, None] * inv_freq  # (L, r/2)
@@ -227,19 +305,27 @@ def bailing_reference_logits(sd, c, ids):
 
     def rope(x):  # (B, heads, L, d): rotate-half on the first r dims
         a, rest = x[..., :r], x[..., r:]
-        a1, a2 = a[..., : r // 2], a[..., r // 2:]
+        a1, a2 = a[..., : r // 2], a[..., r // 2 :]
         return torch.cat([a * cos + torch.cat([-a2, a1], -1) * sin, rest], -1)
 
     def swiglu(x, p):
-        return F.silu(x @ sd[p + "gate_proj.weight"].T) * (x @ sd[p + "up_proj.weight"].T) @ sd[p + "down_proj.weight"].T
+        return (
+            F.silu(x @ sd[p + "gate_proj.weight"].T)
+            * (x @ sd[p + "up_proj.weight"].T)
+            @ sd[p + "down_proj.weight"].T
+        )
 
     x = sd["model.word_embeddings.weight"][ids]  # (B, L, H)
     bsz, length = ids.shape
     for i in range(c["num_hidden_layers"]):
         p = f"model.layers.{i}."
         a = rms(x, sd[p + "input_layernorm.weight"], eps)
-        qkv = (a @ sd[p + "attention.query_key_value.weight"].T).view(bsz, length, nq + 2 * nkv, d).transpose(1, 2)
-        q, k, v = qkv[:, :nq], qkv[:, nq:nq + nkv], qkv[:, nq + nkv:]
+        qkv = (
+            (a @ sd[p + "attention.query_key_value.weight"].T)
+            .view(bsz, length, nq + 2 * nkv, d)
+            .transpose(1, 2)
+        )
+        q, k, v = qkv[:, :nq], qkv[:, nq : nq + nkv], qkv[:, nq + nkv :]
         q = rope(rms(q, sd[p + "attention.query_layernorm.weight"], eps))
         k = rope(rms(k, sd[p + "attention.key_layernorm.weight"], eps))
         k, v = k.repeat_interleave(nq // nkv, 1), v.repeat_interleave(nq // nkv, 1)
@@ -257,8 +343,10 @@ def bailing_reference_logits(sd, c, ids):
             for t in range(length):
                 s = torch.sigmoid(sd[p + "mlp.gate.weight"] @ a[b, t])
                 biased = s + sd[p + "mlp.gate.expert_bias"]
-                groups = sorted(range(c["n_group"]), key=lambda g: -biased[g * per_group:(g + 1) * per_group]
-                                .topk(2).values.sum().item())[: c["topk_group"]]
+                groups = sorted(
+                    range(c["n_group"]),
+                    key=lambda g: -biased[g * per_group : (g + 1) * per_group].topk(2).values.sum().item(),
+                )[: c["topk_group"]]
                 allowed = [e for g in groups for e in range(g * per_group, (g + 1) * per_group)]
                 chosen = sorted(allowed, key=lambda e: -biased[e].item())[: c["num_experts_per_tok"]]
                 w = s[chosen] / s[chosen].sum() * c["routed_scaling_factor"]
@@ -276,23 +364,34 @@ def test_bailing_moe_v2_maps_released_names_and_matches_reference(tmp_path):
     # Two shards with an index, as the released checkpoints come.
     keys = sorted(sd)
     half = len(keys) // 2
-    shards = {"model-00001-of-00002.safetensors": keys[:half], "model-00002-of-00002.safetensors": keys[half:]}
+    shards = {
+        "model-00001-of-00002.safetensors": keys[:half],
+        "model-00002-of-00002.safetensors": keys[half:],
+    }
     for name, part in shards.items():
         save_file({k: sd[k] for k in part}, str(src / name))
     index = {"weight_map": {k: name for name, part in shards.items() for k in part}}
     (src / "model.safetensors.index.json").write_text(json.dumps(index))
-    (src / "config.json").write_text(json.dumps(
-        {**BAILING, "architectures": ["BailingMoeV2ForCausalLM"], "model_type": "bailing_moe_v2"}))
+    (src / "config.json").write_text(
+        json.dumps({**BAILING, "architectures": ["BailingMoeV2ForCausalLM"], "model_type": "bailing_moe_v2"})
+    )
     save_tokenizer(src, extra_special=["<|mask|>"])  # the Ling vocabulary already has the mask token
 
     dst = convert_checkpoint(str(src), str(tmp_path / "out"))
     model = AutoModelForCausalLM.from_pretrained(dst)
     cfg = model.config
-    assert (cfg.vocab_size, cfg.mask_token_id, cfg.rotary_dim, cfg.first_k_dense_replace) == (N_TOKENS, N_TOKENS - 1, 4, 1)
+    assert (cfg.vocab_size, cfg.mask_token_id, cfg.rotary_dim, cfg.first_k_dense_replace) == (
+        N_TOKENS,
+        N_TOKENS - 1,
+        4,
+        1,
+    )
     with safe_open(str(dst / "model.safetensors"), framework="pt") as f:
         written = set(f.keys())
         for key in written - {"model.word_embeddings.weight", "lm_head.weight"}:
-            torch.testing.assert_close(f.get_tensor(key), sd[key], rtol=0, atol=0)  # names kept, values untouched
+            torch.testing.assert_close(
+                f.get_tensor(key), sd[key], rtol=0, atol=0
+            )  # names kept, values untouched
     assert written == {k for k in sd if not k.startswith("model.layers.3.")}  # MTP layer dropped
 
     ids = torch.randint(0, N_TOKENS - 1, (2, 7), generator=gen)

@@ -72,6 +72,7 @@ class _SourceTensors:
                 else ""
             )
             raise ValueError(f"{path}: no *.safetensors weights found.{hint}")
+        self.path = path
         self._handles = {name: safe_open(os.fspath(path / name), framework="pt") for name in files}
         self._where = {key: name for name, h in self._handles.items() for key in h.keys()}
         self._taken: set[str] = set()
@@ -85,7 +86,7 @@ class _SourceTensors:
     def take(self, key: str) -> torch.Tensor:
         if key not in self._where:
             raise ValueError(
-                f"source checkpoint has no tensor {key!r}; is it the architecture config.json says?"
+                f"{self.path}: no tensor {key!r}; the weights do not match the architecture in config.json"
             )
         self._taken.add(key)
         return self._handles[self._where[key]].get_tensor(key)

@@ -1,0 +1,171 @@
+"""`llada-train generate`: threshold decoding (S/Q modes) from an exported model directory.
+
+Decoding settings, weakest first: built-in defaults (Q mode, 256 tokens, blocks of 32) < the
+model's saved `generation_config.json` < `--mode` < individual flags.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from .decoding import (
+    DECODE_PRESETS,
+    DEFAULT_BLOCK_LENGTH,
+    DEFAULT_GEN_LENGTH,
+    decode_responses,
+    encode_prompts,
+    generate,
+    load_decode_defaults,
+)
+
+
+def _threshold_or_off(text: str) -> float | None:
+    if text.lower() in ("none", "off"):
+        return None
+    return float(text)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="llada-train generate", description=__doc__.splitlines()[0])
+    p.add_argument("--model", required=True, help="HF model directory (an export of cpt/sft/rl)")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--prompt", help="one prompt; the answer streams to the terminal block by block")
+    src.add_argument("--prompts", type=Path, help="jsonl file, one {'prompt': str} or {'messages': [...]} per line")
+    p.add_argument("--out", type=Path, help="jsonl output for --prompts (default: stdout)")
+    p.add_argument("--mode", choices=sorted(DECODE_PRESETS), help="decoding preset (default: saved, else Q)")
+    p.add_argument("--threshold", type=float, help="M2T unmasking threshold")
+    p.add_argument("--editing-threshold", type=_threshold_or_off, default=argparse.SUPPRESS,
+                   help="T2T editing threshold, or 'off'")
+    p.add_argument("--gen-length", type=int)
+    p.add_argument("--block-length", type=int)
+    p.add_argument("--max-post-steps", type=int)
+    p.add_argument("--steps", type=int, help="cap on denoising steps per block")
+    p.add_argument("--mbe-window", type=int, help="Multiple Block Editing: finished blocks kept editable")
+    p.add_argument("--temperature", type=float, default=0.0)
+    p.add_argument("--top-k", type=int)
+    p.add_argument("--top-p", type=float)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-cache", action="store_true", help="recompute the whole prefix every step")
+    p.add_argument("--chat", action=argparse.BooleanOptionalAction, default=True,
+                   help="render prompts with the chat template (default: on)")
+    p.add_argument("--no-eos-stop", action="store_true", help="decode all gen-length tokens even after EOS")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--tokenizer", help="tokenizer dir or name (default: the model dir if it has one, else the "
+                                       "project tokenizer)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    return p
+
+
+def _decode_params(args, model) -> dict:
+    params = dict(gen_length=DEFAULT_GEN_LENGTH, block_length=DEFAULT_BLOCK_LENGTH, max_post_steps=16,
+                  mbe_window=0, **DECODE_PRESETS["Q"])
+    params.update(load_decode_defaults(args.model))
+    if args.mode:
+        params.update(DECODE_PRESETS[args.mode])
+    flags = dict(threshold=args.threshold, gen_length=args.gen_length, block_length=args.block_length,
+                 max_post_steps=args.max_post_steps, mbe_window=args.mbe_window)
+    params.update({k: v for k, v in flags.items() if v is not None})
+    if hasattr(args, "editing_threshold"):  # given on the command line (None = off)
+        params["editing_threshold"] = args.editing_threshold
+    params.update(steps=args.steps, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                  use_cache=not args.no_cache, eos_early_stop=not args.no_eos_stop,
+                  eos_token_id=model.config.eos_token_id, mask_token_id=model.config.mask_token_id,
+                  generator=torch.Generator(args.device).manual_seed(args.seed))
+    return params
+
+
+def _read_prompts(path: Path) -> list[dict]:
+    if not path.exists():
+        raise ValueError(f"--prompts {path}: no such file")
+    rows = []
+    for n, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}:{n}: not valid JSON ({e})") from e
+        if not isinstance(row, dict) or not isinstance(row.get("prompt", row.get("messages")), (str, list)):
+            raise ValueError(f"{path}:{n}: each line needs a 'prompt' string or a 'messages' list")
+        rows.append(row)
+    return rows
+
+
+def _load(args):
+    from transformers import AutoModelForCausalLM
+
+    import llada_train.model  # noqa: F401  (registers the Auto classes)
+    from .data.tokenizer import load_tokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(args.model).to(args.device).eval()
+    name = args.tokenizer or (args.model if (Path(args.model) / "tokenizer.json").exists() else None)
+    return model, load_tokenizer(name)
+
+
+def _stream_one(args, model, tok, params):
+    input_ids, lengths = encode_prompts(tok, [args.prompt], chat=args.chat)
+    width, eos, mask = input_ids.shape[1], params["eos_token_id"], params["mask_token_id"]
+    shown = ""
+
+    def on_block(_, sequences):
+        nonlocal shown
+        ids = sequences[0, width:].tolist()
+        ids = ids[:ids.index(mask)] if mask in ids else ids
+        ids = ids[:ids.index(eos)] if eos in ids else ids
+        text = tok.decode(ids, skip_special_tokens=True)
+        sys.stdout.write(text[len(shown):] if text.startswith(shown) else "\n" + text)  # MBE may rewrite
+        sys.stdout.flush()
+        shown = text
+
+    start = time.perf_counter()
+    out = generate(model, input_ids.to(args.device), prompt_lengths=lengths.to(args.device), on_block=on_block,
+                   **params)
+    seconds = time.perf_counter() - start
+    sys.stdout.write("\n")
+    print(f"[{int(out.lengths[0])} tokens, nfe {int(out.nfe[0])}, {float(out.tokens_per_forward[0]):.2f} "
+          f"tokens/forward, {int(out.edits[0])} edits, {out.lengths[0] / seconds:.1f} tokens/s]", file=sys.stderr)
+
+
+def _run_file(args, model, tok, params):
+    from tqdm import tqdm
+
+    rows = _read_prompts(args.prompts)
+    sink = args.out.open("w") if args.out else sys.stdout
+    try:
+        for i in tqdm(range(0, len(rows), args.batch_size), desc="generate", unit="batch", file=sys.stderr):
+            batch = rows[i:i + args.batch_size]
+            prompts = [r["prompt"] if "prompt" in r else r["messages"] for r in batch]
+            if not args.chat and not all(isinstance(p, str) for p in prompts):
+                raise ValueError(f"{args.prompts}: 'messages' rows need the chat template; drop --no-chat")
+            input_ids, lengths = encode_prompts(tok, prompts, chat=args.chat)
+            out = generate(model, input_ids.to(args.device), prompt_lengths=lengths.to(args.device), **params)
+            texts = decode_responses(tok, out, input_ids.shape[1], params["eos_token_id"])
+            for r, (row, text) in enumerate(zip(batch, texts)):
+                sink.write(json.dumps({**row, "completion": text, "length": int(out.lengths[r]),
+                                       "nfe": int(out.nfe[r]), "edits": int(out.edits[r]),
+                                       "tokens_per_forward": round(float(out.tokens_per_forward[r]), 4)}) + "\n")
+            sink.flush()
+    finally:
+        if args.out:
+            sink.close()
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    model, tok = _load(args)
+    params = _decode_params(args, model)
+    if args.prompt is not None:
+        _stream_one(args, model, tok, params)
+    else:
+        _run_file(args, model, tok, params)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

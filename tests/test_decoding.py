@@ -1,0 +1,376 @@
+"""Threshold decoder (DESIGN §6) against oracle models with known answers and a naive per-row
+reference decoder written here from the spec (batch 1, no padding, no cache, Python loops)."""
+
+import json
+import math
+from types import SimpleNamespace
+
+import pytest
+import torch
+from torch import nn
+
+from llada_train.decoding import (
+    DECODE_PRESETS,
+    _pick,
+    generate,
+    generate_text,
+    generate_with_mode,
+    generation_config_dict,
+    load_decode_defaults,
+)
+
+from .conftest import tiny_config
+
+EOS, MASK, V = 0, 1, 64
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    # Tiny matmuls: OpenMP threads only add contention on a shared 2-core box.
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+class Oracle(nn.Module):
+    """Logits that depend only on the row position and on whether the input there is a mask:
+    masked -> `draft[pos]` with probability `conf[pos]`; visible -> `visible[pos]` with probability
+    `visible_conf` (`visible=None`: the input token itself). Records every forward's inputs."""
+
+    def __init__(self, draft, conf, visible=None, visible_conf=0.9, vocab=V):
+        super().__init__()
+        self.vocab = vocab
+        self.draft, self.conf, self.visible, self.visible_conf = draft, conf, visible, visible_conf
+        self.config = SimpleNamespace(eos_token_id=EOS, mask_token_id=MASK)
+        self.calls = []
+
+    def forward(self, input_ids, attention_mask=None, position_ids=None, past_key_values=None, use_cache=False,
+                commit_len=None):
+        self.calls.append((position_ids.clone(), input_ids.clone()))
+        masked = input_ids == MASK
+        tok = torch.where(masked, self.draft[position_ids],
+                          input_ids if self.visible is None else self.visible[position_ids])
+        prob = torch.where(masked, self.conf[position_ids], torch.full_like(self.conf[position_ids], self.visible_conf))
+        rest = ((1 - prob) / (self.vocab - 1)).clamp(min=1e-30).log()
+        logits = rest[..., None].expand(*tok.shape, self.vocab).clone()  # (B, Q, V)
+        logits.scatter_(-1, tok[..., None], prob.clamp(min=1e-30).log()[..., None])
+        return SimpleNamespace(logits=logits)
+
+
+def left_pad(prompts, pad=EOS):
+    width = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), width), pad)
+    for r, p in enumerate(prompts):
+        ids[r, width - len(p):] = torch.as_tensor(p)
+    return ids, torch.tensor([len(p) for p in prompts])
+
+
+def random_prompts(lengths, gen):
+    return [torch.randint(2, V, (n,), generator=gen).tolist() for n in lengths]
+
+
+def blocks_of(plen, gen_length, b):
+    """Per response block of a row: how many response positions it holds (row-aligned blocks)."""
+    counts = {}
+    for pos in range(plen, plen + gen_length):
+        counts[pos // b] = counts.get(pos // b, 0) + 1
+    return [counts[k] for k in sorted(counts)]
+
+
+def test_oracle_yields_target_and_threshold_parallelism():
+    gen = torch.Generator().manual_seed(1)
+    lengths, G, b = [5, 12, 9], 21, 8
+    target = torch.randint(2, V, (64,), generator=gen)
+    conf = 0.05 + 0.9 * torch.rand(64, generator=gen)
+    ids, plen = left_pad(random_prompts(lengths, gen))
+    for threshold in (0.5, 0.9):
+        for use_cache in (True, False):
+            out = generate(Oracle(target, conf), ids, gen_length=G, block_length=b, threshold=threshold,
+                           eos_token_id=EOS, mask_token_id=MASK, prompt_lengths=plen, use_cache=use_cache)
+            for r, p in enumerate(lengths):
+                assert out.sequences[r, ids.shape[1]:].tolist() == target[p:p + G].tolist()
+                # brute force: step 1 takes every mask above threshold (at least one), then one per step
+                expect = 0
+                for k in range(p // b, (p + G - 1) // b + 1):
+                    pos = [i for i in range(max(p, k * b), min(p + G, (k + 1) * b))]
+                    above = sum(conf[i] > threshold for i in pos)
+                    expect += len(pos) - max(above, 1) + 1
+                assert out.nfe[r] == expect
+            assert torch.equal(out.sequences[:, :ids.shape[1]], ids)
+            assert out.lengths.tolist() == [G] * 3 and out.edits.tolist() == [0] * 3
+            assert torch.allclose(out.tokens_per_forward, out.lengths / out.nfe)
+
+
+def test_threshold_one_is_one_token_per_forward():
+    gen = torch.Generator().manual_seed(2)
+    lengths, G, b = [3, 10, 7], 16, 4
+    target, conf = torch.randint(2, V, (64,), generator=gen), 0.05 + 0.9 * torch.rand(64, generator=gen)
+    ids, plen = left_pad(random_prompts(lengths, gen))
+    for use_cache in (True, False):
+        out = generate(Oracle(target, conf), ids, gen_length=G, block_length=b, threshold=1.0, eos_token_id=EOS,
+                       mask_token_id=MASK, prompt_lengths=plen, use_cache=use_cache)
+        assert out.nfe.tolist() == [G] * 3  # the cache commit rides on the next block's first forward
+        # with editing on, each block needs one more forward to see that Δ is empty
+        out = generate(Oracle(target, conf), ids, gen_length=G, block_length=b, threshold=1.0,
+                       editing_threshold=0.5, eos_token_id=EOS, mask_token_id=MASK, prompt_lengths=plen,
+                       use_cache=use_cache)
+        assert out.nfe.tolist() == [G + len(blocks_of(p, G, b)) for p in lengths]
+        assert all(out.sequences[r, ids.shape[1]:].tolist() == target[p:p + G].tolist()
+                   for r, p in enumerate(lengths))
+
+
+def test_planted_errors_are_edited_and_prompt_never_is():
+    gen = torch.Generator().manual_seed(3)
+    lengths, G, b = [6, 11], 20, 8
+    target = torch.randint(2, V, (64,), generator=gen)
+    wrong = torch.rand(64, generator=gen) < 0.3
+    draft = torch.where(wrong, (target + 1 - 2) % (V - 2) + 2, target)  # planted errors, never EOS/MASK
+    conf = torch.full((64,), 0.95)
+    prompts = random_prompts(lengths, gen)
+    ids, plen = left_pad(prompts)
+    # the oracle "sees" the target at visible positions with p = 0.8, prompt positions included
+    cases = {0.5: (target, True), 0.9: (draft, False), None: (draft, False)}
+    for editing_threshold, (expected, corrected) in cases.items():
+        oracle = Oracle(draft, conf, visible=target, visible_conf=0.8)
+        out = generate(oracle, ids, gen_length=G, block_length=b, threshold=0.7, editing_threshold=editing_threshold,
+                       eos_token_id=EOS, mask_token_id=MASK, prompt_lengths=plen)
+        for r, p in enumerate(lengths):
+            assert out.sequences[r, ids.shape[1]:].tolist() == expected[p:p + G].tolist()
+            n_wrong = int(wrong[p:p + G].sum())
+            assert out.edits[r] == (n_wrong if corrected else 0)
+            # per block: one forward fills it; with editing one more sees Δ (plus one per edit round)
+            per_block = []
+            for k in range(p // b, (p + G - 1) // b + 1):
+                has_wrong = bool(wrong[max(p, k * b):min(p + G, (k + 1) * b)].any())
+                per_block.append(1 + (editing_threshold is not None) + (corrected and has_wrong))
+            assert out.nfe[r] == sum(per_block)
+        # Δ never touches the prompt: every forward saw the prompt tokens unchanged
+        for pos, seen in oracle.calls:
+            for r, prompt in enumerate(prompts):
+                real = (pos[r] < len(prompt)) & (seen[r] != EOS)  # padding columns hold EOS
+                assert seen[r][real].tolist() == [prompt[i] for i in pos[r][real].tolist()]
+
+
+def test_gamma_only_fills_masks():
+    """Visible tokens are never rewritten without editing, even when the model is confident otherwise."""
+    gen = torch.Generator().manual_seed(4)
+    G, b = 24, 8
+    draft, other = torch.randint(2, V, (64,), generator=gen), torch.randint(2, V, (64,), generator=gen)
+    oracle = Oracle(draft, 0.1 + 0.8 * torch.rand(64, generator=gen), visible=other, visible_conf=0.99)
+    ids, plen = left_pad(random_prompts([4, 9], gen))
+    out = generate(oracle, ids, gen_length=G, block_length=b, threshold=0.5, eos_token_id=EOS, mask_token_id=MASK,
+                   prompt_lengths=plen, use_cache=False)
+    for r, p in enumerate(plen.tolist()):
+        assert out.sequences[r, ids.shape[1]:].tolist() == draft[p:p + G].tolist()
+    history = {}
+    for pos, seen in oracle.calls:  # uncached: every forward sees the whole prefix
+        for r in range(2):
+            for i, t in zip(pos[r].tolist(), seen[r].tolist()):
+                if t != EOS:  # padding and the fixed tail of the last block
+                    history.setdefault((r, i), []).append(t)
+    for tokens in history.values():
+        visible = [t for t in tokens if t != MASK]
+        assert len(set(visible)) <= 1 and tokens == [MASK] * (len(tokens) - len(visible)) + visible
+
+
+def test_eos_early_stop_per_row():
+    gen = torch.Generator().manual_seed(5)
+    G, b, e = 20, 4, 12  # EOS at row position 12
+    target = torch.randint(2, V, (64,), generator=gen)
+    target[e] = EOS
+    lengths = [3, 9, 14]  # EOS at response offset 9, 3, and inside the prompt of the last row
+    ids, plen = left_pad(random_prompts(lengths, gen))
+    for early in (True, False):
+        out = generate(Oracle(target, torch.full((64,), 0.3)), ids, gen_length=G, block_length=b, threshold=1.0,
+                       eos_token_id=EOS, mask_token_id=MASK, prompt_lengths=plen, eos_early_stop=early)
+        assert out.lengths.tolist() == [e - 3 + 1, e - 9 + 1, G]
+        for r, p in enumerate(lengths):
+            n = out.lengths[r]
+            resp = out.sequences[r, ids.shape[1]:]
+            assert resp[:n].tolist() == target[p:p + n].tolist() and (resp[n:] == EOS).all()
+        stop = [(e // b + 1) * b - p for p in lengths[:2]] + [G]  # masks up to the block holding EOS
+        assert out.nfe.tolist() == (stop if early else [G] * 3)
+
+
+def test_steps_cap():
+    gen = torch.Generator().manual_seed(6)
+    G, b = 30, 8
+    target = torch.randint(2, V, (64,), generator=gen)
+    ids, plen = left_pad(random_prompts([5, 2], gen))
+    for steps in (1, 3, 5):
+        out = generate(Oracle(target, torch.full((64,), 0.2)), ids, gen_length=G, block_length=b, threshold=0.9,
+                       steps=steps, eos_token_id=EOS, mask_token_id=MASK, prompt_lengths=plen)
+        for r, p in enumerate(plen.tolist()):
+            assert out.nfe[r] == sum(min(n, steps) for n in blocks_of(p, G, b))
+            assert out.sequences[r, ids.shape[1]:].tolist() == target[p:p + G].tolist()
+
+
+# ---- the real model: reference decoder, cache, MBE, sampling ---------------------------------------
+
+
+def reference_decode(model, prompt, *, G, b, threshold, editing_threshold, max_post_steps=16, mbe_window=0):
+    """DESIGN §6 for one unpadded row, written as plainly as possible: full forward every step."""
+    p = len(prompt)
+    n_blocks = math.ceil((p + G) / b)
+    x = list(prompt) + [MASK] * G + [EOS] * (n_blocks * b - p - G)
+    resp = range(p, p + G)
+    nfe = edits = 0
+    first = p // b
+    for k in range(first, n_blocks):
+        lo, hi = max(k - mbe_window, first) * b, (k + 1) * b
+        post = 0
+        while True:
+            masked = [i for i in range(k * b, hi) if x[i] == MASK]
+            if not masked and (editing_threshold is None or post == max_post_steps):
+                break
+            allowed = torch.tensor([[kk // b <= q // b for kk in range(hi)] for q in range(hi)])
+            logits = model(torch.tensor([x[:hi]]), attention_mask=allowed[None, None],
+                           position_ids=torch.arange(hi)[None]).logits[0].double()
+            nfe += 1
+            logits[:, MASK] = -math.inf
+            p_max, v = logits.softmax(-1).max(-1)
+            changes = {}
+            if masked:
+                chosen = [i for i in masked if p_max[i] > threshold] or [max(masked, key=lambda i: p_max[i])]
+                changes.update({i: int(v[i]) for i in chosen})
+            if editing_threshold is not None:
+                for i in range(lo, hi):
+                    if i in resp and x[i] != MASK and int(v[i]) != x[i] and p_max[i] > editing_threshold:
+                        changes[i] = int(v[i])
+                        edits += 1
+            if not masked:
+                if len(changes) == 0:
+                    break
+                post += 1
+            for i, t in changes.items():
+                x[i] = t
+        if any(x[i] == EOS for i in resp if i < hi) or k == n_blocks - 1:
+            response = [t if t != MASK else EOS for t in x[p:p + G]]
+            if EOS in response:
+                cut = response.index(EOS) + 1
+                response = response[:cut] + [EOS] * (G - cut)
+            return response, nfe, edits
+
+
+@pytest.fixture(scope="module")
+def peaky_model():
+    """Tiny model, random weights, sharpened output head so many tokens pass the thresholds."""
+    from llada_train.model import LLaDA2MoeModelLM
+
+    torch.manual_seed(0)
+    model = LLaDA2MoeModelLM(tiny_config(vocab_size=V)).eval()
+    with torch.no_grad():
+        model.lm_head.weight.mul_(40)
+    return model
+
+
+@pytest.mark.parametrize("mbe_window", [0, 2])
+def test_batched_cached_matches_reference(peaky_model, mbe_window):
+    gen = torch.Generator().manual_seed(7)
+    lengths, G, b = [3, 13, 8], 20, 8
+    prompts = random_prompts(lengths, gen)
+    ids, plen = left_pad(prompts)
+    attention_mask = (torch.arange(ids.shape[1])[None] >= (ids.shape[1] - plen)[:, None]).long()
+    kw = dict(gen_length=G, block_length=b, threshold=0.6, editing_threshold=0.7, max_post_steps=4,
+              mbe_window=mbe_window, eos_token_id=EOS, mask_token_id=MASK, attention_mask=attention_mask)
+    cached = generate(peaky_model, ids, use_cache=True, **kw)
+    uncached = generate(peaky_model, ids, use_cache=False, **kw)
+    for field in ("sequences", "nfe", "edits", "lengths"):
+        assert torch.equal(getattr(cached, field), getattr(uncached, field)), field
+    assert cached.edits.sum() > 0 and (cached.nfe < G).any()  # the test exercises edits and parallelism
+    for r, prompt in enumerate(prompts):
+        response, nfe, edits = reference_decode(peaky_model, prompt, G=G, b=b, threshold=0.6, editing_threshold=0.7,
+                                                max_post_steps=4, mbe_window=mbe_window)
+        assert cached.sequences[r, ids.shape[1]:].tolist() == response
+        assert (cached.nfe[r], cached.edits[r]) == (nfe, edits)
+
+
+def test_mbe_without_editing_equals_plain(peaky_model):
+    gen = torch.Generator().manual_seed(8)
+    ids, plen = left_pad(random_prompts([6, 2], gen))
+    kw = dict(gen_length=24, block_length=4, threshold=0.5, eos_token_id=EOS, mask_token_id=MASK,
+              prompt_lengths=plen, eos_early_stop=False)
+    plain = generate(peaky_model, ids, **kw)
+    for window in (1, 3):
+        mbe = generate(peaky_model, ids, mbe_window=window, **kw)
+        assert torch.equal(mbe.sequences, plain.sequences) and torch.equal(mbe.nfe, plain.nfe)
+
+
+def test_sampling_is_reproducible_and_filtered(peaky_model):
+    gen = torch.Generator().manual_seed(9)
+    ids, plen = left_pad(random_prompts([5, 9], gen))
+    kw = dict(gen_length=16, block_length=8, threshold=0.5, editing_threshold=0.6, temperature=1.5, top_k=20,
+              top_p=0.95, eos_token_id=EOS, mask_token_id=MASK, prompt_lengths=plen)
+    runs = [generate(peaky_model, ids, generator=torch.Generator().manual_seed(s), **kw).sequences for s in (1, 1, 2)]
+    assert torch.equal(runs[0], runs[1]) and not torch.equal(runs[0], runs[2])
+
+    logits = torch.randn(4, 6, V, generator=gen)
+    banned = logits.index_fill(-1, torch.tensor([MASK]), -math.inf)
+    top = banned.topk(5, dim=-1).indices
+    for _ in range(20):
+        v, p = _pick(logits, MASK, 1.0, 5, None, gen)
+        assert (v[..., None] == top).any(-1).all() and (v != MASK).all() and (p > 0).all()
+    v, p = _pick(logits, MASK, 1.0, None, 1e-6, gen)  # nucleus of one token: the argmax, p = 1
+    greedy = banned.argmax(-1)
+    assert torch.equal(v, greedy) and torch.allclose(p, torch.ones_like(p))
+
+
+def test_modes_and_saved_defaults(tmp_path, peaky_model):
+    from transformers import GenerationConfig
+
+    GenerationConfig(**generation_config_dict("Q", gen_length=12, block_length=4)).save_pretrained(tmp_path)
+    saved = load_decode_defaults(tmp_path)
+    assert saved == dict(threshold=0.7, editing_threshold=0.5, max_post_steps=16, mbe_window=0, gen_length=12,
+                         block_length=4)
+    assert load_decode_defaults(tmp_path / "missing") == {}
+    ids = torch.randint(2, V, (2, 5))
+    out = generate_with_mode(peaky_model, ids, "Q", **saved)
+    ref = generate(peaky_model, ids, eos_token_id=EOS, mask_token_id=MASK, **saved)
+    assert torch.equal(out.sequences, ref.sequences) and out.sequences.shape == (2, 17)
+    assert DECODE_PRESETS["llada2.0"] == dict(threshold=0.95, editing_threshold=None)
+    with pytest.raises(ValueError, match="unknown decoding mode"):
+        generate_with_mode(peaky_model, ids, "fast")
+    with pytest.raises(ValueError, match="LEFT-padded"):
+        generate(peaky_model, ids, gen_length=4, block_length=4, threshold=0.5, eos_token_id=EOS,
+                 mask_token_id=MASK, attention_mask=torch.tensor([[1, 1, 1, 0, 0], [1] * 5]))
+
+
+def test_generate_text_decodes_oracle_answer():
+    from llada_train.data.tokenizer import load_tokenizer
+    from llada_train.decoding import encode_prompts
+
+    tok = load_tokenizer(None)
+    answer = tok("The answer is 42.", add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+    for prompt in ["What is six times seven?", "Hi"]:
+        _, plen = encode_prompts(tok, [prompt], chat=True)
+        p = int(plen[0])
+        target = torch.full((256,), tok.eos_token_id)
+        target[p:p + len(answer)] = torch.tensor(answer)
+        oracle = Oracle(target, torch.full((256,), 0.9), vocab=len(tok))
+        oracle.config = SimpleNamespace(eos_token_id=tok.eos_token_id, mask_token_id=tok.mask_token_id)
+        assert generate_text(oracle, tok, [prompt], mode="Q", gen_length=16, block_length=8) == ["The answer is 42."]
+
+
+def test_cli_writes_jsonl(tmp_path, peaky_model, capsys):
+    from llada_train.data.tokenizer import load_tokenizer
+    from llada_train.generate_cli import main
+    from llada_train.model import LLaDA2MoeModelLM
+
+    tok = load_tokenizer(None)
+    torch.manual_seed(0)
+    model = LLaDA2MoeModelLM(tiny_config(eos_token_id=tok.eos_token_id, pad_token_id=tok.eos_token_id,
+                                         mask_token_id=tok.mask_token_id))
+    model.save_pretrained(tmp_path / "m")
+    tok.save_pretrained(tmp_path / "m")
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text(json.dumps({"prompt": "1+1="}) + "\n" + json.dumps({"prompt": "abc"}) + "\n")
+    main(["--model", str(tmp_path / "m"), "--prompts", str(prompts), "--out", str(tmp_path / "o.jsonl"),
+          "--mode", "S", "--gen-length", "8", "--block-length", "4", "--no-chat"])
+    rows = [json.loads(line) for line in (tmp_path / "o.jsonl").read_text().splitlines()]
+    assert [r["prompt"] for r in rows] == ["1+1=", "abc"]
+    assert all(isinstance(r["completion"], str) and 1 <= r["nfe"] and r["tokens_per_forward"] > 0 for r in rows)
+    main(["--model", str(tmp_path / "m"), "--prompt", "hello", "--gen-length", "8", "--block-length", "4"])
+    assert "nfe" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["--model", str(tmp_path / "m")])

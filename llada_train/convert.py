@@ -410,6 +410,8 @@ def convert_checkpoint(src: str, dst: str, *, mask_token: str = "<|mask|>", dtyp
             if family == "bailing_moe_v2"
             else _dense_tensors(tensors, config.num_hidden_layers)
         )
+        if config.tie_word_embeddings:  # some tied checkpoints still store a copy of lm_head
+            stream = ((name, t) for name, t in stream if name != "lm_head.weight")
         weights_dtype, noise_std = _write_weights(
             source, stream, partial, expected, vocab, mask_id, mean_rows, dtype
         )

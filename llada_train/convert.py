@@ -154,7 +154,6 @@ def _read_config(src: Path) -> tuple[str, dict]:
             f"`llada-train convert`; supported: {', '.join(SUPPORTED)}"
         )
     if family in _DENSE:  # transformers' own config class fills the keys config.json leaves at default
-
         try:
             cfg = {**AutoConfig.from_pretrained(src).to_dict(), "architectures": archs}
         except (KeyError, ValueError, OSError) as e:

@@ -21,8 +21,9 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
-from transformers import AutoConfig, AutoTokenizer
+from transformers import AutoConfig, AutoTokenizer, GenerationConfig
 
+from .decoding import generation_config_dict
 from .model import LLaDA2MoeConfig, LLaDA2MoeModelLM
 from .model.modeling_llada2_moe import to_released_layout
 
@@ -35,20 +36,6 @@ SUPPORTED = {
 _DENSE = ("llama", "qwen2", "qwen3")
 _PICKLES = ("*.bin", "*.pt", "*.pth", "*.ckpt", "*.pkl")
 _MAX_SHARD_BYTES = 4 << 30
-# LLaDA2.0-style threshold decoding defaults (DESIGN §6), written to generation_config.json.
-GENERATION_DEFAULTS = {
-    "gen_length": 256,
-    "block_length": 32,
-    "threshold": 0.95,
-    "editing_threshold": None,
-    "max_post_steps": 16,
-    "temperature": 0.0,
-    "top_k": None,
-    "top_p": None,
-    "eos_early_stop": True,
-    "mbe_window": 0,
-    "use_cache": True,
-}
 
 
 class _SourceTensors:
@@ -420,13 +407,11 @@ def convert_checkpoint(src: str, dst: str, *, mask_token: str = "<|mask|>", dtyp
         config.dtype = str(weights_dtype).removeprefix("torch.")
         config.save_pretrained(partial)
         tok.save_pretrained(partial)
-        generation = {
-            **GENERATION_DEFAULTS,
-            "mask_token_id": mask_id,
-            "eos_token_id": tok.eos_token_id,
-            "pad_token_id": tok.pad_token_id,
-        }
-        (partial / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
+        # LLaDA2.0-style decoding defaults: threshold 0.95, no editing, blocks of 32.
+        generation = generation_config_dict("llada2.0")
+        GenerationConfig(
+            **generation, mask_token_id=mask_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id
+        ).save_pretrained(partial)
         info = {
             "source": os.fspath(source.resolve()),
             "architecture": family,

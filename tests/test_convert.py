@@ -23,6 +23,7 @@ from transformers import (
 
 import llada_train.model  # noqa: F401  (registers llada2_moe with the Auto classes)
 from llada_train.convert import convert_checkpoint, main
+from llada_train.decoding import load_decode_defaults
 from llada_train.model import LLaDA2MoeModelLM
 
 N_TOKENS = 300  # tokenizer size of the tiny sources
@@ -121,7 +122,11 @@ def test_converted_model_reproduces_source_logits(tmp_path, family):
     info = json.loads((dst / "conversion.json").read_text())
     assert info["suggested_mask_embed_noise_std"] == pytest.approx(src_emb[:n_tok].std().item(), rel=1e-4)
     gen = json.loads((dst / "generation_config.json").read_text())
-    assert gen["threshold"] == 0.95 and gen["mask_token_id"] == n_tok and gen["eos_token_id"] == 1
+    assert gen["mask_token_id"] == n_tok and gen["eos_token_id"] == 1
+    decode = load_decode_defaults(dst)  # what the threshold decoder reads back
+    assert (
+        decode["threshold"] == 0.95 and decode["editing_threshold"] is None and decode["block_length"] == 32
+    )
 
 
 def test_converted_model_trains_masked_diffusion(tmp_path):

@@ -3,14 +3,16 @@
 A tensor is quantized along one dim (the GEMM's reduction dim) in blocks of `block_size` elements
 (or `block_size`² tiles for 2-D weight blocks) with two-level scales, as NVFP4:
 
-    tensor scale  s_t = amax(x) / (grid_max · 448)                       FP32
+    tensor scale  s_t = 2^ceil(log2(amax(x) / (grid_max · 448)))         FP32, a power of two
     block scale   s_b = ceil_E4M3(block_amax / (grid_max · s_t))         E4M3, ≤ 448
     element       q   = round(x / (s_b · s_t)) on the grid               4-bit code
     value             = (q · s_b) · s_t
 
 The block scale is rounded *up* to E4M3, so every block's amax lands at or just below the grid max
-and nothing is ever clipped: stochastic rounding stays unbiased. q · s_b is exact in bf16 (≤ 7
-significant bits), so a GEMM can run on it and apply both tensor scales in its epilogue.
+and nothing is ever clipped: stochastic rounding stays unbiased. The tensor scale is a power of two
+(NVFP4 uses amax/2688 itself; the E4M3 range is wide enough to give up that one binade), so scale
+products are exact and values on the grid survive quantization unchanged. q · s_b is exact in bf16
+(≤ 7 significant bits), so a GEMM can run on it and apply the tensor scales in its epilogue.
 
 Rounding is RTNE or unbiased stochastic (Philox from an explicit seed and counter offset, the
 same stream as Triton's `tl.rand`). An optional RHT (hadamard.py) rotates blocks of `rht_dim`
@@ -78,14 +80,14 @@ class QuantizedFP4(NamedTuple):
 # torch reference
 
 
-def philox_uniform(seed: int, offsets: torch.Tensor) -> torch.Tensor:
-    """fp32 uniforms in [0, 1), bit-identical to Triton's `tl.rand(seed, offsets)` for int64 offsets.
+def philox_uniform(seed: int, counters: torch.Tensor) -> torch.Tensor:
+    """(..., 4) fp32 uniforms in [0, 1): the four Philox-4x32-10 words of each int64 counter.
 
-    Philox-4x32-10 on (offset_lo, offset_hi, 0, 0) with key (seed_lo, seed_hi); uint32 arithmetic is
-    emulated in int64 (products split into 16-bit halves so nothing overflows).
+    Word 0 equals Triton's `tl.rand(seed, counters)`; using all four quarters the cost per element.
+    uint32 arithmetic is emulated in int64 (products split into 16-bit halves so nothing overflows).
     """
     m32 = 0xFFFFFFFF
-    c0, c1 = offsets & m32, (offsets >> 32) & m32
+    c0, c1 = counters & m32, (counters >> 32) & m32
     c2 = torch.zeros_like(c0)
     c3 = torch.zeros_like(c0)
     k0, k1 = seed & m32, (seed >> 32) & m32
@@ -99,9 +101,17 @@ def philox_uniform(seed: int, offsets: torch.Tensor) -> torch.Tensor:
         hi_a, lo_a = mul_hi_lo(0xD2511F53, c0)
         c0, c2, c1, c3 = hi_b ^ c1 ^ k0, hi_a ^ c3 ^ k1, lo_b, lo_a
         k0, k1 = (k0 + 0x9E3779B9) & m32, (k1 + 0xBB67AE85) & m32
-    signed = torch.where(c0 >= 2**31, c0 - 2**32, c0)  # bitcast to int32
+    words = torch.stack((c0, c1, c2, c3), dim=-1)
+    signed = torch.where(words >= 2**31, words - 2**32, words)  # bitcast to int32
     signed = torch.where(signed < 0, -signed - 1, signed)
     return signed.to(torch.int32).to(torch.float32) * torch.tensor(4.6566127342e-10, dtype=torch.float32)
+
+
+def sr_uniforms(seed: int, offset: int, m: int, kp: int, device=None) -> torch.Tensor:
+    """(m, kp) uniforms for SR: element i of the row-major (m, kp) layout uses word i % 4 of counter
+    offset + i // 4."""
+    counters = torch.arange(m * kp // 4, device=device, dtype=torch.int64) + offset
+    return philox_uniform(seed, counters).reshape(m, kp)
 
 
 def e4m3_ceil(v: torch.Tensor) -> torch.Tensor:
@@ -154,9 +164,11 @@ def decode(codes: torch.Tensor, grid: Grid) -> torch.Tensor:
 
 
 def tensor_scale(amax: torch.Tensor, grid: Grid) -> torch.Tensor:
-    """FP32 tensor scale so the global amax maps to grid_max · 448 (E4M3's max); 1 for all-zero x."""
-    amax = amax.float()
-    return torch.where(amax > 0, amax / torch.tensor(grid.grid_max * E4M3_MAX, dtype=torch.float32), 1.0)
+    """Smallest power of two s_t with amax / s_t ≤ grid_max · 448 (E4M3's max); 1 for all-zero x."""
+    ratio = amax.float() / torch.tensor(grid.grid_max * E4M3_MAX, dtype=torch.float32)
+    mant, exp = torch.frexp(ratio)  # ratio = mant · 2^exp, mant in [0.5, 1)
+    exp = torch.where(mant == 0.5, exp - 1, exp)
+    return torch.where(amax > 0, torch.ldexp(torch.ones_like(ratio), exp), 1.0)
 
 
 def _quantize_torch(x2, k, kp, grid, block_size, signs, rounding, seed, offset, block_2d):
@@ -182,8 +194,7 @@ def _quantize_torch(x2, k, kp, grid, block_size, signs, rounding, seed, offset, 
     v = torch.where(scale > 0, xb / torch.where(scale > 0, scale, 1.0), 0.0)
     u = None
     if rounding == "sr":
-        offs = torch.arange(m * kp, device=x.device, dtype=torch.int64).reshape(m, nb, block_size) + offset
-        u = philox_uniform(seed, offs)
+        u = sr_uniforms(seed, offset, m, kp, x.device).reshape(m, nb, block_size)
     q, idx = round_to_grid(v, grid, rounding, u)
     codes = encode(idx, v < 0, grid)
     return q.reshape(m, kp), s_b, s_t, codes.reshape(m, kp)
@@ -329,13 +340,13 @@ if triton is not None:
     _max2 = tl.standard._elementwise_max
 
     @triton.jit
-    def _philox_uniform(seed, offs):
-        """Same stream as tl.rand(seed, offs) for int64 offs, and philox_uniform above."""
+    def _philox_uniform4(seed, counters):
+        """The four words of philox_uniform above as an (*counters.shape, 4) fp32 tensor."""
         seed = seed.to(tl.uint64)
         k0 = (seed & 0xFFFFFFFF).to(tl.uint32)
         k1 = ((seed >> 32) & 0xFFFFFFFF).to(tl.uint32)
-        c0 = (offs & 0xFFFFFFFF).to(tl.uint32)
-        c1 = ((offs >> 32) & 0xFFFFFFFF).to(tl.uint32)
+        c0 = (counters & 0xFFFFFFFF).to(tl.uint32)
+        c1 = ((counters >> 32) & 0xFFFFFFFF).to(tl.uint32)
         c2 = c0 * 0
         c3 = c0 * 0
         for _ in tl.static_range(10):
@@ -346,7 +357,8 @@ if triton is not None:
             c3 = a_c0 * 0xD2511F53
             k0 = k0 + 0x9E3779B9
             k1 = k1 + 0xBB67AE85
-        r = c0.to(tl.int32, bitcast=True)
+        # [..., j, i] holds word 2j + i: c0, c1, c2, c3 once the last two axes are flattened.
+        r = tl.join(tl.join(c0, c2), tl.join(c1, c3)).to(tl.int32, bitcast=True)
         r = tl.where(r < 0, -r - 1, r)
         return r.to(tl.float32) * 4.6566127342e-10
 
@@ -403,8 +415,10 @@ if triton is not None:
         f = tl.floor(y)
         r = y - f
         if SR:
-            offs = rows[:, None].to(tl.int64) * Kp + cols[None, :].to(tl.int64) + offset
-            up = _philox_uniform(seed, tl.reshape(offs, (BM, NB, B))) < r
+            ccols = pid_k * (BK // 4) + tl.arange(0, BK // 4)
+            counters = rows[:, None].to(tl.int64) * (Kp // 4) + ccols[None, :].to(tl.int64) + offset
+            u = tl.reshape(_philox_uniform4(seed, counters), (BM, NB, B))
+            up = u < r
         else:
             up = (r > 0.5) | ((r == 0.5) & ((f.to(tl.int32) & 1) == 1))
         q = tl.minimum((f + up.to(tl.float32)) * step, GRID_MAX)

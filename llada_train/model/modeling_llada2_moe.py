@@ -171,12 +171,10 @@ class LLaDA2MoeModelLM(LLaDA2MoePreTrainedModel, GenerationMixin):
                 f"{pretrained_model_name_or_path}: not a directory. Download the checkpoint first "
                 "(e.g. `huggingface-cli download inclusionAI/LLaDA2.0-mini --local-dir DIR`) and pass DIR."
             )
-        for key in ("trust_remote_code", "device_map", "low_cpu_mem_usage", "attn_implementation"):
-            kwargs.pop(key, None)
         if config is None:
-            config = LLaDA2MoeConfig.from_pretrained(path, **kwargs)
-        else:
-            for key, value in kwargs.items():
+            config = LLaDA2MoeConfig.from_pretrained(path)
+        for key, value in kwargs.items():  # config overrides; HF loading kwargs are ignored
+            if key in LLaDA2MoeConfig().to_dict():
                 setattr(config, key, value)
         with torch.device("meta"):
             model = cls(config)

@@ -1,0 +1,166 @@
+"""Atomic checkpoints, exact resume and HF export.
+
+A checkpoint is written to `checkpoints/.tmp_step_N/`, completed with a manifest (sizes and
+SHA-256 of every file), then renamed to `step_N/`; the `latest` pointer is replaced last. A crash
+at any moment leaves either the old state or the new one, never a half-written `step_N/` that
+`--resume auto` would pick up.
+"""
+
+import hashlib
+import json
+import os
+import random
+import shutil
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+MANIFEST = "manifest.json"
+STATE = "trainer_state.json"
+
+
+def _rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def _barrier():
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def rng_state() -> dict:
+    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+
+
+def set_rng_state(state: dict):
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def write_manifest(ckpt: Path):
+    files = sorted(p for p in ckpt.rglob("*") if p.is_file() and p.name != MANIFEST)
+    entries = {str(p.relative_to(ckpt)): {"size": p.stat().st_size, "sha256": _sha256(p)} for p in files}
+    _write_atomic(ckpt / MANIFEST, json.dumps(entries, indent=1))
+
+
+def verify_checkpoint(ckpt: Path) -> str | None:
+    """None when complete and intact, else what is wrong (naming the file)."""
+    manifest = ckpt / MANIFEST
+    if not manifest.is_file():
+        return f"{ckpt}: no {MANIFEST} (incomplete checkpoint)"
+    for rel, meta in json.loads(manifest.read_text()).items():
+        path = ckpt / rel
+        if not path.is_file():
+            return f"{path}: missing"
+        if path.stat().st_size != meta["size"]:
+            return f"{path}: size {path.stat().st_size} != {meta['size']} (truncated?)"
+        if _sha256(path) != meta["sha256"]:
+            return f"{path}: checksum mismatch (corrupted)"
+    return None
+
+
+def _write_atomic(path: Path, text: str):
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def save_checkpoint(engine, run_dir: Path, step: int, trainer_state: dict, keep_last: int) -> Path:
+    """Collective: every rank calls it. Returns the final checkpoint path."""
+    root = Path(run_dir) / "checkpoints"
+    final = root / f"step_{step:06d}"
+    tmp = root / f".tmp_step_{step:06d}"
+    if _rank() == 0:
+        root.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)
+    _barrier()
+    engine.save_checkpoint(str(tmp), tag="engine", save_latest=False)
+    rngs = [None] * (dist.get_world_size() if dist.is_initialized() else 1)
+    if dist.is_initialized():
+        dist.all_gather_object(rngs, rng_state())
+    else:
+        rngs[0] = rng_state()
+    if _rank() == 0:
+        torch.save(rngs, tmp / "rng_states.pt")
+        _write_atomic(tmp / STATE, json.dumps(trainer_state, indent=1))
+        write_manifest(tmp)
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+        _write_atomic(root / "latest", final.name)
+        prune(root, keep_last)
+    _barrier()
+    return final
+
+
+def prune(root: Path, keep_last: int):
+    done = sorted(p for p in root.glob("step_*") if p.is_dir())
+    for old in done[:-keep_last]:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def find_resume_checkpoint(run_dir: Path, log=print) -> Path | None:
+    """The newest complete, intact checkpoint (the `latest` pointer first, then a scan)."""
+    root = Path(run_dir) / "checkpoints"
+    if not root.is_dir():
+        return None
+    candidates = sorted((p for p in root.glob("step_*") if p.is_dir()), reverse=True)
+    for ckpt in candidates:
+        problem = verify_checkpoint(ckpt)
+        if problem is None:
+            return ckpt
+        log(f"skipping checkpoint: {problem}")
+    return None
+
+
+def load_checkpoint(engine, ckpt: Path) -> dict:
+    """Restore engine (model, optimizer, schedule) and this rank's RNG; returns the trainer state."""
+    problem = verify_checkpoint(ckpt)
+    if problem is not None:
+        raise ValueError(f"cannot resume: {problem}")
+    engine.load_checkpoint(str(ckpt), tag="engine", load_module_strict=True)
+    rngs = torch.load(ckpt / "rng_states.pt", weights_only=False)  # our own file, verified by checksum
+    set_rng_state(rngs[min(_rank(), len(rngs) - 1)])
+    return json.loads((ckpt / STATE).read_text())
+
+
+def full_state_dict(engine) -> dict:
+    """Unsharded model weights on CPU (gathers ZeRO-3 partitions); valid on rank 0."""
+    module = engine.module if hasattr(engine, "module") else engine
+    if getattr(engine, "zero_optimization_partition_weights", lambda: False)():
+        import deepspeed
+
+        params = list(module.parameters())
+        with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
+            return {k: v.detach().cpu().clone() for k, v in module.state_dict().items()}
+    return {k: v.detach().cpu() for k, v in module.state_dict().items()}
+
+
+def export_hf(model, state_dict: dict, tokenizer, out_dir: Path, generation_config: dict | None = None):
+    """`hf/`: safetensors in the released layout + config + tokenizer + generation config."""
+    out_dir = Path(out_dir)
+    tmp = out_dir.with_name(f".{out_dir.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp, state_dict=state_dict, safe_serialization=True)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(tmp)
+    if generation_config:
+        from transformers import GenerationConfig
+
+        GenerationConfig(**generation_config).save_pretrained(tmp)
+    shutil.rmtree(out_dir, ignore_errors=True)
+    os.replace(tmp, out_dir)
+    return out_dir

@@ -1,0 +1,128 @@
+"""`llada-train <command>`: cpt sft rl pipeline generate convert export submit status fp4-analysis report."""
+
+import argparse
+import sys
+
+USAGE = """llada-train <command> [args]
+
+training stages (each: --config FILE [--resume auto|never|PATH] [--print-config] [key=value ...]):
+  cpt           continual pre-training on a text corpus
+  sft           supervised fine-tuning on chat data
+  rl            EBPO reinforcement learning
+  pipeline      CPT -> SFT -> RL in one run directory
+
+tools:
+  generate      threshold decoding from a model directory
+  convert       AR checkpoint -> LLaDA2-MoE checkpoint
+  export        RUN_DIR: write RUN_DIR/hf from the newest checkpoint
+  submit        submit a stage or the pipeline to Slurm
+  status        RUN_DIR: Slurm job status of a run
+  fp4-analysis  UFP4 vs NVFP4 quantizer analysis
+  report        RUN_DIR: plots and a markdown summary
+"""
+
+
+def _stage_args(stage: str, argv: list[str]):
+    parser = argparse.ArgumentParser(prog=f"llada-train {stage}")
+    parser.add_argument("--config", help="YAML config (keys as in `--print-config`)")
+    parser.add_argument("--resume", help="auto (default), never, or a checkpoint directory")
+    parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    parser.add_argument("overrides", nargs="*", help="dot.key=value overrides, e.g. train.steps=100")
+    args = parser.parse_args(argv)
+    overrides = list(args.overrides) + ([f"run.resume={args.resume}"] if args.resume else [])
+    return args, overrides
+
+
+def run_stage(stage: str, argv: list[str]) -> int:
+    from .config import ConfigError, load_config, to_yaml
+
+    args, overrides = _stage_args(stage, argv)
+    try:
+        cfg = load_config(stage, args.config, overrides)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if args.print_config:
+        print(to_yaml(cfg), end="")
+        return 0
+    runner = _stage_runner(stage)
+    try:
+        finished = runner(cfg)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0 if finished else 3
+
+
+def _stage_runner(stage: str):
+    if stage == "cpt":
+        from .stages.cpt import run_cpt
+
+        return run_cpt
+    if stage == "sft":
+        from .stages.sft import run_sft
+
+        return run_sft
+    if stage == "rl":
+        from .stages.rl import run_rl
+
+        return run_rl
+    from .stages.pipeline import run_pipeline
+
+    return run_pipeline
+
+
+def _export(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="llada-train export")
+    parser.add_argument("run_dir")
+    args = parser.parse_args(argv)
+    from .stages.export import export_run
+
+    try:
+        out = export_run(args.run_dir)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(out)
+    return 0
+
+
+def _delegate(module: str, func: str, argv: list[str]) -> int:
+    import importlib
+
+    try:
+        mod = importlib.import_module(f"llada_train.{module}")
+    except ImportError as e:
+        print(f"error: this command is not available in this build ({e})", file=sys.stderr)
+        return 2
+    return getattr(mod, func)(argv) or 0
+
+
+COMMANDS = {
+    "generate": ("generate_cli", "main"),
+    "convert": ("convert", "main"),
+    "submit": ("slurm", "main_submit"),
+    "status": ("slurm", "main_status"),
+    "fp4-analysis": ("kernels.analysis", "main"),
+    "report": ("report", "main"),
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] in ("-h", "--help"):
+        print(USAGE)
+        return 0 if argv else 2
+    command, rest = argv[0], argv[1:]
+    if command in ("cpt", "sft", "rl", "pipeline"):
+        return run_stage(command, rest)
+    if command == "export":
+        return _export(rest)
+    if command in COMMANDS:
+        return _delegate(*COMMANDS[command], rest)
+    print(f"error: unknown command '{command}'\n\n{USAGE}", file=sys.stderr)
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,344 @@
+"""Structured configs: one dataclass schema per stage; defaults < YAML (--config) < dot.key=value.
+
+Every user mistake (unknown key, wrong type, missing value, out-of-range value) is reported here,
+before any work starts, with the full dotted key and, for typos, a suggestion.
+"""
+
+import difflib
+from dataclasses import dataclass, field, fields, is_dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+from omegaconf import MISSING, OmegaConf
+from omegaconf.errors import ConfigKeyError, MissingMandatoryValue, OmegaConfBaseException, ValidationError
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+CONFIG_DIR = REPO_ROOT / "configs"
+
+
+class ConfigError(ValueError):
+    """A config problem the user must fix; the message names the key and what to do."""
+
+
+@dataclass
+class RunConfig:
+    name: str = "run"
+    out_dir: str = "runs/run"  # run directory: config.yaml, metrics.jsonl, checkpoints/, hf/
+    resume: str = "auto"  # auto | never | PATH to a checkpoint directory
+    seed: int = 0
+
+
+@dataclass
+class ModelConfig:
+    preset: str = "tiny"  # configs/model/<preset>.yaml or a path to a YAML of LLaDA2MoeConfig keys
+    init_from: str = ""  # an HF directory (previous stage's hf/ export); empty = random init from preset
+    overrides: dict = field(default_factory=dict)  # LLaDA2MoeConfig keys to change on top of the preset
+    attn_backend: str = "sdpa"  # sdpa | flex
+    gradient_checkpointing: bool = False
+    tokenizer: str = "default"  # HF tokenizer dir; default = data/tokenizer (ignored when init_from has one)
+
+
+@dataclass
+class TextDataConfig:
+    paths: list = field(default_factory=lambda: ["stdlib"])  # files, dirs, "stdlib" or "hf:name"
+    text_field: str = "text"
+    seq_len: int = 128
+    eval_fraction: float = 0.02
+    max_docs: Optional[int] = None
+    cache_dir: str = ".cache/corpus"
+    num_proc: int = 1
+
+
+@dataclass
+class ChatDataConfig:
+    train: str = MISSING  # jsonl/json/parquet file or hf:name with messages or alpaca rows; "tasks" = built-in
+    eval: str = ""  # held-out rows (same formats); empty = no eval
+    tasks: list = field(default_factory=lambda: ["addition", "reversal"])  # when train == "tasks"
+    num_train: int = 4000
+    num_eval: int = 200
+    max_len: int = 64
+    truncate: str = "drop"  # drop | truncate
+    pack: bool = False
+
+
+@dataclass
+class NoiseConfig:
+    t_min: float = 0.001
+    t_max: float = 1.0
+    per: str = "block"  # block | sequence: one t per block or one per sequence
+    complementary: bool = False  # pair each example with its complement mask (weights 1/t, 1/(1-t))
+
+
+@dataclass
+class LossConfig:
+    weighting: str = "elbo"  # elbo (1/t) | uniform (1)
+    confidence_weight: float = 0.0  # CAP: entropy at correctly predicted masked positions
+
+
+@dataclass
+class T2TConfig:
+    max_ratio: float = 0.0  # replace r ~ U[0, max_ratio] of the visible tokens by random tokens
+    weight: float = 1.0  # CE at replaced positions towards the original token
+    keep_weight: float = 0.0  # CE at visible unchanged positions (learn not to edit correct tokens)
+
+
+@dataclass
+class MTFConfig:
+    prob: float = 0.0  # share of batches trained with Multi-turn Forward
+    turns: int = 2  # turn 1..turns-1 draft without grad, the last turn trains
+    draft_ratio: float = 1.0  # each draft fills u ~ U[0, draft_ratio] of the still-masked positions
+
+
+@dataclass
+class DiffusionConfig:
+    block_size: int = 32
+    # WSD block-size schedule: [[until_step, block_size], ...]; block_size 0 = whole sequence (plain MDM).
+    block_schedule: list = field(default_factory=list)
+    mask_embed_noise_std: float = 0.0
+    mask_embed_noise_steps: int = 0
+    noise: NoiseConfig = field(default_factory=NoiseConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    t2t: T2TConfig = field(default_factory=T2TConfig)
+    mtf: MTFConfig = field(default_factory=MTFConfig)
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1e-3
+    min_lr_ratio: float = 0.1
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    warmup_steps: int = 20
+    schedule: str = "cosine"  # cosine | wsd | constant
+    decay_fraction: float = 0.2  # wsd: share of steps in the final decay
+    grad_clip: float = 1.0
+
+
+@dataclass
+class EngineConfig:
+    zero_stage: int = 0  # DeepSpeed ZeRO 0-3
+    precision: str = "fp32"  # fp32 | bf16
+    offload_optimizer: bool = False
+    offload_params: bool = False
+
+
+@dataclass
+class PrecisionConfig:
+    fp4: str = "none"  # none | ufp4 | nvfp4
+    fp4_block: int = 16
+    rht_dim: int = 16
+    bf16_first_layers: int = 0
+    bf16_last_layers: int = 0
+
+
+@dataclass
+class MoETrainConfig:
+    bias_update_rate: float = 0.001  # aux-loss-free balancing step on expert_bias
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 200
+    batch_size: int = 8  # global batch (sequences per optimizer step)
+    grad_accum: int = 1
+    log_every: int = 10
+    eval_every: int = 50
+    eval_batches: int = 4
+    save_every: int = 100
+    keep_last: int = 2
+    max_bad_steps: int = 5  # consecutive non-finite steps before the run stops
+    export_hf: bool = True
+
+
+@dataclass
+class StageConfig:
+    run: RunConfig = field(default_factory=RunConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    engine: EngineConfig = field(default_factory=EngineConfig)
+    precision: PrecisionConfig = field(default_factory=PrecisionConfig)
+    moe: MoETrainConfig = field(default_factory=MoETrainConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+
+@dataclass
+class CPTConfig(StageConfig):
+    data: TextDataConfig = field(default_factory=TextDataConfig)
+
+
+@dataclass
+class LoRAConfig:
+    enabled: bool = False
+    rank: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.0
+    target_modules: list = field(default_factory=lambda: ["query_key_value", "dense", "gate_proj", "up_proj",
+                                                          "down_proj"])
+
+
+@dataclass
+class SFTConfig(StageConfig):
+    data: ChatDataConfig = field(default_factory=ChatDataConfig)
+    lora: LoRAConfig = field(default_factory=LoRAConfig)
+
+
+SCHEMAS = {"cpt": CPTConfig, "sft": SFTConfig}
+
+
+def register_schema(stage: str, schema: type) -> None:
+    """Stages defined elsewhere (RL) add their schema here."""
+    SCHEMAS[stage] = schema
+
+
+def _known_keys(schema, prefix="") -> list[str]:
+    keys = []
+    for f in fields(schema):
+        key = f"{prefix}{f.name}"
+        keys.append(key)
+        default = f.default_factory() if callable(f.default_factory) else f.default
+        if is_dataclass(default):
+            keys += _known_keys(type(default), key + ".")
+    return keys
+
+
+def _suggest(key: str, schema) -> str:
+    close = difflib.get_close_matches(key, _known_keys(schema), n=1, cutoff=0.6)
+    if not close:
+        leaf = key.rsplit(".", 1)[-1]
+        close = [k for k in _known_keys(schema) if k.rsplit(".", 1)[-1] == leaf][:1]
+    return f" Did you mean '{close[0]}'?" if close else ""
+
+
+def _explain(err: OmegaConfBaseException, schema, source: str) -> ConfigError:
+    key = getattr(err, "full_key", None) or "?"
+    if isinstance(err, ConfigKeyError):
+        return ConfigError(f"{source}: unknown config key '{key}'.{_suggest(key, schema)}")
+    if isinstance(err, MissingMandatoryValue):
+        return ConfigError(f"{source}: missing value for '{key}': set it in the YAML or as {key}=VALUE")
+    if isinstance(err, ValidationError):
+        msg = str(err).split("\n")[0]
+        return ConfigError(f"{source}: bad value for '{key}': {msg}")
+    return ConfigError(f"{source}: {err}")
+
+
+def _parse_override(item: str) -> tuple[str, Any]:
+    if "=" not in item:
+        raise ConfigError(f"override '{item}' is not key=value (e.g. train.steps=100)")
+    key, value = item.split("=", 1)
+    return key.strip(), OmegaConf.create({"v": value}).v if value == "" else _yaml_value(value)
+
+
+def _yaml_value(text: str):
+    import yaml
+
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+
+
+def load_config(stage: str, config_path: str | None = None, overrides: list[str] | None = None):
+    """Resolved, validated config object (a dataclass instance) for `stage`."""
+    if stage not in SCHEMAS:
+        raise ConfigError(f"unknown stage '{stage}'; expected one of {sorted(SCHEMAS)}")
+    schema = SCHEMAS[stage]
+    cfg = OmegaConf.structured(schema)
+    if config_path:
+        path = Path(config_path)
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {config_path}")
+        try:
+            user = OmegaConf.load(path)
+        except Exception as e:  # YAML syntax errors carry line numbers
+            raise ConfigError(f"{config_path}: cannot parse YAML: {e}") from e
+        user.pop("stage", None)
+        try:
+            cfg = OmegaConf.merge(cfg, user)
+        except OmegaConfBaseException as e:
+            raise _explain(e, schema, config_path) from e
+    for item in overrides or []:
+        key, value = _parse_override(item)
+        try:
+            OmegaConf.update(cfg, key, value, merge=True, force_add=False)
+        except OmegaConfBaseException as e:
+            raise _explain(e, schema, f"override '{item}'") from e
+        if OmegaConf.select(cfg, key, default="__absent__") == "__absent__":
+            raise ConfigError(f"override '{item}': unknown config key '{key}'.{_suggest(key, schema)}")
+    try:
+        obj = OmegaConf.to_object(cfg)
+    except OmegaConfBaseException as e:
+        raise _explain(e, schema, config_path or "config") from e
+    validate(obj)
+    return obj
+
+
+def to_yaml(cfg) -> str:
+    return OmegaConf.to_yaml(OmegaConf.structured(cfg))
+
+
+def _check(cond: bool, key: str, msg: str):
+    if not cond:
+        raise ConfigError(f"bad value for '{key}': {msg}")
+
+
+def validate(cfg) -> None:
+    """Range and consistency checks no type system expresses; all in one place."""
+    d = cfg.diffusion
+    _check(0 < d.noise.t_min <= d.noise.t_max <= 1, "diffusion.noise.t_min/t_max", "need 0 < t_min <= t_max <= 1")
+    _check(d.noise.per in ("block", "sequence"), "diffusion.noise.per", "use 'block' or 'sequence'")
+    _check(d.loss.weighting in ("elbo", "uniform"), "diffusion.loss.weighting", "use 'elbo' or 'uniform'")
+    _check(0 <= d.t2t.max_ratio <= 1, "diffusion.t2t.max_ratio", "must be in [0, 1]")
+    _check(0 <= d.mtf.prob <= 1, "diffusion.mtf.prob", "must be in [0, 1]")
+    _check(d.mtf.turns >= 2, "diffusion.mtf.turns", "must be >= 2 (drafts, then the training turn)")
+    _check(0 < d.mtf.draft_ratio <= 1, "diffusion.mtf.draft_ratio", "must be in (0, 1]")
+    _check(d.block_size > 0, "diffusion.block_size", "must be positive")
+    last = -1
+    for i, entry in enumerate(d.block_schedule):
+        ok = isinstance(entry, (list, tuple)) and len(entry) == 2 and all(isinstance(v, int) for v in entry)
+        _check(ok, f"diffusion.block_schedule[{i}]", f"expected [until_step, block_size] integers, got {entry}")
+        _check(entry[0] > last, f"diffusion.block_schedule[{i}]", "until_step values must increase")
+        _check(entry[1] >= 0, f"diffusion.block_schedule[{i}]", "block_size must be >= 0 (0 = whole sequence)")
+        last = entry[0]
+    o = cfg.optim
+    _check(o.lr > 0, "optim.lr", "must be positive")
+    _check(o.schedule in ("cosine", "wsd", "constant"), "optim.schedule", "use cosine, wsd or constant")
+    _check(0 <= o.min_lr_ratio <= 1, "optim.min_lr_ratio", "must be in [0, 1]")
+    e = cfg.engine
+    _check(e.zero_stage in (0, 1, 2, 3), "engine.zero_stage", "must be 0, 1, 2 or 3")
+    _check(e.precision in ("fp32", "bf16"), "engine.precision", "use fp32 or bf16")
+    _check(cfg.precision.fp4 in ("none", "ufp4", "nvfp4"), "precision.fp4", "use none, ufp4 or nvfp4")
+    _check(cfg.model.attn_backend in ("sdpa", "flex"), "model.attn_backend", "use sdpa or flex")
+    t = cfg.train
+    _check(t.steps > 0, "train.steps", "must be positive")
+    _check(t.batch_size > 0 and t.grad_accum > 0, "train.batch_size", "batch_size and grad_accum must be positive")
+    _check(t.batch_size % t.grad_accum == 0, "train.batch_size",
+           f"global batch {t.batch_size} must be divisible by train.grad_accum {t.grad_accum}")
+    _check(t.keep_last >= 1, "train.keep_last", "keep at least one checkpoint")
+    _check(cfg.run.resume == "auto" or cfg.run.resume == "never" or Path(cfg.run.resume).exists(),
+           "run.resume", f"'{cfg.run.resume}' is neither auto, never nor an existing checkpoint directory")
+    if isinstance(cfg, CPTConfig):
+        _check(cfg.data.seq_len % d.block_size == 0, "data.seq_len",
+               f"{cfg.data.seq_len} must be a multiple of diffusion.block_size {d.block_size}")
+        for i, (_, size) in enumerate(d.block_schedule):
+            _check(size == 0 or cfg.data.seq_len % size == 0, f"diffusion.block_schedule[{i}]",
+                   f"block size {size} must divide data.seq_len {cfg.data.seq_len} (or be 0 = whole sequence)")
+    if isinstance(cfg, SFTConfig):
+        _check(cfg.data.truncate in ("drop", "truncate"), "data.truncate", "use drop or truncate")
+        _check(cfg.data.max_len % d.block_size == 0, "data.max_len",
+               f"{cfg.data.max_len} must be a multiple of diffusion.block_size {d.block_size}")
+
+
+def model_preset_values(preset: str) -> dict:
+    """LLaDA2MoeConfig keys from configs/model/<preset>.yaml or a YAML path."""
+    import yaml
+
+    path = Path(preset)
+    if not path.suffix:
+        path = CONFIG_DIR / "model" / f"{preset}.yaml"
+    if not path.is_file():
+        names = sorted(p.stem for p in (CONFIG_DIR / "model").glob("*.yaml"))
+        raise ConfigError(f"model.preset: '{preset}' is neither a file nor one of {names}")
+    return yaml.safe_load(path.read_text())

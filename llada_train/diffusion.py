@@ -1,0 +1,176 @@
+"""The block-diffusion training objective shared by CPT and SFT (DESIGN §3-§4).
+
+One forward over `[x_t ; x_0]` trains three things at once: M2T (masked -> token, weighted by
+w(t)), T2T (a replaced token -> the original), and "keep" (a visible correct token stays).
+Multi-turn Forward (MTF) replaces random tokens by the model's own drafts, so T2T learns to fix
+the errors the model really makes. All randomness comes from the `generator` argument.
+"""
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from .config import DiffusionConfig
+from .model.masks import block_causal_mask, block_diffusion_mask
+
+
+@dataclass
+class NoisedBatch:
+    x0: torch.Tensor  # (B, L) clean tokens = targets
+    xt: torch.Tensor  # (B, L) model input: masks, T2T replacements, MTF drafts, clean tokens
+    maskable: torch.Tensor  # (B, L) bool: positions the objective may noise (response / real text)
+    masked: torch.Tensor  # (B, L) bool: xt holds the mask token -> M2T loss
+    weight: torch.Tensor  # (B, L) float: M2T weight w(t) per position
+    replaced: torch.Tensor  # (B, L) bool: xt holds a wrong-or-drafted token -> T2T loss
+    doc_ids: torch.Tensor  # (B, L) document ids (packing); -1 = padding
+    pad_mask: torch.Tensor  # (B, L) bool, True = real token
+
+
+def block_size_at(step: int, cfg: DiffusionConfig, seq_len: int) -> int:
+    """Block size from the WSD schedule ([[until_step, size], ...]); 0 means the whole sequence."""
+    size = cfg.block_size
+    for until, scheduled in cfg.block_schedule:
+        if step < until:
+            size = scheduled
+            break
+    return seq_len if size == 0 or size >= seq_len else size
+
+
+def sample_masks(maskable, block_size, t_min, t_max, per, generator):
+    """Mask each maskable token with prob t, t ~ U[t_min, t_max] per block or per sequence.
+
+    Returns masked (B, L) bool and t (B, L) (the t of each position's block/sequence)."""
+    bsz, seq_len = maskable.shape
+    groups = seq_len // block_size if per == "block" else 1
+    t = t_min + (t_max - t_min) * torch.rand(bsz, groups, generator=generator)  # (B, G)
+    t = t.repeat_interleave(seq_len // groups, dim=1)  # (B, L)
+    masked = maskable & (torch.rand(bsz, seq_len, generator=generator) < t)
+    return masked, t
+
+
+def noise_batch(x0, maskable, doc_ids, pad_mask, block_size, cfg: DiffusionConfig, mask_id, generator):
+    """M2T noising (+ the complementary copy when enabled)."""
+    n = cfg.noise
+    masked, t = sample_masks(maskable, block_size, n.t_min, n.t_max, n.per, generator)
+    if n.complementary:
+        x0, maskable, doc_ids, pad_mask = (torch.cat([v, v]) for v in (x0, maskable, doc_ids, pad_mask))
+        masked = torch.cat([masked, maskable[: len(masked)] & ~masked])
+        t = torch.cat([t, 1 - t])
+    weight = 1.0 / t.clamp_min(1e-6) if cfg.loss.weighting == "elbo" else torch.ones_like(t)
+    xt = torch.where(masked, torch.full_like(x0, mask_id), x0)
+    return NoisedBatch(x0, xt, maskable, masked, weight, torch.zeros_like(masked), doc_ids, pad_mask)
+
+
+def corrupt_t2t(batch: NoisedBatch, max_ratio, vocab_ids, generator) -> NoisedBatch:
+    """Replace r ~ U[0, max_ratio] of each row's visible maskable tokens by random ordinary tokens."""
+    if max_ratio <= 0:
+        return batch
+    bsz, seq_len = batch.x0.shape
+    ratio = max_ratio * torch.rand(bsz, 1, generator=generator)
+    visible = batch.maskable & ~batch.masked
+    replace = visible & (torch.rand(bsz, seq_len, generator=generator) < ratio)
+    random_tokens = vocab_ids[torch.randint(len(vocab_ids), (bsz, seq_len), generator=generator)]
+    xt = torch.where(replace, random_tokens, batch.xt)
+    return _replace(batch, xt=xt, replaced=batch.replaced | replace)
+
+
+def _replace(batch: NoisedBatch, **changes) -> NoisedBatch:
+    return NoisedBatch(**{**batch.__dict__, **changes})
+
+
+def model_inputs(batch: NoisedBatch, block_size: int) -> dict:
+    """`[x_t ; x_0]` with the §3 mask; when one block covers the sequence, x_t alone (plain MDM)."""
+    bsz, seq_len = batch.xt.shape
+    pos = torch.arange(seq_len)[None].expand(bsz, -1)
+    if block_size >= seq_len:
+        mask = block_causal_mask(seq_len, seq_len, doc_ids=batch.doc_ids, pad_mask=batch.pad_mask)
+        return {"input_ids": batch.xt, "position_ids": pos, "attention_mask": mask}
+    mask = block_diffusion_mask(seq_len, block_size, doc_ids=batch.doc_ids, pad_mask=batch.pad_mask)
+    return {"input_ids": torch.cat([batch.xt, batch.x0], 1), "position_ids": torch.cat([pos, pos], 1),
+            "attention_mask": mask}
+
+
+def noisy_logits(model, batch: NoisedBatch, block_size: int, mask_id: int, embed_noise_std: float = 0.0,
+                 generator=None) -> torch.Tensor:
+    """Logits of the noisy half, (B, L, V). Optional Gaussian noise on mask-token embeddings
+    (the AR -> dLLM fix: a fresh mask embedding must not look identical everywhere)."""
+    inputs = model_inputs(batch, block_size)
+    ids = inputs.pop("input_ids")
+    if embed_noise_std > 0:
+        embeds = model.get_input_embeddings()(ids)  # (B, L or 2L, H)
+        noise = torch.randn(embeds.shape, generator=generator).to(embeds) * embed_noise_std
+        embeds = embeds + noise * (ids == mask_id)[..., None]
+        out = model(inputs_embeds=embeds, **inputs)
+    else:
+        out = model(input_ids=ids, **inputs)
+    return out.logits[:, : batch.xt.shape[1]]
+
+
+def diffusion_loss(logits: torch.Tensor, batch: NoisedBatch, cfg: DiffusionConfig):
+    """Loss = Σ_masked w·CE + t2t.weight·Σ_replaced CE + keep_weight·Σ_kept CE + conf·Σ entropy,
+    each divided by the number of maskable tokens (DESIGN §3-§4). Returns (loss, metrics)."""
+    logits = logits.float()
+    ce = F.cross_entropy(logits.flatten(0, 1), batch.x0.flatten(), reduction="none").view_as(batch.x0)
+    n_maskable = batch.maskable.sum().clamp_min(1)
+    masked, replaced = batch.masked, batch.replaced
+    kept = batch.maskable & ~masked & ~replaced
+    m2t = (ce * batch.weight * masked).sum() / n_maskable
+    t2t = (ce * replaced).sum() / n_maskable
+    keep = (ce * kept).sum() / n_maskable
+    loss = m2t + cfg.t2t.weight * t2t + cfg.t2t.keep_weight * keep
+    pred = logits.argmax(-1)
+    metrics = {"m2t": m2t.detach(), "t2t": t2t.detach(), "keep": keep.detach()}
+    if cfg.loss.confidence_weight > 0:
+        logp = logits.log_softmax(-1)
+        entropy = -(logp.exp() * logp).sum(-1)  # (B, L)
+        conf = (entropy * (masked & (pred == batch.x0))).sum() / n_maskable
+        loss = loss + cfg.loss.confidence_weight * conf
+        metrics["confidence"] = conf.detach()
+    with torch.no_grad():
+        metrics["mask_ratio"] = masked.sum() / n_maskable
+        metrics["acc_masked"] = ((pred == batch.x0) & masked).sum() / masked.sum().clamp_min(1)
+        if replaced.any():
+            metrics["acc_replaced"] = ((pred == batch.x0) & replaced).sum() / replaced.sum()
+    return loss, metrics
+
+
+@torch.no_grad()
+def mtf_draft(model, batch: NoisedBatch, block_size, mask_id, draft_ratio, generator) -> NoisedBatch:
+    """One drafting turn: the model fills u ~ U[0, draft_ratio] of each row's masked positions with
+    its argmax; drafted positions become T2T targets (right or wrong), the rest stay M2T."""
+    was_training = model.training
+    model.eval()
+    draft = noisy_logits(model, batch, block_size, mask_id).argmax(-1)  # (B, L)
+    model.train(was_training)
+    bsz, seq_len = batch.xt.shape
+    share = draft_ratio * torch.rand(bsz, 1, generator=generator)
+    fill = batch.masked & (torch.rand(bsz, seq_len, generator=generator) < share)
+    return _replace(batch, xt=torch.where(fill, draft, batch.xt), masked=batch.masked & ~fill,
+                    replaced=batch.replaced | fill)
+
+
+def training_loss(model, x0, maskable, doc_ids, pad_mask, cfg: DiffusionConfig, *, step: int,
+                  mask_id: int, vocab_ids: torch.Tensor, generator: torch.Generator):
+    """The full mixed objective for one micro-batch. Returns (loss, metrics)."""
+    seq_len = x0.shape[1]
+    block = block_size_at(step, cfg, seq_len)
+    batch = noise_batch(x0, maskable, doc_ids, pad_mask, block, cfg, mask_id, generator)
+    batch = corrupt_t2t(batch, cfg.t2t.max_ratio, vocab_ids, generator)
+    used_mtf = cfg.mtf.prob > 0 and torch.rand(1, generator=generator).item() < cfg.mtf.prob
+    if used_mtf:
+        for _ in range(cfg.mtf.turns - 1):
+            batch = mtf_draft(model, batch, block, mask_id, cfg.mtf.draft_ratio, generator)
+    std = cfg.mask_embed_noise_std if step < cfg.mask_embed_noise_steps else 0.0
+    logits = noisy_logits(model, batch, block, mask_id, std, generator)
+    loss, metrics = diffusion_loss(logits, batch, cfg)
+    metrics["block_size"] = torch.tensor(float(block))
+    metrics["mtf"] = torch.tensor(float(used_mtf))
+    return loss, metrics
+
+
+def ordinary_token_ids(vocab_size: int, special_ids) -> torch.Tensor:
+    """Token ids T2T may sample: the vocabulary without special tokens."""
+    keep = torch.ones(vocab_size, dtype=torch.bool)
+    keep[list(special_ids)] = False
+    return keep.nonzero().squeeze(1)

@@ -1,0 +1,99 @@
+"""Distributed init and DeepSpeed engine construction (ZeRO 0-3, fp32/bf16, accumulation, clipping).
+
+One process needs no launcher: the env defaults below make it a world of one. `torchrun`,
+`deepspeed` and `srun` set the same variables. On CPU the backend is gloo (DS_ACCELERATOR=cpu).
+"""
+
+import math
+import os
+import socket
+
+import torch
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def init_distributed() -> tuple[int, int]:
+    """(rank, world_size); initialises torch.distributed once."""
+    if not torch.cuda.is_available():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    import deepspeed
+
+    if "RANK" not in os.environ and "SLURM_PROCID" in os.environ and "WORLD_SIZE" not in os.environ:
+        os.environ["RANK"] = os.environ["SLURM_PROCID"]
+        os.environ["WORLD_SIZE"] = os.environ["SLURM_NTASKS"]
+        os.environ["LOCAL_RANK"] = os.environ.get("SLURM_LOCALID", "0")
+    os.environ.setdefault("RANK", "0")
+    os.environ.setdefault("LOCAL_RANK", "0")
+    os.environ.setdefault("WORLD_SIZE", "1")
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    os.environ.setdefault("MASTER_PORT", str(_free_port()))
+    if not torch.distributed.is_initialized():
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        deepspeed.init_distributed(dist_backend=backend, verbose=False)
+    if torch.cuda.is_available():
+        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+    return torch.distributed.get_rank(), torch.distributed.get_world_size()
+
+
+def lr_factor(step: int, optim, total_steps: int) -> float:
+    """Linear warm-up, then cosine to min_lr_ratio, WSD (stable, then linear decay) or constant."""
+    if step < optim.warmup_steps:
+        return (step + 1) / optim.warmup_steps
+    floor = optim.min_lr_ratio
+    if optim.schedule == "constant":
+        return 1.0
+    if optim.schedule == "wsd":
+        decay_start = total_steps - int(optim.decay_fraction * total_steps)
+        if step < decay_start:
+            return 1.0
+        frac = (step - decay_start) / max(1, total_steps - decay_start)
+        return 1.0 - (1.0 - floor) * frac
+    frac = (step - optim.warmup_steps) / max(1, total_steps - optim.warmup_steps)
+    return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * min(1.0, frac)))
+
+
+def deepspeed_config(cfg, micro_batch: int) -> dict:
+    engine = cfg.engine
+    zero = {"stage": engine.zero_stage}
+    if engine.offload_optimizer:
+        zero["offload_optimizer"] = {"device": "cpu"}
+    if engine.offload_params and engine.zero_stage == 3:
+        zero["offload_param"] = {"device": "cpu"}
+    return {
+        "train_micro_batch_size_per_gpu": micro_batch,
+        "gradient_accumulation_steps": cfg.train.grad_accum,
+        "gradient_clipping": cfg.optim.grad_clip,
+        "zero_optimization": zero,
+        "zero_allow_untested_optimizer": True,
+        "bf16": {"enabled": engine.precision == "bf16"},
+        "steps_per_print": 10**12,
+        "wall_clock_breakdown": False,
+    }
+
+
+def param_groups(model, weight_decay: float) -> list[dict]:
+    """No weight decay on norms, biases, embeddings and router biases."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        (no_decay if p.ndim < 2 or "embeddings" in name else decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def build_engine(model, cfg, micro_batch: int):
+    """DeepSpeed engine with a torch AdamW (runs on CPU and GPU) and our LR schedule."""
+    import deepspeed
+
+    o = cfg.optim
+    optimizer = torch.optim.AdamW(param_groups(model, o.weight_decay), lr=o.lr, betas=(o.beta1, o.beta2),
+                                  eps=o.eps)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, o, cfg.train.steps))
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=schedule,
+                                           config=deepspeed_config(cfg, micro_batch))
+    return engine

@@ -1,0 +1,222 @@
+"""The loop shared by every stage: step, log, eval, checkpoint, signals, export.
+
+A stage supplies a model, a batch source (with a resumable position) and a loss function;
+the trainer owns everything else, so CPT, SFT and RL behave the same under failure and resume.
+"""
+
+import hashlib
+import json
+import signal
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.distributed as dist
+from tqdm import tqdm
+
+from . import checkpoint as ckpt_lib
+from .config import to_yaml
+from .engine import build_engine, init_distributed
+from .model import update_expert_bias
+
+
+@dataclass
+class BatchSource:
+    """Rows of a tensor dataset served by a resumable index iterator (rank-sharded)."""
+
+    tensors: dict  # name -> (N, ...) tensor
+    iterator: object  # data.text.BatchIterator
+
+    def next(self) -> dict:
+        idx = next(self.iterator)
+        return {k: v[idx] for k, v in self.tensors.items()}
+
+    def state_dict(self) -> dict:
+        return self.iterator.state_dict()
+
+    def load_state_dict(self, state: dict):
+        self.iterator.load_state_dict(state)
+
+
+@dataclass
+class Trainer:
+    cfg: object  # a StageConfig
+    stage: str
+    model: torch.nn.Module
+    tokenizer: object
+    batches: BatchSource
+    loss_fn: Callable  # (model, batch, step, generator) -> (loss, metrics)
+    eval_fn: Callable | None = None  # (model, step) -> metrics
+    generation_config: dict | None = None
+    rank: int = 0
+    world_size: int = 1
+    step: int = 0
+    tokens_seen: int = 0
+    bad_steps: int = 0
+    _stop_signal: list = field(default_factory=list)
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.cfg.run.out_dir)
+
+    # ---- setup ----------------------------------------------------------------------------------
+
+    def setup(self):
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        if self.rank == 0:
+            (self.run_dir / "config.yaml").write_text(to_yaml(self.cfg))
+            (self.run_dir / "PREEMPTED").unlink(missing_ok=True)
+        per_rank = self.cfg.train.batch_size // self.world_size
+        if per_rank * self.world_size != self.cfg.train.batch_size or per_rank % self.cfg.train.grad_accum:
+            raise ValueError(
+                f"train.batch_size {self.cfg.train.batch_size} must split evenly over {self.world_size} ranks "
+                f"and train.grad_accum {self.cfg.train.grad_accum} micro-batches"
+            )
+        self.micro_batch = per_rank // self.cfg.train.grad_accum
+        self.engine = build_engine(self.model, self.cfg, self.micro_batch)
+        self.config_hash = hashlib.sha256(to_yaml(self.cfg).encode()).hexdigest()[:16]
+        for sig in (signal.SIGTERM, signal.SIGUSR1):
+            signal.signal(sig, lambda signum, _frame: self._stop_signal.append(signum))
+        self._maybe_resume()
+        self.tb = None
+        if self.rank == 0:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tb = SummaryWriter(str(self.run_dir / "tensorboard"))
+
+    def _maybe_resume(self):
+        mode = self.cfg.run.resume
+        if mode == "never":
+            return
+        ckpt = Path(mode) if mode != "auto" else ckpt_lib.find_resume_checkpoint(self.run_dir, self.log)
+        if ckpt is None:
+            return
+        state = ckpt_lib.load_checkpoint(self.engine, ckpt)
+        if state.get("config_hash") != self.config_hash:
+            self.log(f"note: resuming {ckpt} written with a different config (hash {state.get('config_hash')})")
+        self.step, self.tokens_seen = state["step"], state["tokens_seen"]
+        self.batches.load_state_dict(state["data"])
+        self.log(f"resumed from {ckpt} at step {self.step}")
+
+    # ---- logging --------------------------------------------------------------------------------
+
+    def log(self, msg: str):
+        if self.rank == 0:
+            tqdm.write(f"[{self.stage}] {msg}")
+
+    def _write_metrics(self, record: dict):
+        if self.rank != 0:
+            return
+        with open(self.run_dir / "metrics.jsonl", "a") as f:
+            f.write(json.dumps(record) + "\n")
+        for key, value in record.items():
+            if isinstance(value, (int, float)) and key != "step":
+                self.tb.add_scalar(key, value, record["step"])
+
+    # ---- the loop -------------------------------------------------------------------------------
+
+    def _generator(self, step: int, micro: int) -> torch.Generator:
+        """Noise RNG derived from (seed, step, rank, micro): resume needs no generator state."""
+        seed = hash((self.cfg.run.seed, step, self.rank, micro)) % (2**63)
+        return torch.Generator().manual_seed(seed)
+
+    def _all_ranks_true(self, flag: bool) -> bool:
+        t = torch.tensor(float(flag))
+        if dist.is_initialized():
+            dist.all_reduce(t, op=dist.ReduceOp.MIN)
+        return bool(t.item())
+
+    def _any_rank(self, flag: bool) -> bool:
+        t = torch.tensor(float(flag))
+        if dist.is_initialized():
+            dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return bool(t.item())
+
+    def train_step(self) -> dict:
+        batch = self.batches.next()
+        micro = {k: v.chunk(self.cfg.train.grad_accum) for k, v in batch.items()}
+        totals, bad = {}, False
+        self.engine.train()
+        for i in range(self.cfg.train.grad_accum):
+            part = {k: v[i] for k, v in micro.items()}
+            loss, metrics = self.loss_fn(self.engine, part, self.step, self._generator(self.step, i))
+            bad = bad or self._any_rank(not torch.isfinite(loss).item())
+            if bad:  # a zero loss keeps every rank's collectives in step; the update is voided below
+                loss = sum(p.sum() * 0.0 for p in self.engine.module.parameters() if p.requires_grad)
+            self.engine.backward(loss)
+            if bad:
+                for group in self.engine.optimizer.param_groups:
+                    group["lr"] = 0.0
+            self.engine.step()
+            for k, v in {"loss": loss.detach(), **metrics}.items():
+                totals[k] = totals.get(k, 0.0) + float(v) / self.cfg.train.grad_accum
+        if not bad:
+            update_expert_bias(self.engine.module, self.cfg.moe.bias_update_rate)
+        self.bad_steps = self.bad_steps + 1 if bad else 0
+        totals["bad_step"] = float(bad)
+        return totals
+
+    def fit(self):
+        self.setup()
+        cfg = self.cfg.train
+        tokens_per_step = cfg.batch_size * next(iter(self.batches.tensors.values())).shape[-1]
+        bar = tqdm(total=cfg.steps, initial=self.step, desc=self.stage, disable=self.rank != 0, dynamic_ncols=True)
+        start = time.time()
+        while self.step < cfg.steps:
+            metrics = self.train_step()
+            self.step += 1
+            self.tokens_seen += tokens_per_step
+            bar.update(1)
+            bar.set_postfix(loss=f"{metrics['loss']:.3f}")
+            if self.bad_steps >= cfg.max_bad_steps:
+                self.log(f"stopping: {self.bad_steps} consecutive non-finite steps (train.max_bad_steps); "
+                         "the last checkpoint predates them")
+                self._write_metrics({"step": self.step, "stopped": "max_bad_steps"})
+                return False
+            if self.step % cfg.log_every == 0 or self.step == cfg.steps:
+                record = {"step": self.step, "tokens": self.tokens_seen,
+                          "lr": self.engine.optimizer.param_groups[0]["lr"],
+                          "elapsed_s": round(time.time() - start, 2), **metrics}
+                self._write_metrics(record)
+            if self.eval_fn and (self.step % cfg.eval_every == 0 or self.step == cfg.steps):
+                self.evaluate()
+            preempted = self._any_rank(bool(self._stop_signal))
+            if self.step % cfg.save_every == 0 or self.step == cfg.steps or preempted:
+                self.save()
+            if preempted:
+                self.log(f"signal received: saved step {self.step}, exiting for requeue")
+                if self.rank == 0:
+                    (self.run_dir / "PREEMPTED").write_text(str(self.step))
+                return False
+        bar.close()
+        if cfg.export_hf:
+            self.export()
+        return True
+
+    def evaluate(self):
+        self.engine.eval()
+        with torch.no_grad():
+            metrics = self.eval_fn(self.engine, self.step)
+        self.engine.train()
+        self._write_metrics({"step": self.step, **{f"eval/{k}": v for k, v in metrics.items()}})
+        self.log(f"step {self.step}: " + ", ".join(f"eval/{k}={v:.4g}" for k, v in metrics.items()))
+        return metrics
+
+    def save(self):
+        state = {"step": self.step, "tokens_seen": self.tokens_seen, "data": self.batches.state_dict(),
+                 "config_hash": self.config_hash, "stage": self.stage, "world_size": self.world_size}
+        ckpt_lib.save_checkpoint(self.engine, self.run_dir, self.step, state, self.cfg.train.keep_last)
+
+    def export(self):
+        state = ckpt_lib.full_state_dict(self.engine)
+        if self.rank == 0:
+            out = ckpt_lib.export_hf(self.engine.module, state, self.tokenizer, self.run_dir / "hf",
+                                     self.generation_config)
+            self.log(f"exported {out}")
+        if dist.is_initialized():
+            dist.barrier()
+
+
+__all__ = ["BatchSource", "Trainer", "init_distributed"]

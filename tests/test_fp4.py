@@ -135,3 +135,20 @@ def test_user_errors_name_the_argument():
         quantize_dequantize(x, fmt="e1m2", rounding="floor")
     with pytest.raises(ValueError, match="block_2d"):
         quantize_dequantize(x[None], fmt="e1m2", block_2d=True)
+
+
+def test_fp4_analysis_writes_table_plots_and_json(tmp_path, monkeypatch):
+    from llada_train.kernels import analysis
+
+    monkeypatch.setattr(analysis, "CONFIGS", [("e1m2", 16, "sr"), ("e2m1", None, "rtne")])
+    monkeypatch.setattr(analysis, "GAUSSIAN_SHAPE", (256, 512))
+    monkeypatch.setattr(analysis, "CAPTURE_SHAPE", (2, 64))
+    result = analysis.main(["--out-dir", str(tmp_path), "--seed", "1"])
+    assert {p.name for p in tmp_path.iterdir()} >= {"fp4_analysis.md", "fp4_analysis.json", "fp4_shrinkage.png"}
+    rows = result["rows"]
+    assert {r["source"] for r in rows} == {"gaussian", "activations", "weights", "gradients"}
+    for r in rows:
+        assert 0.9 < r["shrinkage"] < 1.1 and 0 < r["rel_mse"] < 0.1 and 0 < r["bucket_use"] <= 1
+    sr = [r for r in rows if r["rounding"] == "sr"]
+    assert all(abs(r["shrinkage"] - 1) < 0.01 for r in sr)  # SR is unbiased on real tensors too
+    assert result["gaussian_exact_scale_rtne"]["e2m1"]["shrinkage"] < 1  # the paper's shrinkage bias

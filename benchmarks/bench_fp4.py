@@ -43,7 +43,7 @@ def bench_quantizer(device: str) -> list[dict]:
     for fmt, rht_dim, rounding in [("e1m2", 16, "rtne"), ("e1m2", 16, "sr"), ("e2m1", None, "rtne")]:
         row = {"fmt": fmt, "rht": rht_dim or 0, "rounding": rounding, "shape": list(shape)}
         for impl in impls:
-            sec = _time(lambda: quantize(x, fmt=fmt, rht_dim=rht_dim, rounding=rounding, seed=0, impl=impl), 5)
+            sec = _time(lambda impl=impl: quantize(x, fmt=fmt, rht_dim=rht_dim, rounding=rounding, seed=0, impl=impl), 5)  # noqa: B023
             # bytes moved by a fused kernel: bf16 read twice (amax pass + quantize pass), codes + scales written
             row[f"{impl}_ms"] = sec * 1e3
             row[f"{impl}_GBps"] = x.numel() * (2 * 2 + 0.5 + 1 / 16) / sec / 1e9
@@ -60,7 +60,7 @@ def bench_linear(device: str) -> list[dict]:
     ref = None
     for name, layer in [("nn.Linear", base), ("UFP4", FP4Linear.from_linear(base, UFP4)),
                         ("NVFP4", FP4Linear.from_linear(base, NVFP4))]:
-        sec = _time(lambda: layer(x).sum().backward(), 3)
+        sec = _time(lambda layer=layer: layer(x).sum().backward(), 3)
         ref = ref or sec
         rows.append({"layer": name, "shape": [tokens, d_in, d_out], "step_ms": sec * 1e3, "vs_linear": sec / ref})
     return rows

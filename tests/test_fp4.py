@@ -31,7 +31,7 @@ CASES = [  # every format x rounding, with RHT sizes, dims and odd shapes spread
 def test_triton_equals_torch_bitwise(fmt, rounding, rht_dim, shape, dim):
     torch.manual_seed(len(shape) * 1000 + shape[0])
     x = torch.randn(shape) * torch.rand(shape[0], *[1] * (len(shape) - 1)) * 5
-    kw = dict(fmt=fmt, rounding=rounding, rht_dim=rht_dim, seed=123, offset=77, rht_seed=4, dim=dim)
+    kw = {"fmt": fmt, "rounding": rounding, "rht_dim": rht_dim, "seed": 123, "offset": 77, "rht_seed": 4, "dim": dim}
     a = quantize_dequantize(x, impl="torch", **kw)
     b = quantize_dequantize(x, impl="triton", **kw)
     assert torch.equal(a, b)
@@ -47,7 +47,7 @@ def test_triton_equals_torch_bitwise(fmt, rounding, rht_dim, shape, dim):
 def test_triton_equals_torch_bitwise_2d_blocks(fmt, rounding, rht_dim):
     torch.manual_seed(1)
     x = torch.randn(45, 37) * torch.rand(45, 1) * 3
-    kw = dict(fmt=fmt, rounding=rounding, rht_dim=rht_dim, seed=9, block_2d=True)
+    kw = {"fmt": fmt, "rounding": rounding, "rht_dim": rht_dim, "seed": 9, "block_2d": True}
     assert torch.equal(quantize_dequantize(x, impl="torch", **kw), quantize_dequantize(x, impl="triton", **kw))
     qa, qb = quantize(x, impl="torch", **kw), quantize(x, impl="triton", **kw)
     assert all(torch.equal(_bits(a), _bits(b)) for a, b in zip(qa, qb))

@@ -50,7 +50,7 @@ def test_rht_cancels_with_identity_quantizer():
     x, w, b, dy = _inputs(1, shape=(2, 19, 40), out=24)  # token and feature dims need padding
     ref = _run(lambda x, w, b: nn.functional.linear(x, w, b), x, w, b, dy)
     for d in (16, 64):
-        got = _run(lambda x, w, b: ufp4_linear(x, w, b, FP4Recipe("none", rht_dim=d)), x, w, b, dy)
+        got = _run(lambda x, w, b, d=d: ufp4_linear(x, w, b, FP4Recipe("none", rht_dim=d)), x, w, b, dy)
         for r, g in zip(ref, got):
             assert torch.allclose(r, g, atol=1e-4, rtol=1e-5)
 

@@ -68,7 +68,7 @@ def measure(tensors: list[torch.Tensor], fmt: str, rht_dim: int | None, rounding
     shrink, mse = [], []
     hist = torch.zeros(16, dtype=torch.float64)
     for i, x in enumerate(tensors):
-        kw = dict(fmt=fmt, rht_dim=rht_dim, rounding=rounding, seed=seed + i)
+        kw = {"fmt": fmt, "rht_dim": rht_dim, "rounding": rounding, "seed": seed + i}
         ref = rht(x, rht_dim) if rht_dim else x  # the basis the quantizer works in
         packed = quantize(x, **kw)
         q = dequantize(packed, fmt=fmt)[..., : ref.shape[-1]].double()
@@ -120,10 +120,10 @@ def _write_markdown(path: Path, result: dict) -> None:
     lines = [
         "# FP4 quantization analysis",
         "",
-        f"Tensors: Gaussian N(0,1) {GAUSSIAN_SHAPE[0]}×{GAUSSIAN_SHAPE[1]} and the linear layers' activations, weights and output "
+        (f"Tensors: Gaussian N(0,1) {GAUSSIAN_SHAPE[0]}×{GAUSSIAN_SHAPE[1]} and the linear layers' activations, weights and output "
         f"gradients of the {result['model']} (seed {result['seed']}). Blocks of 16 along the last dim, "
         "two-level scales; RHT = 16-point randomized Hadamard. shrinkage = <q,x>/<x,x> "
-        "(1 = unbiased), rel_mse = |q-x|²/|x|², bucket_use = exp(code entropy)/15.",
+        "(1 = unbiased), rel_mse = |q-x|²/|x|², bucket_use = exp(code entropy)/15."),
         "",
         "| source | grid | RHT | rounding | shrinkage | rel_mse | bucket_use |",
         "|---|---|---|---|---|---|---|",
@@ -131,8 +131,8 @@ def _write_markdown(path: Path, result: dict) -> None:
     for r in result["rows"]:
         lines.append(f"| {r['source']} | {r['fmt']} | {r['rht'] or '-'} | {r['rounding']} | {r['shrinkage']:.5f} "
                      f"| {r['rel_mse']:.5f} | {r['bucket_use']:.3f} |")
-    lines += ["", "Reference without E4M3 scale rounding (Gaussian, FP32 block scale = block amax / grid max, "
-              "nearest rounding in float64):", "", "| grid | shrinkage | rel_mse |", "|---|---|---|"]
+    lines += ["", ("Reference without E4M3 scale rounding (Gaussian, FP32 block scale = block amax / grid max, "
+              "nearest rounding in float64):"), "", "| grid | shrinkage | rel_mse |", "|---|---|---|"]
     for fmt, r in result["gaussian_exact_scale_rtne"].items():
         lines.append(f"| {fmt} | {r['shrinkage']:.5f} | {r['rel_mse']:.5f} |")
     path.write_text("\n".join(lines) + "\n")

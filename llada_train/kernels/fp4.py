@@ -308,7 +308,7 @@ def _quantize_triton(x2, k, kp, grid, block_size, rht_dim, signs, rounding, seed
         signs = torch.ones(1, device=dev)
     rscale = float(rht_scale(d)) if d else 1.0
     grid_shape = (triton.cdiv(m, bm), kp // bk)
-    common = dict(BM=bm, BK=bk, D=d, LOG2D=int(math.log2(d)) if d else 0)
+    common = {"BM": bm, "BK": bk, "D": d, "LOG2D": int(math.log2(d)) if d else 0}
     partial = torch.zeros(grid_shape[0] * grid_shape[1], device=dev, dtype=torch.float32)
     if m:
         _amax_kernel[grid_shape](x2, signs, rscale, partial, m, k, x2.stride(0), x2.stride(1), **common)

@@ -70,7 +70,7 @@ def _qmm(a: torch.Tensor, b: torch.Tensor, recipe: FP4Recipe, *, use_rht: bool, 
         if d:
             a, b = rht(a.float(), d, seed=recipe.rht_seed), rht(b.float(), d, seed=recipe.rht_seed)
         return a.float() @ b.float().t()
-    kw = dict(fmt=recipe.fmt, block_size=recipe.block_size, rht_dim=d, rht_seed=recipe.rht_seed)
+    kw = {"fmt": recipe.fmt, "block_size": recipe.block_size, "rht_dim": d, "rht_seed": recipe.rht_seed}
     qa, sa = block_scaled(a, rounding="sr" if sr_seed is not None else "rtne", seed=sr_seed, **kw)
     qb, sb = block_scaled(b, block_2d=b_block_2d and b.dim() == 2, **kw)
     # q·s_b is exact in bf16/fp16, so low-precision inputs run the GEMM there (fp32 accumulation).

@@ -199,7 +199,6 @@ def _generate(model, input_ids, plen, *, gen_length, b, threshold, editing_thres
     x = torch.where(response, torch.full_like(x, mask_id), x)  # (B, T)
     valid = cols >= pad  # (B, T)
     position_ids = (cols - pad).clamp(min=0)  # (B, T)
-    attn = block_causal_mask(total, b, pad_mask=valid)  # (B, 1, T, T)
     resp_idx = start + torch.arange(gen_length, device=device)[None]  # (B, G) response columns
 
     nfe = torch.zeros(bsz, dtype=torch.long, device=device)
@@ -228,7 +227,8 @@ def _generate(model, input_ids, plen, *, gen_length, b, threshold, editing_thres
             q0 = cache_len if use_cache else 0
             commit = lo - cache_len if (use_cache and first_forward) else 0
             logits = model(
-                input_ids=x[:, q0:hi], attention_mask=attn[:, :, q0:hi, :hi], position_ids=position_ids[:, q0:hi],
+                input_ids=x[:, q0:hi], position_ids=position_ids[:, q0:hi],
+                attention_mask=block_causal_mask(hi, b, pad_mask=valid[:, :hi], q_start=q0),  # (Ba, 1, Q, hi)
                 past_key_values=cache, use_cache=commit > 0, commit_len=commit,
             ).logits  # (Ba, hi - q0, V)
             forwards += 1
@@ -274,7 +274,7 @@ def _generate(model, input_ids, plen, *, gen_length, b, threshold, editing_thres
             if not bool(keep.any()):
                 break
             x, response, resp_idx = x[keep], response[keep], resp_idx[keep]
-            attn, position_ids, rows = attn[keep], position_ids[keep], rows[keep]
+            valid, position_ids, rows = valid[keep], position_ids[keep], rows[keep]
             if cache is not None:
                 cache.select_rows(keep.nonzero().squeeze(1))
 

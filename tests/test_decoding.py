@@ -209,11 +209,11 @@ def test_steps_cap():
 # ---- the real model: reference decoder, cache, MBE, sampling ---------------------------------------
 
 
-def reference_decode(model, prompt, *, G, b, threshold, editing_threshold, max_post_steps=16, mbe_window=0):
+def reference_decode(model, prompt, *, G, b, threshold, editing_threshold, max_post_steps=16, mbe_window=0, eos=EOS):
     """DESIGN §6 for one unpadded row, written as plainly as possible: full forward every step."""
     p = len(prompt)
     n_blocks = math.ceil((p + G) / b)
-    x = list(prompt) + [MASK] * G + [EOS] * (n_blocks * b - p - G)
+    x = list(prompt) + [MASK] * G + [eos] * (n_blocks * b - p - G)
     resp = range(p, p + G)
     nfe = edits = 0
     first = p // b
@@ -245,11 +245,11 @@ def reference_decode(model, prompt, *, G, b, threshold, editing_threshold, max_p
                 post += 1
             for i, t in changes.items():
                 x[i] = t
-        if any(x[i] == EOS for i in resp if i < hi) or k == n_blocks - 1:
-            response = [t if t != MASK else EOS for t in x[p:p + G]]
-            if EOS in response:
-                cut = response.index(EOS) + 1
-                response = response[:cut] + [EOS] * (G - cut)
+        if any(x[i] == eos for i in resp if i < hi) or k == n_blocks - 1:
+            response = [t if t != MASK else eos for t in x[p:p + G]]
+            if eos in response:
+                cut = response.index(eos) + 1
+                response = response[:cut] + [eos] * (G - cut)
             return response, nfe, edits
 
 
@@ -284,6 +284,25 @@ def test_batched_cached_matches_reference(peaky_model, mbe_window):
                                                 max_post_steps=4, mbe_window=mbe_window)
         assert cached.sequences[r, ids.shape[1]:].tolist() == response
         assert (cached.nfe[r], cached.edits[r]) == (nfe, edits)
+
+
+def test_rows_stopping_at_eos_leave_the_batch_correctly(peaky_model):
+    """A row that stops early is dropped from the batch and its cache rows; the others go on unchanged."""
+    gen = torch.Generator().manual_seed(10)
+    lengths, G, b, eos = [3, 13, 8, 6], 24, 8, 36  # with this model, eos 36 stops row 2 two blocks early
+    prompts = random_prompts(lengths, gen)
+    ids, plen = left_pad(prompts)
+    kw = dict(gen_length=G, block_length=b, threshold=0.6, editing_threshold=0.7, max_post_steps=4,
+              eos_token_id=eos, mask_token_id=MASK, prompt_lengths=plen)
+    cached, uncached = generate(peaky_model, ids, **kw), generate(peaky_model, ids, use_cache=False, **kw)
+    assert torch.equal(cached.sequences, uncached.sequences) and torch.equal(cached.nfe, uncached.nfe)
+    assert cached.lengths[2] < G - b and cached.lengths[0] == G
+    for r, prompt in enumerate(prompts):
+        response, nfe, edits = reference_decode(peaky_model, prompt, G=G, b=b, threshold=0.6, editing_threshold=0.7,
+                                                max_post_steps=4, eos=eos)
+        assert cached.sequences[r, ids.shape[1]:].tolist() == response
+        assert (cached.nfe[r], cached.edits[r], cached.lengths[r]) == (nfe, edits, response.index(eos) + 1
+                                                                        if eos in response else G)
 
 
 def test_mbe_without_editing_equals_plain(peaky_model):

@@ -10,7 +10,13 @@ from pathlib import Path
 from typing import Any, Optional
 
 from omegaconf import MISSING, OmegaConf
-from omegaconf.errors import ConfigKeyError, MissingMandatoryValue, OmegaConfBaseException, ValidationError
+from omegaconf.errors import (
+    ConfigAttributeError,
+    ConfigKeyError,
+    MissingMandatoryValue,
+    OmegaConfBaseException,
+    ValidationError,
+)
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 CONFIG_DIR = REPO_ROOT / "configs"
@@ -214,7 +220,7 @@ def _suggest(key: str, schema) -> str:
 
 def _explain(err: OmegaConfBaseException, schema, source: str) -> ConfigError:
     key = getattr(err, "full_key", None) or "?"
-    if isinstance(err, ConfigKeyError):
+    if isinstance(err, (ConfigKeyError, ConfigAttributeError)):
         return ConfigError(f"{source}: unknown config key '{key}'.{_suggest(key, schema)}")
     if isinstance(err, MissingMandatoryValue):
         return ConfigError(f"{source}: missing value for '{key}': set it in the YAML or as {key}=VALUE")

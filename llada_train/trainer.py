@@ -50,6 +50,7 @@ class Trainer:
     loss_fn: Callable  # (model, batch, step, generator) -> (loss, metrics)
     eval_fn: Callable | None = None  # (model, step) -> metrics
     generation_config: dict | None = None
+    export_model_fn: Callable | None = None  # (engine) -> (model, state_dict) for hf/; default: as trained
     rank: int = 0
     world_size: int = 1
     step: int = 0
@@ -210,10 +211,12 @@ class Trainer:
         ckpt_lib.save_checkpoint(self.engine, self.run_dir, self.step, state, self.cfg.train.keep_last)
 
     def export(self):
-        state = ckpt_lib.full_state_dict(self.engine)
+        if self.export_model_fn is not None:
+            model, state = self.export_model_fn(self.engine)
+        else:
+            model, state = self.engine.module, ckpt_lib.full_state_dict(self.engine)
         if self.rank == 0:
-            out = ckpt_lib.export_hf(self.engine.module, state, self.tokenizer, self.run_dir / "hf",
-                                     self.generation_config)
+            out = ckpt_lib.export_hf(model, state, self.tokenizer, self.run_dir / "hf", self.generation_config)
             self.log(f"exported {out}")
         if dist.is_initialized():
             dist.barrier()

@@ -155,6 +155,7 @@ class TrainConfig:
     save_every: int = 100
     keep_last: int = 2
     max_bad_steps: int = 5  # consecutive non-finite steps before the run stops
+    on_save_error: str = "stop"  # a failed checkpoint save (disk full, I/O error): stop | continue
     export_hf: bool = True
 
 
@@ -191,7 +192,71 @@ class SFTConfig(StageConfig):
     lora: LoRAConfig = field(default_factory=LoRAConfig)
 
 
-SCHEMAS = {"cpt": CPTConfig, "sft": SFTConfig}
+@dataclass
+class RLDataConfig:
+    train: str = "tasks"  # "tasks" (built-in families) or a jsonl/json/parquet file of {prompt, answer, ...} rows
+    eval: str = ""  # held-out rows (same format); empty with train=tasks = the families' eval split
+    tasks: list = field(default_factory=lambda: ["addition"])  # when train == "tasks"
+    task_options: dict = field(default_factory=dict)  # per-task generator options, e.g. {addition: {max_digits: 2}}
+    num_train: int = 2000
+    num_eval: int = 64  # held-out prompts scored greedily at every eval
+    prompt_field: str = "prompt"  # a string (one user turn) or a list of chat messages
+
+
+@dataclass
+class RewardFnConfig:
+    fn: str = MISSING  # "module.path:function" or "path/to/file.py:function"
+    weight: float = 1.0
+    timeout_s: float = 10.0
+    name: str | None = None  # metrics key; default: the function name
+    kwargs: dict = field(default_factory=dict)  # extra keyword arguments for the function
+
+
+@dataclass
+class RayConfig:
+    enabled: bool = False  # false: rollouts and rewards run in-process (same results)
+    address: str = ""  # "" = start a local Ray; "auto" = join a running cluster (Slurm)
+    num_workers: int = 2  # RolloutWorker actors, each with a model copy
+    cpus_per_worker: float = 1.0
+    num_cpus: int | None = None  # local Ray only: logical CPUs (default num_workers * cpus_per_worker + 1)
+    max_chunk_retries: int = 3  # re-runs of one rollout chunk whose actor died
+    reward_tasks: bool = True  # reward calls as Ray tasks (false: the local process pool)
+
+
+@dataclass
+class RLAlgoConfig:
+    group_size: int = 8  # G completions per prompt (prompts per step = train.batch_size)
+    num_timesteps: int = 2  # N stratified noise levels of the ELBO
+    eps_low: float = 0.2
+    eps_high: float = 0.28
+    ratio_level: str = "sequence"  # sequence | block
+    advantage: str = "group"  # group | loo | none
+    drop_zero_variance: bool = True  # drop groups whose rewards are all equal
+    kl_beta: float = 0.0  # k3 KL to the frozen initial model (0 = no reference model)
+    updates_per_batch: int = 1  # mu passes over each rollout batch
+    minibatch_size: int | None = None  # sequences per optimizer step; null = the whole batch
+    decode_mode: str = "S"  # threshold decoder preset for rollouts (S | Q | llada2.0)
+    gen_length: int = 0  # response tokens; 0 = the longest train answer (+ EOS) in whole blocks
+    threshold: float | None = None  # override of the preset's unmasking threshold
+    editing_threshold: float | None = None  # override of the preset's T2T editing threshold
+    temperature: float = 1.0  # rollout sampling temperature (evals decode greedily)
+    top_k: int | None = None
+    top_p: float | None = None
+    prompts_per_chunk: int = 2  # prompts (x G rows) per decode call; the unit of rollout seeding and sharding
+    eval_mode: str = "Q"  # decoder preset for held-out accuracy and the exported generation config
+    rewards: list[RewardFnConfig] = field(
+        default_factory=lambda: [RewardFnConfig(fn="llada_train.rl.rewards:exact_match")])
+    rewards_on_error: float = 0.0  # score of a reward call that raises or times out
+    ray: RayConfig = field(default_factory=RayConfig)
+
+
+@dataclass
+class RLConfig(StageConfig):
+    data: RLDataConfig = field(default_factory=RLDataConfig)
+    rl: RLAlgoConfig = field(default_factory=RLAlgoConfig)
+
+
+SCHEMAS = {"cpt": CPTConfig, "sft": SFTConfig, "rl": RLConfig}
 
 
 def register_schema(stage: str, schema: type) -> None:
@@ -323,6 +388,8 @@ def validate(cfg) -> None:
     _check(t.batch_size % t.grad_accum == 0, "train.batch_size",
            f"global batch {t.batch_size} must be divisible by train.grad_accum {t.grad_accum}")
     _check(t.keep_last >= 1, "train.keep_last", "keep at least one checkpoint")
+    _check(t.max_bad_steps >= 1, "train.max_bad_steps", "must be >= 1")
+    _check(t.on_save_error in ("stop", "continue"), "train.on_save_error", "use stop or continue")
     _check(cfg.run.resume == "auto" or cfg.run.resume == "never" or Path(cfg.run.resume).exists(),
            "run.resume", f"'{cfg.run.resume}' is neither auto, never nor an existing checkpoint directory")
     if isinstance(cfg, CPTConfig):
@@ -335,6 +402,46 @@ def validate(cfg) -> None:
         _check(cfg.data.truncate in ("drop", "truncate"), "data.truncate", "use drop or truncate")
         _check(cfg.data.max_len % d.block_size == 0, "data.max_len",
                f"{cfg.data.max_len} must be a multiple of diffusion.block_size {d.block_size}")
+    if isinstance(cfg, RLConfig):
+        _validate_rl(cfg)
+
+
+def _validate_rl(cfg) -> None:
+    r, data = cfg.rl, cfg.data
+    _check(data.train == "tasks" or Path(data.train).is_file(), "data.train",
+           f"'{data.train}' is neither 'tasks' nor an existing file of {{prompt, answer}} rows")
+    _check(not data.eval or Path(data.eval).is_file(), "data.eval", f"'{data.eval}' is not an existing file")
+    _check(data.num_train >= 1 and data.num_eval >= 0, "data.num_train", "need num_train >= 1, num_eval >= 0")
+    _check(r.advantage in ("group", "loo", "none"), "rl.advantage", "use group, loo or none")
+    _check(r.ratio_level in ("sequence", "block"), "rl.ratio_level", "use sequence or block")
+    min_group = 1 if r.advantage == "none" else 2
+    _check(r.group_size >= min_group, "rl.group_size", f"must be >= {min_group} with rl.advantage={r.advantage}")
+    for key in ("num_timesteps", "updates_per_batch", "prompts_per_chunk"):
+        _check(getattr(r, key) >= 1, f"rl.{key}", "must be >= 1")
+    _check(r.minibatch_size is None or r.minibatch_size >= 1, "rl.minibatch_size", "must be >= 1 or null")
+    _check(0 <= r.eps_low < 1, "rl.eps_low", "must be in [0, 1)")
+    _check(r.eps_high >= 0, "rl.eps_high", "must be >= 0")
+    _check(r.kl_beta >= 0, "rl.kl_beta", "must be >= 0 (0 disables the KL term)")
+    for key in ("decode_mode", "eval_mode"):
+        _check(getattr(r, key) in ("S", "Q", "llada2.0"), f"rl.{key}", "use S, Q or llada2.0")
+    _check(r.gen_length >= 0, "rl.gen_length", "must be >= 0 (0 = from the longest train answer)")
+    for key in ("threshold", "editing_threshold"):
+        v = getattr(r, key)
+        _check(v is None or 0 <= v <= 1, f"rl.{key}", "must be in [0, 1] or null (the preset's value)")
+    _check(r.temperature >= 0, "rl.temperature", "must be >= 0 (0 = greedy)")
+    _check(r.top_k is None or r.top_k >= 1, "rl.top_k", "must be >= 1 or null")
+    _check(r.top_p is None or 0 < r.top_p <= 1, "rl.top_p", "must be in (0, 1] or null")
+    _check(len(r.rewards) > 0, "rl.rewards", "list at least one reward, e.g. [{fn: 'llada_train.rl.rewards:exact_match'}]")
+    for i, spec in enumerate(r.rewards):
+        _check(":" in spec.fn, f"rl.rewards[{i}].fn", f"'{spec.fn}' must be 'module.path:function' or 'file.py:function'")
+        _check(spec.timeout_s > 0, f"rl.rewards[{i}].timeout_s", "must be > 0")
+        _check(abs(spec.weight) < float("inf"), f"rl.rewards[{i}].weight", "must be finite")
+    ray = r.ray
+    _check(ray.num_workers >= 1, "rl.ray.num_workers", "must be >= 1")
+    _check(ray.cpus_per_worker > 0, "rl.ray.cpus_per_worker", "must be > 0")
+    _check(ray.max_chunk_retries >= 0, "rl.ray.max_chunk_retries", "must be >= 0")
+    _check(cfg.train.grad_accum == 1, "train.grad_accum",
+           "must be 1 for RL (optimizer steps per rollout batch come from rl.minibatch_size and rl.updates_per_batch)")
 
 
 def model_preset_values(preset: str) -> dict:

@@ -19,6 +19,7 @@ import torch.distributed as dist
 
 MANIFEST = "manifest.json"
 STATE = "trainer_state.json"
+GENERATION_CONFIG = "generation_config.json"  # run-dir copy, so `llada-train export` can rebuild hf/
 
 
 def _rank() -> int:
@@ -31,13 +32,21 @@ def _barrier():
 
 
 def rng_state() -> dict:
-    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    """Tensors, tuples and numbers only, so the file loads with torch.load(weights_only=True)."""
+    name, keys, pos, has_gauss, gauss = np.random.get_state()
+    numpy_state = (name, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(gauss))
+    return {"python": random.getstate(), "numpy": numpy_state, "torch": torch.get_rng_state()}
 
 
 def set_rng_state(state: dict):
     random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    name, keys, pos, has_gauss, gauss = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
     torch.set_rng_state(state["torch"])
+
+
+class CheckpointSaveError(OSError):
+    """A save failed (disk full, quota, I/O error); the partial checkpoint was removed, older ones are intact."""
 
 
 def _sha256(path: Path) -> str:
@@ -88,16 +97,35 @@ def save_checkpoint(engine, run_dir: Path, step: int, trainer_state: dict, keep_
         root.mkdir(parents=True, exist_ok=True)
         shutil.rmtree(tmp, ignore_errors=True)
     _barrier()
-    engine.save_checkpoint(str(tmp), tag="engine", save_latest=False)
+    error = None
+    try:
+        engine.save_checkpoint(str(tmp), tag="engine", save_latest=False)
+    except (OSError, RuntimeError) as e:  # torch.save reports a failed write as RuntimeError
+        error = e
     rngs = [None] * (dist.get_world_size() if dist.is_initialized() else 1)
     if dist.is_initialized():
         dist.all_gather_object(rngs, rng_state())
     else:
         rngs[0] = rng_state()
+    if _rank() == 0 and error is None:
+        try:
+            torch.save(rngs, tmp / "rng_states.pt")
+            _write_atomic(tmp / STATE, json.dumps(trainer_state, indent=1))
+            write_manifest(tmp)
+        except (OSError, RuntimeError) as e:
+            error = e
+    problems = [f"{type(error).__name__}: {error}"] if error is not None else []
+    if dist.is_initialized():  # every rank must agree, or the others would wait at the next collective
+        gathered = [None] * dist.get_world_size()
+        dist.all_gather_object(gathered, problems)
+        problems = [f"rank {r}: {p}" for r, ps in enumerate(gathered) for p in ps]
+    if problems:
+        if _rank() == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+        _barrier()
+        raise CheckpointSaveError(f"saving checkpoint {final} failed ({'; '.join(problems)}); "
+                                  f"removed the partial {tmp.name}, earlier checkpoints are intact")
     if _rank() == 0:
-        torch.save(rngs, tmp / "rng_states.pt")
-        _write_atomic(tmp / STATE, json.dumps(trainer_state, indent=1))
-        write_manifest(tmp)
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
         _write_atomic(root / "latest", final.name)
@@ -132,7 +160,7 @@ def load_checkpoint(engine, ckpt: Path) -> dict:
     if problem is not None:
         raise ValueError(f"cannot resume: {problem}")
     engine.load_checkpoint(str(ckpt), tag="engine", load_module_strict=True)
-    rngs = torch.load(ckpt / "rng_states.pt", weights_only=False)  # our own file, verified by checksum
+    rngs = torch.load(ckpt / "rng_states.pt", weights_only=True)
     set_rng_state(rngs[min(_rank(), len(rngs) - 1)])
     return json.loads((ckpt / STATE).read_text())
 

@@ -55,7 +55,8 @@ class Trainer:
     world_size: int = 1
     step: int = 0
     tokens_seen: int = 0
-    bad_steps: int = 0
+    bad_steps: int = 0  # consecutive non-finite steps
+    bad_steps_total: int = 0  # all skipped steps of the run (metrics `bad_steps_total`)
     _stop_signal: list = field(default_factory=list)
 
     @property
@@ -69,6 +70,8 @@ class Trainer:
         if self.rank == 0:
             (self.run_dir / "config.yaml").write_text(to_yaml(self.cfg))
             (self.run_dir / "PREEMPTED").unlink(missing_ok=True)
+            if self.generation_config:
+                (self.run_dir / ckpt_lib.GENERATION_CONFIG).write_text(json.dumps(self.generation_config, indent=1))
         per_rank = self.cfg.train.batch_size // self.world_size
         if per_rank * self.world_size != self.cfg.train.batch_size or per_rank % self.cfg.train.grad_accum:
             raise ValueError(
@@ -98,6 +101,7 @@ class Trainer:
         if state.get("config_hash") != self.config_hash:
             self.log(f"note: resuming {ckpt} written with a different config (hash {state.get('config_hash')})")
         self.step, self.tokens_seen = state["step"], state["tokens_seen"]
+        self.bad_steps_total = state.get("bad_steps_total", 0)
         self.batches.load_state_dict(state["data"])
         self.log(f"resumed from {ckpt} at step {self.step}")
 
@@ -156,7 +160,9 @@ class Trainer:
         if not bad:
             update_expert_bias(self.engine.module, self.cfg.moe.bias_update_rate)
         self.bad_steps = self.bad_steps + 1 if bad else 0
+        self.bad_steps_total += int(bad)
         totals["bad_step"] = float(bad)
+        totals["bad_steps_total"] = self.bad_steps_total
         return totals
 
     def fit(self):
@@ -171,21 +177,26 @@ class Trainer:
             self.tokens_seen += tokens_per_step
             bar.update(1)
             bar.set_postfix(loss=f"{metrics['loss']:.3f}")
-            if self.bad_steps >= cfg.max_bad_steps:
-                self.log(f"stopping: {self.bad_steps} consecutive non-finite steps (train.max_bad_steps); "
-                         "the last checkpoint predates them")
-                self._write_metrics({"step": self.step, "stopped": "max_bad_steps"})
-                return False
-            if self.step % cfg.log_every == 0 or self.step == cfg.steps:
+            if self.step % cfg.log_every == 0 or self.step == cfg.steps or self.bad_steps:
                 record = {"step": self.step, "tokens": self.tokens_seen,
                           "lr": self.engine.optimizer.param_groups[0]["lr"],
                           "elapsed_s": round(time.time() - start, 2), **metrics}
                 self._write_metrics(record)
+            if self.bad_steps >= cfg.max_bad_steps:
+                self.log(f"stopping: {self.bad_steps} consecutive non-finite steps (train.max_bad_steps), "
+                         f"steps {self.step - self.bad_steps + 1}..{self.step}, were skipped; the newest checkpoint "
+                         "predates them. Check the data and optim.lr before resuming")
+                self._write_metrics({"step": self.step, "stopped": "max_bad_steps"})
+                return False
             if self.eval_fn and (self.step % cfg.eval_every == 0 or self.step == cfg.steps):
                 self.evaluate()
             preempted = self._any_rank(bool(self._stop_signal))
             if self.step % cfg.save_every == 0 or self.step == cfg.steps or preempted:
-                self.save()
+                if self.bad_steps and not preempted:  # keep the newest checkpoint from before the streak
+                    self.log(f"not saving step {self.step}: {self.bad_steps} non-finite step(s) in a row")
+                elif not self.save():
+                    self._write_metrics({"step": self.step, "stopped": "save_error"})
+                    return False
             if preempted:
                 self.log(f"signal received: saved step {self.step}, exiting for requeue")
                 if self.rank == 0:
@@ -205,10 +216,21 @@ class Trainer:
         self.log(f"step {self.step}: " + ", ".join(f"eval/{k}={v:.4g}" for k, v in metrics.items()))
         return metrics
 
-    def save(self):
+    def save(self) -> bool:
+        """Write a checkpoint; False when it failed and train.on_save_error is `stop`."""
         state = {"step": self.step, "tokens_seen": self.tokens_seen, "data": self.batches.state_dict(),
-                 "config_hash": self.config_hash, "stage": self.stage, "world_size": self.world_size}
-        ckpt_lib.save_checkpoint(self.engine, self.run_dir, self.step, state, self.cfg.train.keep_last)
+                 "config_hash": self.config_hash, "stage": self.stage, "world_size": self.world_size,
+                 "bad_steps_total": self.bad_steps_total}
+        try:
+            ckpt_lib.save_checkpoint(self.engine, self.run_dir, self.step, state, self.cfg.train.keep_last)
+        except ckpt_lib.CheckpointSaveError as e:
+            self._write_metrics({"step": self.step, "save_failed": 1})
+            if self.cfg.train.on_save_error == "stop":
+                self.log(f"stopping: {e}. Free disk space and rerun with --resume auto "
+                         "(train.on_save_error=continue keeps training instead)")
+                return False
+            self.log(f"warning: {e}; training continues (train.on_save_error=continue)")
+        return True
 
     def export(self):
         if self.export_model_fn is not None:

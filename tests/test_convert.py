@@ -46,15 +46,15 @@ def save_tokenizer(path, n_tokens=N_TOKENS, extra_special=()):
     tok.save_pretrained(path)
 
 
-SMALL = dict(
-    hidden_size=64,
-    intermediate_size=96,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    max_position_embeddings=128,
-    rms_norm_eps=1e-5,
-)
+SMALL = {
+    "hidden_size": 64,
+    "intermediate_size": 96,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "max_position_embeddings": 128,
+    "rms_norm_eps": 1e-5,
+}
 SOURCES = {
     # Llama with attention biases (q, k, v and o): the vocabulary is full, the mask needs a new row.
     "llama": (
@@ -162,7 +162,7 @@ def test_cli_casts_to_bfloat16_shards_and_refuses_a_non_empty_target(tmp_path, c
     assert len(shards) > 2 and shards == sorted(p.name for p in out.glob("*.safetensors"))
     for shard in shards:
         with safe_open(str(out / shard), framework="pt") as f:
-            assert {f.get_slice(k).get_dtype() for k in f.keys()} == {"BF16"}
+            assert {f.get_slice(k).get_dtype() for k in f} == {"BF16"}
     model = AutoModelForCausalLM.from_pretrained(out)
     assert json.loads((out / "config.json").read_text())["dtype"] == "bfloat16"
     assert model.model.word_embeddings.weight.dtype == torch.bfloat16
@@ -210,35 +210,35 @@ def test_unsupported_sources_are_refused(tmp_path):
 
 # ---- Ling / BailingMoeV2: synthetic checkpoint in the released names, checked against a naive forward
 
-BAILING = dict(
-    vocab_size=N_TOKENS,
-    hidden_size=32,
-    intermediate_size=48,
-    moe_intermediate_size=16,
-    num_hidden_layers=3,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    head_dim=8,
-    num_experts=8,
-    num_experts_per_tok=2,
-    num_shared_experts=1,
-    first_k_dense_replace=1,
-    n_group=4,
-    topk_group=2,
-    routed_scaling_factor=2.5,
-    rope_theta=600000.0,
-    partial_rotary_factor=0.5,
-    rms_norm_eps=1e-6,
-    use_qk_norm=True,
-    use_qkv_bias=False,
-    use_bias=False,
-    tie_word_embeddings=False,
-    num_nextn_predict_layers=1,
-    hidden_act="silu",
-    score_function="sigmoid",
-    moe_router_enable_expert_bias=True,
-    rope_scaling=None,
-)
+BAILING = {
+    "vocab_size": N_TOKENS,
+    "hidden_size": 32,
+    "intermediate_size": 48,
+    "moe_intermediate_size": 16,
+    "num_hidden_layers": 3,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "head_dim": 8,
+    "num_experts": 8,
+    "num_experts_per_tok": 2,
+    "num_shared_experts": 1,
+    "first_k_dense_replace": 1,
+    "n_group": 4,
+    "topk_group": 2,
+    "routed_scaling_factor": 2.5,
+    "rope_theta": 600000.0,
+    "partial_rotary_factor": 0.5,
+    "rms_norm_eps": 1e-6,
+    "use_qk_norm": True,
+    "use_qkv_bias": False,
+    "use_bias": False,
+    "tie_word_embeddings": False,
+    "num_nextn_predict_layers": 1,
+    "hidden_act": "silu",
+    "score_function": "sigmoid",
+    "moe_router_enable_expert_bias": True,
+    "rope_scaling": None,
+}
 
 
 def bailing_state_dict(c, gen):
@@ -406,3 +406,31 @@ def test_bailing_moe_v2_maps_released_names_and_matches_reference(tmp_path):
     torch.testing.assert_close(got[..., : N_TOKENS - 1], want[..., : N_TOKENS - 1], atol=1e-4, rtol=1e-4)
     emb = model.get_input_embeddings().weight
     torch.testing.assert_close(emb[N_TOKENS - 1], sd["model.word_embeddings.weight"][: N_TOKENS - 1].mean(0))
+
+
+def test_converted_model_runs_the_convert_cpt_recipe(tmp_path):
+    """configs/convert_cpt.yaml through the CLI on a converted Qwen3: warm-up blocks 1 -> 4 -> whole
+    sequence, mask-embedding noise from conversion.json; the run trains and exports."""
+    import random
+
+    from llada_train.cli import main as cli_main
+
+    _, src = make_source(tmp_path, "qwen3")
+    dst = convert_checkpoint(str(src), str(tmp_path / "out"))
+    noise = json.loads((tmp_path / "out" / "conversion.json").read_text())["suggested_mask_embed_noise_std"]
+    rng = random.Random(0)
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("\n".join(" ".join(f"w{rng.randrange(3, 60)}" for _ in range(40)) for _ in range(60)))
+    run = tmp_path / "run"
+    code = cli_main(["cpt", "--config", "configs/convert_cpt.yaml", f"model.init_from={dst}",
+                     f"diffusion.mask_embed_noise_std={noise}", f"data.paths=[{corpus}]", f"run.out_dir={run}",
+                     "data.seq_len=32", "diffusion.block_schedule=[[2,1],[4,4],[6,0]]",
+                     "diffusion.mask_embed_noise_steps=4", "engine.zero_stage=0", "train.steps=6",
+                     "train.batch_size=4", "train.log_every=1", "train.save_every=100", "train.eval_every=100",
+                     "optim.lr=1e-3", "optim.warmup_steps=1"])
+    assert code == 0
+    records = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    train = [r for r in records if "loss" in r]
+    assert len(train) == 6 and all(math.isfinite(r["loss"]) for r in train)
+    assert AutoModelForCausalLM.from_pretrained(run / "hf").config.mask_token_id == json.loads(
+        (tmp_path / "out" / "config.json").read_text())["mask_token_id"]

@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -9,6 +10,8 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
+from safetensors.torch import load_file
 
 from llada_train import checkpoint as ckpt_lib
 from llada_train.config import ConfigError, load_config
@@ -22,7 +25,7 @@ TINY = [
 
 def cli(*args, env_extra=None, **kwargs) -> subprocess.CompletedProcess:
     env = {**os.environ, "OMP_NUM_THREADS": "1", **(env_extra or {})}
-    return subprocess.run([sys.executable, "-m", "llada_train.cli", *args], cwd=REPO, env=env,
+    return subprocess.run([sys.executable, "-m", "llada_train.cli", *args], check=False, cwd=REPO, env=env,
                           capture_output=True, text=True, timeout=600, **kwargs)
 
 
@@ -78,7 +81,7 @@ def test_exact_resume_after_signal_matches_uninterrupted_run(tmp_path):
     assert 4 <= stopped_at < 12
     res = cli(*tiny_args(interrupted, cache, *steps))
     assert res.returncode == 0, res.stderr[-3000:]
-    assert f"resumed from" in res.stderr + res.stdout
+    assert "resumed from" in res.stderr + res.stdout
     a, b = losses(straight), losses(interrupted)
     assert sorted(a) == sorted(b) == list(range(1, 13))
     assert a == b  # bit-identical per-step losses, data order included
@@ -89,19 +92,42 @@ def test_two_process_zero2_trains_checkpoints_and_resumes(tmp_path):
     base = ["-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "0", "-m", "llada_train.cli",
             *tiny_args(run, tmp_path / "cache", "engine.zero_stage=2", "train.save_every=3", "train.eval_every=100")]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu"}
-    first = subprocess.run([sys.executable, *base, "train.steps=3"], cwd=REPO, env=env, capture_output=True,
+    first = subprocess.run([sys.executable, *base, "train.steps=3"], check=False, cwd=REPO, env=env, capture_output=True,
                            text=True, timeout=600)
     assert first.returncode == 0, first.stderr[-3000:]
     ckpt = run / "checkpoints" / "step_000003"
     assert ckpt_lib.verify_checkpoint(ckpt) is None
     # ZeRO-2 shards the optimizer state: one partition file per rank.
     assert len(list((ckpt / "engine").glob("*optim_states.pt"))) == 2
-    second = subprocess.run([sys.executable, *base, "train.steps=5"], cwd=REPO, env=env, capture_output=True,
+    second = subprocess.run([sys.executable, *base, "train.steps=5"], check=False, cwd=REPO, env=env, capture_output=True,
                             text=True, timeout=600)
     assert second.returncode == 0, second.stderr[-3000:]
     assert "resumed from" in second.stderr + second.stdout
     assert max(losses(run)) == 5
     assert (run / "hf" / "config.json").is_file()
+    # `llada-train export` rebuilds hf/ from the ZeRO-2 shards: the same weights the run exported.
+    trained = load_file(run / "hf" / "model.safetensors")
+    shutil.rmtree(run / "hf")
+    res = cli("export", str(run))
+    assert res.returncode == 0, res.stderr[-3000:]
+    exported = load_file(run / "hf" / "model.safetensors")
+    assert trained.keys() == exported.keys()
+    assert all(torch.equal(trained[k], exported[k]) for k in trained)
+    assert json.loads((run / "hf" / "generation_config.json").read_text())["threshold"] > 0
+
+
+def test_fp4_cpt_trains_through_the_cli(tmp_path):
+    run = tmp_path / "run"
+    res = cli(*tiny_args(run, tmp_path / "cache", "precision.fp4=ufp4", "train.steps=12", "optim.lr=5e-3",
+                         "train.eval_every=100", "train.save_every=100"))
+    assert res.returncode == 0, res.stderr[-3000:]
+    curve = list(losses(run).values())
+    assert sum(curve[-3:]) / 3 < 0.85 * sum(curve[:3]) / 3, curve
+
+
+def test_export_errors_name_the_problem(tmp_path):
+    res = cli("export", str(tmp_path))
+    assert res.returncode == 2 and "no config.yaml" in res.stderr
 
 
 def test_resume_auto_never_picks_a_partial_or_corrupt_checkpoint(tmp_path):

@@ -7,6 +7,7 @@ import torch
 from ..config import ConfigError, model_preset_values
 from ..data.tokenizer import load_tokenizer, special_token_ids
 from ..diffusion import ordinary_token_ids, training_loss
+from ..kernels.ufp4_linear import apply_fp4
 from ..model import LLaDA2MoeConfig, LLaDA2MoeModelLM
 
 
@@ -17,8 +18,9 @@ def build_tokenizer(mcfg):
     return load_tokenizer(None if mcfg.tokenizer == "default" else mcfg.tokenizer)
 
 
-def build_model(mcfg, tokenizer, seed: int) -> LLaDA2MoeModelLM:
-    """Load `model.init_from` (an HF directory) or initialise the preset; check the tokenizer fits."""
+def build_model(mcfg, tokenizer, seed: int, precision=None) -> LLaDA2MoeModelLM:
+    """Load `model.init_from` (an HF directory) or initialise the preset; check the tokenizer fits;
+    with `precision` (the stage's `precision:` section), swap eligible GEMMs to 4-bit."""
     if mcfg.init_from:
         if not Path(mcfg.init_from).is_dir():
             raise ConfigError(f"model.init_from: '{mcfg.init_from}' is not a directory (expected an hf/ export)")
@@ -37,6 +39,9 @@ def build_model(mcfg, tokenizer, seed: int) -> LLaDA2MoeModelLM:
                           "set model.overrides.mask_token_id or use the matching tokenizer")
     if mcfg.gradient_checkpointing:
         model.model.gradient_checkpointing = True
+    if precision is not None:
+        apply_fp4(model, precision.fp4, block=precision.fp4_block, rht_dim=precision.rht_dim,
+                  bf16_first_layers=precision.bf16_first_layers, bf16_last_layers=precision.bf16_last_layers)
     return model
 
 

@@ -2,6 +2,7 @@
 
 import argparse
 import sys
+from functools import partial
 
 USAGE = """llada-train <command> [args]
 
@@ -29,47 +30,38 @@ def _stage_args(stage: str, argv: list[str]):
     parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     parser.add_argument("overrides", nargs="*", help="dot.key=value overrides, e.g. train.steps=100")
     args = parser.parse_args(argv)
+    if stage == "pipeline":  # load_pipeline routes --resume to every stage
+        return args, list(args.overrides)
     overrides = list(args.overrides) + ([f"run.resume={args.resume}"] if args.resume else [])
     return args, overrides
 
 
 def run_stage(stage: str, argv: list[str]) -> int:
     from .config import ConfigError, load_config, to_yaml
+    from .stages.pipeline import load_pipeline, run_pipeline, stage_runner
 
     args, overrides = _stage_args(stage, argv)
     try:
-        cfg = load_config(stage, args.config, overrides)
+        if stage == "pipeline":
+            pipe = load_pipeline(args.config, overrides, args.resume)
+            text = "".join(f"# ---- {s} ----\n{to_yaml(c)}" for s, c in pipe.configs.items())
+            job = partial(run_pipeline, pipe)
+        else:
+            cfg = load_config(stage, args.config, overrides)
+            text = to_yaml(cfg)
+            job = partial(stage_runner(stage), cfg)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     if args.print_config:
-        print(to_yaml(cfg), end="")
+        print(text, end="")
         return 0
-    runner = _stage_runner(stage)
     try:
-        finished = runner(cfg)
+        finished = job()
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0 if finished else 3
-
-
-def _stage_runner(stage: str):
-    if stage == "cpt":
-        from .stages.cpt import run_cpt
-
-        return run_cpt
-    if stage == "sft":
-        from .stages.sft import run_sft
-
-        return run_sft
-    if stage == "rl":
-        from .stages.rl import run_rl
-
-        return run_rl
-    from .stages.pipeline import run_pipeline
-
-    return run_pipeline
 
 
 def _export(argv: list[str]) -> int:

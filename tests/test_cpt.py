@@ -4,6 +4,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -27,6 +28,12 @@ def cli(*args, env_extra=None, **kwargs) -> subprocess.CompletedProcess:
     env = {**os.environ, "OMP_NUM_THREADS": "1", **(env_extra or {})}
     return subprocess.run([sys.executable, "-m", "llada_train.cli", *args], check=False, cwd=REPO, env=env,
                           capture_output=True, text=True, timeout=600, **kwargs)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def losses(run_dir: Path) -> dict[int, float]:
@@ -89,7 +96,7 @@ def test_exact_resume_after_signal_matches_uninterrupted_run(tmp_path):
 
 def test_two_process_zero2_trains_checkpoints_and_resumes(tmp_path):
     run = tmp_path / "run"
-    base = ["-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "0", "-m", "llada_train.cli",
+    base = ["-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()), "-m", "llada_train.cli",
             *tiny_args(run, tmp_path / "cache", "engine.zero_stage=2", "train.save_every=3", "train.eval_every=100")]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu"}
     first = subprocess.run([sys.executable, *base, "train.steps=3"], check=False, cwd=REPO, env=env, capture_output=True,

@@ -1,0 +1,159 @@
+"""`llada-train pipeline`: CPT -> SFT -> RL in one run directory, each stage's hf/ feeding the next.
+
+A pipeline file names each stage's own config and overrides it in place:
+
+    out_dir: runs/demo
+    stages: [cpt, sft, rl]
+    sft:
+      config: configs/sft_tiny.yaml
+      train: {steps: 100}          # any key of the stage's schema
+
+Command-line overrides address a stage by prefix (`sft.train.steps=100`) or the pipeline itself
+(`out_dir=...`, `stages=[sft,rl]`, `report=false`). Every stage config is resolved and validated
+before the first stage starts. A stage that finished leaves `DONE` in its directory and is skipped
+when the pipeline is run again; an interrupted stage resumes from its newest checkpoint.
+"""
+
+import difflib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from omegaconf import OmegaConf
+
+from ..config import ConfigError, load_config, to_yaml
+
+STAGES = ("cpt", "sft", "rl")
+DONE = "DONE"
+
+
+@dataclass
+class Pipeline:
+    out_dir: Path
+    stages: list[str]
+    report: bool
+    configs: dict = field(default_factory=dict)  # stage -> resolved stage config
+
+    def stage_dir(self, stage: str) -> Path:
+        return self.out_dir / stage
+
+
+def _flatten(tree: dict, prefix: str = "") -> list[str]:
+    """{'train': {'steps': 5}} -> ['train.steps=5'] (values as YAML flow text, so lists survive)."""
+    items = []
+    for key, value in tree.items():
+        if isinstance(value, dict) and value:
+            items += _flatten(value, f"{prefix}{key}.")
+        else:
+            items.append(f"{prefix}{key}={json.dumps(value)}")
+    return items
+
+
+def _unknown(key: str, source: str) -> ConfigError:
+    known = ["out_dir", "stages", "report", *STAGES, *(f"{s}.config" for s in STAGES)]
+    close = difflib.get_close_matches(key, known, n=1)
+    hint = f" Did you mean '{close[0]}'?" if close else ""
+    return ConfigError(f"{source}: unknown pipeline key '{key}' (stage keys go under cpt./sft./rl.).{hint}")
+
+
+def _split_overrides(overrides: list[str]) -> tuple[dict, dict]:
+    """CLI overrides -> (pipeline-level {key: value}, {stage: ['key=value', ...]})."""
+    top, per_stage = {}, {s: [] for s in STAGES}
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise ConfigError(f"override '{item}' is not key=value (e.g. sft.train.steps=100)")
+        head, dot, rest = key.partition(".")
+        if head in STAGES and dot:
+            per_stage[head].append(f"{rest}={value}")
+        elif key in ("out_dir", "stages", "report"):
+            top[key] = OmegaConf.create({"v": value}).v if value == "" else _yaml(value)
+        else:
+            raise _unknown(key, f"override '{item}'")
+    return top, per_stage
+
+
+def _yaml(text: str):
+    import yaml
+
+    return yaml.safe_load(text)
+
+
+def load_pipeline(path: str | None, overrides: list[str], resume: str | None = None) -> Pipeline:
+    if not path or not Path(path).is_file():
+        raise ConfigError(f"pipeline config not found: {path!r} (e.g. --config configs/pipeline_tiny.yaml)")
+    raw = OmegaConf.to_container(OmegaConf.load(path), resolve=True) or {}
+    for key in raw:
+        if key not in ("out_dir", "stages", "report", *STAGES):
+            raise _unknown(key, path)
+    top, cli = _split_overrides(overrides)
+    raw.update(top)
+    stages = raw.get("stages", list(STAGES))
+    if not isinstance(stages, list) or not stages or any(s not in STAGES for s in stages):
+        raise ConfigError(f"{path}: bad value for 'stages': {stages!r}; use a non-empty list from {list(STAGES)}")
+    if sorted(stages, key=STAGES.index) != stages or len(set(stages)) != len(stages):
+        raise ConfigError(f"{path}: 'stages' must keep the order cpt, sft, rl without repeats; got {stages}")
+    pipe = Pipeline(Path(raw.get("out_dir", "runs/pipeline")), stages, bool(raw.get("report", True)))
+    previous = None
+    for stage in stages:
+        section = dict(raw.get(stage) or {})
+        stage_file = section.pop("config", None)
+        wired = [f"run.out_dir={pipe.stage_dir(stage)}"]
+        if previous is not None:
+            wired.append(f"model.init_from={pipe.stage_dir(previous) / 'hf'}")
+        if resume:
+            wired.append(f"run.resume={resume}")
+        try:
+            pipe.configs[stage] = load_config(stage, stage_file, _flatten(section) + cli[stage] + wired)
+        except ConfigError as e:
+            raise ConfigError(f"{path} [{stage}]: {e}") from e
+        previous = stage
+    return pipe
+
+
+def stage_runner(stage: str):
+    if stage == "cpt":
+        from .cpt import run_cpt
+
+        return run_cpt
+    if stage == "sft":
+        from .sft import run_sft
+
+        return run_sft
+    from .rl import run_rl
+
+    return run_rl
+
+
+def run_pipeline(pipe: Pipeline, log=print) -> bool:
+    """Run the stages in order; True when all finished (False: a stage was stopped, resume later)."""
+    ran = False
+    for stage in pipe.stages:
+        done = pipe.stage_dir(stage) / DONE
+        if done.is_file() and pipe.configs[stage].run.resume != "never":
+            log(f"[pipeline] {stage}: finished earlier ({done}); delete it to run the stage again")
+            continue
+        ran = True
+        log(f"[pipeline] {stage}: starting in {pipe.stage_dir(stage)}")
+        if not stage_runner(stage)(pipe.configs[stage]):
+            log(f"[pipeline] {stage}: stopped; run the same command again to resume it")
+            return False
+        if _is_rank0():
+            done.write_text(to_yaml(pipe.configs[stage]))
+    report = pipe.out_dir / "report.md"
+    if pipe.report and _is_rank0() and (ran or not report.is_file()):
+        from ..report import write_report
+
+        report = write_report(pipe.out_dir)
+    if report.is_file():
+        log(f"[pipeline] report: {report}")
+    return True
+
+
+def _is_rank0() -> bool:
+    import torch.distributed as dist
+
+    return not dist.is_initialized() or dist.get_rank() == 0
+
+
+__all__ = ["Pipeline", "load_pipeline", "run_pipeline"]

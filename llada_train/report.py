@@ -1,0 +1,191 @@
+"""`llada-train report RUN_DIR`: what a pipeline run did, as report.md + PNG plots.
+
+Reads every stage's metrics.jsonl (losses, rewards, accuracy), then re-scores the SFT and RL
+exports on the RL stage's held-out prompts with both decoding presets, so the table compares
+the models and the S/Q trade-off on the same prompts: exact-match accuracy, tokens per forward.
+"""
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+PLOTS = {"loss": "loss.png", "rl": "rl.png", "decoding": "decoding.png"}
+SAMPLES = 6  # held-out prompts shown with their generations
+
+
+def read_metrics(stage_dir: Path) -> list[dict]:
+    """metrics.jsonl records, the last one winning for a step logged twice (a resumed run)."""
+    path = stage_dir / "metrics.jsonl"
+    if not path.is_file():
+        return []
+    by_step = {}
+    for line in path.read_text().splitlines():
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:
+            continue  # a line cut by a crash
+        key = (rec.get("step"), tuple(sorted(k for k in rec if k.startswith("eval/"))))
+        by_step[key] = {**by_step.get(key, {}), **rec}
+    return sorted(by_step.values(), key=lambda r: r.get("step", 0))
+
+
+def series(records: list[dict], key: str) -> tuple[list, list]:
+    pts = [(r["step"], r[key]) for r in records if key in r and r[key] is not None]
+    return [p[0] for p in pts], [p[1] for p in pts]
+
+
+def heldout_rows(run_dir: Path) -> list[dict]:
+    """The RL stage's held-out prompts (its resolved config), as {prompt, answer, task} rows."""
+    from .config import load_config
+    from .data.tasks import make_rows
+
+    cfg = load_config("rl", str(run_dir / "rl" / "config.yaml"))
+    if cfg.data.eval:
+        return [json.loads(line) for line in Path(cfg.data.eval).read_text().splitlines() if line.strip()]
+    return make_rows(list(cfg.data.tasks), cfg.data.num_eval, split="eval", seed=cfg.run.seed, kind="rl",
+                     **dict(cfg.data.task_options))
+
+
+def score_model(model_dir: Path, rows: list[dict], mode: str) -> dict:
+    """Greedy threshold decoding of every held-out prompt: accuracy, tokens per forward, samples."""
+    from .data.tasks import check
+    from .data.tokenizer import load_tokenizer
+    from .decoding import decode_responses, encode_prompts, generate_with_mode, load_decode_defaults
+    from .model import LLaDA2MoeModelLM
+
+    model = LLaDA2MoeModelLM.from_pretrained(model_dir).eval()
+    tokenizer = load_tokenizer(model_dir)
+    defaults = load_decode_defaults(model_dir)
+    lengths = {k: defaults[k] for k in ("gen_length", "block_length") if k in defaults}
+    texts, tpf = [], []
+    with torch.no_grad():
+        for i in range(0, len(rows), 32):
+            part = rows[i:i + 32]
+            ids, plen = encode_prompts(tokenizer, [r["prompt"] for r in part])
+            out = generate_with_mode(model, ids, mode, prompt_lengths=plen, **lengths)
+            texts += decode_responses(tokenizer, out, ids.shape[1], model.config.eos_token_id)
+            tpf += out.tokens_per_forward.tolist()
+    right = [check(r["task"], r["answer"], t) if "task" in r else t.strip() == str(r["answer"]).strip()
+             for r, t in zip(rows, texts)]
+    return {"accuracy": sum(right) / max(1, len(right)), "tpf": sum(tpf) / max(1, len(tpf)), "texts": texts,
+            "right": right}
+
+
+def _plot_losses(run_dir: Path, out: Path, stages: list[str]):
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(stages), figsize=(4.2 * len(stages), 3.4), squeeze=False)
+    for ax, stage in zip(axes[0], stages):
+        records = read_metrics(run_dir / stage)
+        for key, label in (("loss", "train"), ("eval/loss", "held-out")):
+            x, y = series(records, key)
+            if x:
+                ax.plot(x, y, marker="o" if key.startswith("eval") else None, label=label)
+        ax.set(title=f"{stage} loss", xlabel="step")
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+
+
+def _plot_rl(records: list[dict], out: Path):
+    import matplotlib.pyplot as plt
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(9, 3.4))
+    for key in sorted({k for r in records for k in r if k.startswith("reward") and k.endswith("mean")}):
+        left.plot(*series(records, key), label=key)
+    left.set(title="rollout reward", xlabel="RL step")
+    left.legend()
+    for key in sorted({k for r in records for k in r if k.startswith("eval/") and "accuracy" in k}):
+        right.plot(*series(records, key), marker="o", label=key)
+    right.set(title="held-out accuracy", xlabel="RL step", ylim=(0, 1))
+    right.legend()
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+
+
+def _plot_decoding(scores: dict, out: Path):
+    import matplotlib.pyplot as plt
+
+    labels = list(scores)
+    fig, (left, right) = plt.subplots(1, 2, figsize=(9, 3.4))
+    left.bar(labels, [scores[k]["tpf"] for k in labels], color="tab:blue")
+    left.set(title="tokens per forward", ylabel="TPF")
+    right.bar(labels, [scores[k]["accuracy"] for k in labels], color="tab:green")
+    right.set(title="held-out exact match", ylim=(0, 1))
+    for ax in (left, right):
+        ax.tick_params(axis="x", labelrotation=20)
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+
+
+def write_report(run_dir) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    run_dir = Path(run_dir)
+    stages = [s for s in ("cpt", "sft", "rl") if (run_dir / s / "metrics.jsonl").is_file()]
+    if not stages:
+        raise ValueError(f"{run_dir}: no stage directories with metrics.jsonl (expected cpt/, sft/, rl/)")
+    lines = [f"# llada-train report: `{run_dir}`", ""]
+    _plot_losses(run_dir, run_dir / PLOTS["loss"], stages)
+    lines += ["## Training loss", "", f"![loss]({PLOTS['loss']})", ""]
+    for stage in stages:
+        records = read_metrics(run_dir / stage)
+        _, train = series(records, "loss")
+        _, held = series(records, "eval/loss")
+        if train:
+            held_text = f"; held-out {held[0]:.3f} -> {held[-1]:.3f}" if held else ""
+            lines.append(f"- **{stage}**: {len(train)} logged steps, train loss {train[0]:.3f} -> {train[-1]:.3f}"
+                         f"{held_text}")
+    lines.append("")
+    if "rl" in stages:
+        _plot_rl(read_metrics(run_dir / "rl"), run_dir / PLOTS["rl"])
+        lines += ["## RL (EBPO)", "", f"![rl]({PLOTS['rl']})", ""]
+    models = {s: run_dir / s / "hf" for s in ("sft", "rl") if (run_dir / s / "hf" / "config.json").is_file()}
+    if models and (run_dir / "rl" / "config.yaml").is_file():
+        rows = heldout_rows(run_dir)
+        scores = {f"{s.upper()} {mode}": score_model(path, rows, mode) for s, path in models.items()
+                  for mode in ("S", "Q")}
+        _plot_decoding(scores, run_dir / PLOTS["decoding"])
+        lines += [f"## Held-out accuracy ({len(rows)} prompts, greedy threshold decoding)", "",
+                  "| model | mode | exact match | tokens per forward |", "|---|---|---|---|"]
+        lines += [f"| {k.split()[0]} | {k.split()[1]} | {v['accuracy']:.3f} | {v['tpf']:.2f} |"
+                  for k, v in scores.items()]
+        lines += ["", f"![decoding]({PLOTS['decoding']})", "", "## Sample generations (Q mode)", "",
+                  "| prompt | answer | " + " | ".join(f"{s.upper()}" for s in models) + " |",
+                  "|---|---|" + "---|" * len(models)]
+        for i, row in enumerate(rows[:SAMPLES]):
+            cells = [_cell(scores[f"{s.upper()} Q"]["texts"][i]) + (" ✓" if scores[f"{s.upper()} Q"]["right"][i]
+                                                                     else " ✗") for s in models]
+            lines.append(f"| {_cell(row['prompt'])} | {_cell(str(row['answer']))} | " + " | ".join(cells) + " |")
+        (run_dir / "heldout_scores.json").write_text(json.dumps(
+            {k: {"accuracy": v["accuracy"], "tpf": v["tpf"]} for k, v in scores.items()}, indent=1))
+    out = run_dir / "report.md"
+    out.write_text("\n".join(lines) + "\n")
+    return out
+
+
+def _cell(text: str) -> str:
+    return "`" + text.replace("|", "\\|").replace("\n", " ").replace("`", "'")[:60] + "`"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="llada-train report", description=__doc__.split("\n")[0])
+    parser.add_argument("run_dir", help="a pipeline run directory (holding cpt/, sft/, rl/)")
+    args = parser.parse_args(argv)
+    try:
+        print(write_report(args.run_dir))
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

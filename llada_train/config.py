@@ -5,9 +5,10 @@ before any work starts, with the full dotted key and, for typos, a suggestion.
 """
 
 import difflib
+import json
 from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 from omegaconf import MISSING, OmegaConf
 from omegaconf.errors import (
@@ -28,10 +29,10 @@ class ConfigError(ValueError):
 
 @dataclass
 class RunConfig:
-    name: str = "run"
+    name: str = "run"  # label for logs and Slurm job names
     out_dir: str = "runs/run"  # run directory: config.yaml, metrics.jsonl, checkpoints/, hf/
     resume: str = "auto"  # auto | never | PATH to a checkpoint directory
-    seed: int = 0
+    seed: int = 0  # seeds init, data order, noise and rollouts (per step and rank)
 
 
 @dataclass
@@ -40,19 +41,19 @@ class ModelConfig:
     init_from: str = ""  # an HF directory (previous stage's hf/ export); empty = random init from preset
     overrides: dict = field(default_factory=dict)  # LLaDA2MoeConfig keys to change on top of the preset
     attn_backend: str = "sdpa"  # sdpa | flex
-    gradient_checkpointing: bool = False
+    gradient_checkpointing: bool = False  # recompute layer activations in backward (less memory)
     tokenizer: str = "default"  # HF tokenizer dir; default = data/tokenizer (ignored when init_from has one)
 
 
 @dataclass
 class TextDataConfig:
     paths: list = field(default_factory=lambda: ["stdlib"])  # files, dirs, "stdlib" or "hf:name"
-    text_field: str = "text"
-    seq_len: int = 128
-    eval_fraction: float = 0.02
-    max_docs: Optional[int] = None
-    cache_dir: str = ".cache/corpus"
-    num_proc: int = 1
+    text_field: str = "text"  # column holding the text in jsonl/parquet/hf rows
+    seq_len: int = 128  # packed sequence length (tokens per row)
+    eval_fraction: float = 0.02  # share of documents held out (by content hash, stable across runs)
+    max_docs: int | None = None  # read at most this many documents (null = all)
+    cache_dir: str = ".cache/corpus"  # tokenized corpus cache (empty = no cache)
+    num_proc: int = 1  # tokenizer worker processes
 
 
 @dataclass
@@ -60,17 +61,17 @@ class ChatDataConfig:
     train: str = MISSING  # jsonl/json/parquet file or hf:name with messages or alpaca rows; "tasks" = built-in
     eval: str = ""  # held-out rows (same formats); empty = no eval
     tasks: list = field(default_factory=lambda: ["addition", "reversal"])  # when train == "tasks"
-    num_train: int = 4000
-    num_eval: int = 200
-    max_len: int = 64
+    num_train: int = 4000  # generated training rows (data.train = tasks)
+    num_eval: int = 200  # held-out rows kept for eval loss and accuracy
+    max_len: int = 64  # tokens per example after EOS padding (a multiple of diffusion.block_size)
     truncate: str = "drop"  # drop | truncate
-    pack: bool = False
+    pack: bool = False  # pack several examples per row with document masks
 
 
 @dataclass
 class NoiseConfig:
-    t_min: float = 0.001
-    t_max: float = 1.0
+    t_min: float = 0.001  # mask ratio t ~ U[t_min, t_max]
+    t_max: float = 1.0  # upper end of the mask ratio
     per: str = "block"  # block | sequence: one t per block or one per sequence
     complementary: bool = False  # pair each example with its complement mask (weights 1/t, 1/(1-t))
 
@@ -97,11 +98,11 @@ class MTFConfig:
 
 @dataclass
 class DiffusionConfig:
-    block_size: int = 32
+    block_size: int = 32  # diffusion block (tokens); also the SFT EOS-padding multiple
     # WSD block-size schedule: [[until_step, block_size], ...]; block_size 0 = whole sequence (plain MDM).
-    block_schedule: list = field(default_factory=list)
-    mask_embed_noise_std: float = 0.0
-    mask_embed_noise_steps: int = 0
+    block_schedule: list = field(default_factory=list)  # [[until_step, block_size], ...]; 0 = whole sequence; empty = block_size
+    mask_embed_noise_std: float = 0.0  # Gaussian noise on masked-position embeddings (converted AR models)
+    mask_embed_noise_steps: int = 0  # apply that noise for the first N steps
     noise: NoiseConfig = field(default_factory=NoiseConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     t2t: T2TConfig = field(default_factory=T2TConfig)
@@ -110,33 +111,33 @@ class DiffusionConfig:
 
 @dataclass
 class OptimConfig:
-    lr: float = 1e-3
-    min_lr_ratio: float = 0.1
-    weight_decay: float = 0.1
-    beta1: float = 0.9
-    beta2: float = 0.95
-    eps: float = 1e-8
-    warmup_steps: int = 20
+    lr: float = 1e-3  # peak learning rate (AdamW)
+    min_lr_ratio: float = 0.1  # final lr as a share of the peak (cosine, wsd)
+    weight_decay: float = 0.1  # AdamW decoupled weight decay
+    beta1: float = 0.9  # AdamW beta1
+    beta2: float = 0.95  # AdamW beta2
+    eps: float = 1e-8  # AdamW epsilon
+    warmup_steps: int = 20  # linear warm-up steps
     schedule: str = "cosine"  # cosine | wsd | constant
     decay_fraction: float = 0.2  # wsd: share of steps in the final decay
-    grad_clip: float = 1.0
+    grad_clip: float = 1.0  # global gradient-norm clip (0 = off)
 
 
 @dataclass
 class EngineConfig:
     zero_stage: int = 0  # DeepSpeed ZeRO 0-3
     precision: str = "fp32"  # fp32 | bf16
-    offload_optimizer: bool = False
-    offload_params: bool = False
+    offload_optimizer: bool = False  # ZeRO optimizer state in CPU memory
+    offload_params: bool = False  # ZeRO-3 parameters in CPU memory
 
 
 @dataclass
 class PrecisionConfig:
     fp4: str = "none"  # none | ufp4 | nvfp4
-    fp4_block: int = 16
-    rht_dim: int = 16
-    bf16_first_layers: int = 0
-    bf16_last_layers: int = 0
+    fp4_block: int = 16  # elements per 4-bit scale block
+    rht_dim: int = 16  # randomized Hadamard transform size (16, 32, 64, 128)
+    bf16_first_layers: int = 0  # keep the first N decoder layers in high precision
+    bf16_last_layers: int = 0  # keep the last N decoder layers in high precision
 
 
 @dataclass
@@ -146,17 +147,17 @@ class MoETrainConfig:
 
 @dataclass
 class TrainConfig:
-    steps: int = 200
+    steps: int = 200  # optimizer steps
     batch_size: int = 8  # global batch (sequences per optimizer step)
-    grad_accum: int = 1
-    log_every: int = 10
-    eval_every: int = 50
-    eval_batches: int = 4
-    save_every: int = 100
-    keep_last: int = 2
+    grad_accum: int = 1  # micro-batches per optimizer step
+    log_every: int = 10  # steps between metrics.jsonl / TensorBoard records
+    eval_every: int = 50  # steps between held-out evaluations
+    eval_batches: int = 4  # held-out batches per evaluation
+    save_every: int = 100  # steps between checkpoints (one is also written at the end)
+    keep_last: int = 2  # complete checkpoints kept
     max_bad_steps: int = 5  # consecutive non-finite steps before the run stops
     on_save_error: str = "stop"  # a failed checkpoint save (disk full, I/O error): stop | continue
-    export_hf: bool = True
+    export_hf: bool = True  # write run_dir/hf (safetensors + config + tokenizer) at the end
 
 
 @dataclass
@@ -178,10 +179,11 @@ class CPTConfig(StageConfig):
 
 @dataclass
 class LoRAConfig:
-    enabled: bool = False
-    rank: int = 8
-    alpha: float = 16.0
-    dropout: float = 0.0
+    enabled: bool = False  # train LoRA adapters only; the export merges them
+    rank: int = 8  # adapter rank r
+    alpha: float = 16.0  # adapter scale alpha / r
+    dropout: float = 0.0  # adapter input dropout (must be 0 with `experts` targets)
+    # modules by name suffix; `experts` adds per-expert adapters to the fused routed experts
     target_modules: list = field(default_factory=lambda: ["query_key_value", "dense", "gate_proj", "up_proj",
                                                           "down_proj"])
 
@@ -198,7 +200,7 @@ class RLDataConfig:
     eval: str = ""  # held-out rows (same format); empty with train=tasks = the families' eval split
     tasks: list = field(default_factory=lambda: ["addition"])  # when train == "tasks"
     task_options: dict = field(default_factory=dict)  # per-task generator options, e.g. {addition: {max_digits: 2}}
-    num_train: int = 2000
+    num_train: int = 2000  # generated training prompts (data.train = tasks)
     num_eval: int = 64  # held-out prompts scored greedily at every eval
     prompt_field: str = "prompt"  # a string (one user turn) or a list of chat messages
 
@@ -217,7 +219,7 @@ class RayConfig:
     enabled: bool = False  # false: rollouts and rewards run in-process (same results)
     address: str = ""  # "" = start a local Ray; "auto" = join a running cluster (Slurm)
     num_workers: int = 2  # RolloutWorker actors, each with a model copy
-    cpus_per_worker: float = 1.0
+    cpus_per_worker: float = 1.0  # Ray CPUs reserved per rollout actor
     num_cpus: int | None = None  # local Ray only: logical CPUs (default num_workers * cpus_per_worker + 1)
     max_chunk_retries: int = 3  # re-runs of one rollout chunk whose actor died
     reward_tasks: bool = True  # reward calls as Ray tasks (false: the local process pool)
@@ -227,8 +229,8 @@ class RayConfig:
 class RLAlgoConfig:
     group_size: int = 8  # G completions per prompt (prompts per step = train.batch_size)
     num_timesteps: int = 2  # N stratified noise levels of the ELBO
-    eps_low: float = 0.2
-    eps_high: float = 0.28
+    eps_low: float = 0.2  # clip ratio below 1 - eps_low
+    eps_high: float = 0.28  # clip ratio above 1 + eps_high
     ratio_level: str = "sequence"  # sequence | block
     advantage: str = "group"  # group | loo | none
     drop_zero_variance: bool = True  # drop groups whose rewards are all equal
@@ -240,10 +242,11 @@ class RLAlgoConfig:
     threshold: float | None = None  # override of the preset's unmasking threshold
     editing_threshold: float | None = None  # override of the preset's T2T editing threshold
     temperature: float = 1.0  # rollout sampling temperature (evals decode greedily)
-    top_k: int | None = None
-    top_p: float | None = None
+    top_k: int | None = None  # rollout top-k sampling (null = off)
+    top_p: float | None = None  # rollout nucleus sampling (null = off)
     prompts_per_chunk: int = 2  # prompts (x G rows) per decode call; the unit of rollout seeding and sharding
     eval_mode: str = "Q"  # decoder preset for held-out accuracy and the exported generation config
+    # [{fn: "module:function" or "file.py:function", weight, timeout_s, name, kwargs}], summed with weights
     rewards: list[RewardFnConfig] = field(
         default_factory=lambda: [RewardFnConfig(fn="llada_train.rl.rewards:exact_match")])
     rewards_on_error: float = 0.0  # score of a reward call that raises or times out
@@ -402,6 +405,9 @@ def validate(cfg) -> None:
         _check(cfg.data.truncate in ("drop", "truncate"), "data.truncate", "use drop or truncate")
         _check(cfg.data.max_len % d.block_size == 0, "data.max_len",
                f"{cfg.data.max_len} must be a multiple of diffusion.block_size {d.block_size}")
+        for i, (_, size) in enumerate(d.block_schedule):
+            _check(size == 0 or cfg.data.max_len % size == 0, f"diffusion.block_schedule[{i}]",
+                   f"block size {size} must divide data.max_len {cfg.data.max_len} (or be 0 = whole sequence)")
     if isinstance(cfg, RLConfig):
         _validate_rl(cfg)
 
@@ -455,3 +461,58 @@ def model_preset_values(preset: str) -> dict:
         names = sorted(p.stem for p in (CONFIG_DIR / "model").glob("*.yaml"))
         raise ConfigError(f"model.preset: '{preset}' is neither a file nor one of {names}")
     return yaml.safe_load(path.read_text())
+
+
+# ---- reference ------------------------------------------------------------------------------------
+
+
+def _field_comments(schema) -> dict[str, str]:
+    """Trailing `# ...` comments of a dataclass's field lines, which serve as the key docs."""
+    import inspect
+    import re
+
+    comments, above = {}, ""
+    for line in inspect.getsource(schema).splitlines():
+        field_line = re.match(r"\s+(\w+):([^#]*)(#\s?(.*))?$", line)
+        if field_line:
+            comments[field_line.group(1)] = (field_line.group(4) or above).strip()
+        above = line.strip()[1:] if line.strip().startswith("#") else ""
+    return comments
+
+
+def _reference_rows(schema, prefix: str = "") -> list[tuple[str, str, str]]:
+    rows = []
+    comments = _field_comments(schema)
+    for f in fields(schema):
+        default = f.default_factory() if callable(f.default_factory) else f.default
+        if is_dataclass(default):
+            rows += _reference_rows(type(default), f"{prefix}{f.name}.")
+            continue
+        shown = "(required)" if default is MISSING else json.dumps(_plain(default))
+        rows.append((prefix + f.name, shown, comments.get(f.name, "").replace("|", "\\|")))
+    return rows
+
+
+def _plain(value):
+    return [_plain(v) for v in value] if isinstance(value, list) else (
+        OmegaConf.to_container(OmegaConf.structured(value)) if is_dataclass(value) else value)
+
+
+def reference_markdown() -> str:
+    """docs/config.md: every key of every stage with its default and meaning (`python -m llada_train.config`)."""
+    intro = ("Generated by `python -m llada_train.config > docs/config.md` from the schemas in "
+             "`llada_train/config.py` (a test keeps it in sync). Set keys in a YAML file (`--config`) or as "
+             "`dot.key=value` overrides; `--print-config` shows the resolved result.")
+    out = ["# Config reference", "", intro, ""]
+    shared = dict.fromkeys(r[0] for r in _reference_rows(StageConfig))
+    out += ["## Keys every training stage shares (`cpt`, `sft`, `rl`)", "", "| key | default | meaning |",
+            "|---|---|---|"]
+    out += [f"| `{k}` | `{d}` | {c} |" for k, d, c in _reference_rows(StageConfig)]
+    for stage, schema in SCHEMAS.items():
+        out += ["", f"## `{stage}` only", "", "| key | default | meaning |", "|---|---|---|"]
+        out += [f"| `{k}` | `{d}` | {c} |" for k, d, c in _reference_rows(schema) if k not in shared]
+    return "\n".join(out) + "\n"
+
+
+if __name__ == "__main__":
+    print(reference_markdown(), end="")

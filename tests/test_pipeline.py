@@ -75,3 +75,10 @@ def test_micro_pipeline_exports_every_stage_writes_report_and_resumes_to_nothing
     assert again.returncode == 0, again.stderr[-4000:]
     assert again.stdout.count("finished earlier") == 3
     assert {p: p.stat().st_mtime_ns for p in tmp_path.rglob("*") if p.is_file()} == stamps  # nothing rewritten
+
+
+def test_config_reference_is_in_sync_with_the_schemas():
+    from llada_train.config import reference_markdown
+
+    assert (REPO / "docs/config.md").read_text() == reference_markdown(), (
+        "docs/config.md is stale: run `python -m llada_train.config > docs/config.md`")

@@ -51,6 +51,10 @@ class Trainer:
     eval_fn: Callable | None = None  # (model, step) -> metrics
     generation_config: dict | None = None
     export_model_fn: Callable | None = None  # (engine) -> (model, state_dict) for hf/; default: as trained
+    # (engine, batch, step) -> metrics: a stage that owns its optimizer steps (RL) replaces loss_fn's
+    # step; metrics may carry `step_tokens` (tokens this step) and `bad_step`.
+    step_fn: Callable | None = None
+    eval_at_start: bool = False  # evaluate before the first step of a fresh run (RL's baseline)
     rank: int = 0
     world_size: int = 1
     step: int = 0
@@ -141,6 +145,10 @@ class Trainer:
 
     def train_step(self) -> dict:
         batch = self.batches.next()
+        if self.step_fn is not None:
+            metrics = self.step_fn(self.engine, batch, self.step)
+            self.bad_steps = self.bad_steps + 1 if metrics.get("bad_step") else 0
+            return metrics
         micro = {k: v.chunk(self.cfg.train.grad_accum) for k, v in batch.items()}
         totals, bad = {}, False
         self.engine.train()
@@ -171,10 +179,12 @@ class Trainer:
         tokens_per_step = cfg.batch_size * next(iter(self.batches.tensors.values())).shape[-1]
         bar = tqdm(total=cfg.steps, initial=self.step, desc=self.stage, disable=self.rank != 0, dynamic_ncols=True)
         start = time.time()
+        if self.eval_fn and self.eval_at_start and self.step == 0:
+            self.evaluate()
         while self.step < cfg.steps:
             metrics = self.train_step()
             self.step += 1
-            self.tokens_seen += tokens_per_step
+            self.tokens_seen += int(metrics.pop("step_tokens", tokens_per_step))
             bar.update(1)
             bar.set_postfix(loss=f"{metrics['loss']:.3f}")
             if self.step % cfg.log_every == 0 or self.step == cfg.steps or self.bad_steps:

@@ -307,6 +307,9 @@ def _terms_in_chunks(model, batch: EBPOBatch, cfg: EBPOConfig, mask_token_id: in
             part = batch.select(slice(start, start + step))
             chunks.append(block_elbo_terms(model, part.input_ids, part.response_mask, cfg.block_size, part.t,
                                            part.noise_mask, pad_mask=part.pad_mask, mask_token_id=mask_token_id))
+        if not chunks:  # every group was dropped (zero variance): no rows to score
+            nb = num_blocks(batch.input_ids.shape[1], cfg.block_size)
+            return torch.zeros(0, cfg.num_timesteps, nb, device=batch.input_ids.device)
         return torch.cat(chunks)
     finally:
         model.train(was_training)

@@ -1,0 +1,237 @@
+"""EBPO reinforcement learning (DESIGN §7): rollout -> rewards -> advantages -> θ_old terms -> μ updates.
+
+One RL step = one Trainer step: `train.batch_size` prompts are drawn by the resumable batch
+iterator, each gets `rl.group_size` completions (in-process or in Ray actors, `rl/rollout.py`),
+rewards score them (`rl/rewards.py`), and `rl/ebpo.py` turns them into clipped ELBO-ratio updates,
+one optimizer step per minibatch. Every random draw is seeded from (run.seed, step, ...), so a
+resumed run repeats the uninterrupted one. The learner is one process; rollouts scale with
+`rl.ray.num_workers`.
+"""
+
+import time
+
+import torch
+
+from ..config import ConfigError
+from ..data.chat import MalformedRow, _iter_source, render_prompt
+from ..data.tasks import check, make_rows
+from ..data.text import BatchIterator
+from ..decoding import decode_responses, encode_prompts, generate_with_mode, generation_config_dict
+from ..engine import init_distributed
+from ..model import update_expert_bias
+from ..rl.ebpo import EBPOConfig, build_batch, ebpo_update
+from ..rl.rewards import RewardComputer, RewardSpec
+from ..rl.rollout import build_rollouts, ray_reward_executor, rollout_step
+from ..trainer import BatchSource, Trainer
+from .common import build_model, build_tokenizer
+
+
+def run_rl(cfg) -> bool:
+    """Returns True when training finished (False when stopped by a signal or bad steps)."""
+    rank, world = init_distributed()
+    if world > 1:
+        raise ValueError(f"rl: the learner runs in one process (got {world}); launch `llada-train rl` without "
+                         "torchrun and scale rollouts with rl.ray.num_workers")
+    tokenizer = build_tokenizer(cfg.model)
+    model = build_model(cfg.model, tokenizer, cfg.run.seed)
+    train_rows, eval_rows = load_rl_rows(cfg)
+    if len(train_rows) < cfg.train.batch_size:
+        raise ValueError(f"data.train {cfg.data.train!r}: {len(train_rows)} prompts, fewer than one step's "
+                         f"train.batch_size {cfg.train.batch_size}")
+    gen_length = response_budget(cfg, tokenizer, train_rows)
+    ref_model = None
+    if cfg.rl.kl_beta > 0:  # the frozen starting policy
+        ref_model = build_model(cfg.model, tokenizer, cfg.run.seed).eval().requires_grad_(False)
+    rewards = RewardComputer([RewardSpec(**vars(s)) for s in cfg.rl.rewards], cfg.rl.rewards_on_error,
+                             executor=ray_reward_executor if cfg.rl.ray.enabled and cfg.rl.ray.reward_tasks else None)
+    decode = rollout_decode_params(cfg, gen_length)
+    rollouts = build_rollouts(cfg.rl.ray, model, decode)
+    try:
+        iterator = BatchIterator(len(train_rows), cfg.train.batch_size, seed=cfg.run.seed, rank=rank, world_size=world)
+        batches = BatchSource({"index": torch.arange(len(train_rows))}, iterator)
+        step_fn = rl_step_fn(cfg, tokenizer, train_rows, rollouts, rewards, ref_model)
+        eval_fn = rl_eval_fn(cfg, tokenizer, eval_rows, rewards, gen_length) if eval_rows else None
+        trainer = Trainer(cfg, "rl", model, tokenizer, batches, loss_fn=None, eval_fn=eval_fn,
+                          generation_config=generation_config_dict(cfg.rl.eval_mode, gen_length=gen_length,
+                                                                   block_length=cfg.diffusion.block_size),
+                          step_fn=step_fn, eval_at_start=True, rank=rank, world_size=world)
+        trainer.log(f"{len(train_rows)} train prompts, {len(eval_rows)} held-out; gen_length {gen_length}; "
+                    f"rollouts {f'in Ray ({cfg.rl.ray.num_workers} workers)' if cfg.rl.ray.enabled else 'in-process'}")
+        return trainer.fit()
+    finally:
+        rollouts.close()
+        rewards.close()
+
+
+# ---- data -----------------------------------------------------------------------------------------
+
+
+def load_rl_rows(cfg) -> tuple[list[dict], list[dict]]:
+    """Train and held-out rows: dicts with the prompt under `data.prompt_field` plus any columns
+    (`answer`, `task`, `tests`, ...) the reward functions read."""
+    d = cfg.data
+    generated = []
+    if d.train == "tasks":
+        try:
+            train = make_rows(list(d.tasks), d.num_train, split="train", seed=cfg.run.seed, kind="rl",
+                              **d.task_options)
+            if not d.eval:
+                generated = make_rows(list(d.tasks), d.num_eval, split="eval", seed=cfg.run.seed, kind="rl",
+                                      **d.task_options)
+        except ValueError as e:
+            raise ConfigError(f"bad value for 'data.tasks' / 'data.task_options' / 'data.num_*': {e}") from e
+    else:
+        train = read_rows(d.train, d.prompt_field)[: d.num_train]
+    held_out = read_rows(d.eval, d.prompt_field)[: d.num_eval] if d.eval else generated
+    return train, held_out
+
+
+def read_rows(path: str, prompt_field: str) -> list[dict]:
+    """Rows of a jsonl/json/parquet file; a row without the prompt field is an error naming its line."""
+    source, items = _iter_source(path, "train")
+    rows = []
+    for line, raw in items:
+        if isinstance(raw, MalformedRow):
+            raise ValueError(f"{source}:{line}: {raw}")  # noqa: TRY004 - bad user data, not a caller's type
+        if not isinstance(raw, dict) or not isinstance(raw.get(prompt_field), (str, list)):
+            raise ValueError(  # noqa: TRY004 - bad user dataf"{source}:{line}: expected an object with a {prompt_field!r} string (or chat "
+                             f"messages list); got keys {sorted(raw) if isinstance(raw, dict) else type(raw).__name__}"
+                             " (set data.prompt_field to the prompt column)")
+        rows.append(dict(raw))
+    if not rows:
+        raise ValueError(f"{source}: no rows")
+    return rows
+
+
+def response_budget(cfg, tokenizer, rows: list[dict]) -> int:
+    """`rl.gen_length`, or the longest `answer` (+ EOS) of the train rows in whole blocks."""
+    if cfg.rl.gen_length:
+        return cfg.rl.gen_length
+    answers = [str(r["answer"]) for r in rows if r.get("answer") is not None]
+    if not answers:
+        raise ConfigError("rl.gen_length = 0 needs an `answer` column to size responses; set rl.gen_length")
+    longest = max(len(ids) for ids in tokenizer(answers, add_special_tokens=False)["input_ids"]) + 1
+    block = cfg.diffusion.block_size
+    return -(-longest // block) * block
+
+
+def rollout_decode_params(cfg, gen_length: int) -> dict:
+    r = cfg.rl
+    params = {"mode": r.decode_mode, "gen_length": gen_length, "block_length": cfg.diffusion.block_size,
+              "temperature": r.temperature, "top_k": r.top_k, "top_p": r.top_p}
+    if r.threshold is not None:
+        params["threshold"] = r.threshold
+    if r.editing_threshold is not None:
+        params["editing_threshold"] = r.editing_threshold
+    return params
+
+
+def _prompt_text(prompt, tokenizer) -> str:
+    return prompt if isinstance(prompt, str) else render_prompt(prompt, tokenizer)
+
+
+def _reward_columns(rows: list[dict], prompt_field: str, group_size: int) -> dict:
+    keys = sorted({k for r in rows for k in r} - {prompt_field})
+    return {k: [r.get(k) for r in rows for _ in range(group_size)] for k in keys}
+
+
+# ---- one RL step ----------------------------------------------------------------------------------
+
+
+def ebpo_config(cfg) -> EBPOConfig:
+    r = cfg.rl
+    return EBPOConfig(group_size=r.group_size, num_timesteps=r.num_timesteps, eps_low=r.eps_low, eps_high=r.eps_high,
+                      updates_per_batch=r.updates_per_batch, minibatch_size=r.minibatch_size,
+                      ratio_level=r.ratio_level, advantage=r.advantage,
+                      drop_zero_variance_groups=r.drop_zero_variance, beta=r.kl_beta,
+                      block_size=cfg.diffusion.block_size)
+
+
+def rl_step_fn(cfg, tokenizer, rows: list[dict], rollouts, rewards: RewardComputer, ref_model):
+    """Trainer `step_fn`: one rollout batch and its μ × minibatch optimizer steps."""
+    ecfg = ebpo_config(cfg)
+    group = cfg.rl.group_size
+    field = cfg.data.prompt_field
+
+    def step_fn(engine, batch, step) -> dict:
+        chosen = [rows[i] for i in batch["index"].tolist()]
+        model = engine.module
+        rollouts.publish(model)  # the weights after the previous step's updates
+        roll = rollout_step(rollouts, tokenizer, [r[field] for r in chosen], group_size=group,
+                            prompts_per_chunk=cfg.rl.prompts_per_chunk, seed=cfg.run.seed, step=step,
+                            eos_token_id=model.config.eos_token_id)
+        prompts = [_prompt_text(r[field], tokenizer) for r in chosen for _ in range(group)]
+        columns = {**_reward_columns(chosen, field, group), "completion_ids": roll.completion_ids}
+        start = time.perf_counter()
+        scored = rewards.score(prompts, roll.completions, columns)
+        reward_s = time.perf_counter() - start
+        generator = torch.Generator().manual_seed(hash((cfg.run.seed, step, "ebpo")) % (2**63))
+        ebpo_batch, batch_metrics = build_batch(engine, roll.input_ids, roll.response_mask,
+                                                torch.tensor(scored.total), ecfg, pad_mask=roll.pad_mask,
+                                                ref_model=ref_model, generator=generator)
+        engine.train()
+        bad = []
+
+        def optimizer_step(loss):
+            if not torch.isfinite(loss):  # skip the update; the step counts as bad
+                bad.append(True)
+                return
+            engine.backward(loss)
+            engine.step()
+
+        history = ebpo_update(engine, optimizer_step, ebpo_batch, ecfg, generator=generator)
+        if not bad:
+            update_expert_bias(model, cfg.moe.bias_update_rate)
+        metrics = {k: v for k, v in scored.metrics.items()}
+        metrics.update({k: float(v) for k, v in batch_metrics.items()})
+        keys = sorted({k for h in history for k in h})
+        metrics.update({k: sum(h[k] for h in history if k in h) / len(history) for k in keys})
+        metrics.setdefault("loss", 0.0)  # no update when every group had zero variance
+        metrics.update({
+            "updates": float(len(history)),
+            "rollout/tokens_per_forward": roll.tokens_per_forward,
+            "rollout/response_len": roll.lengths.float().mean().item(),
+            "rollout/tokens_per_s": roll.lengths.sum().item() / max(roll.seconds, 1e-9),
+            "rollout/seconds": roll.seconds,
+            "reward_seconds": reward_s,
+            "bad_step": float(bool(bad)),
+            "step_tokens": int(roll.pad_mask.sum()),
+        })
+        return metrics
+
+    return step_fn
+
+
+# ---- held-out evaluation --------------------------------------------------------------------------
+
+
+def rl_eval_fn(cfg, tokenizer, rows: list[dict], rewards: RewardComputer, gen_length: int):
+    """Greedy `rl.eval_mode` decoding of the held-out prompts: exact-match accuracy (rows with `task`
+    and `answer`, via tasks.check), mean reward and tokens per forward."""
+    field = cfg.data.prompt_field
+    bsz = max(cfg.train.batch_size * cfg.rl.group_size, 1)
+
+    def eval_fn(engine, step) -> dict:
+        model = engine.module if hasattr(engine, "module") else engine
+        device = next(model.parameters()).device
+        texts, tpf = [], []
+        for start in range(0, len(rows), bsz):
+            part = rows[start:start + bsz]
+            input_ids, lengths = encode_prompts(tokenizer, [r[field] for r in part])  # (b, P), (b,)
+            out = generate_with_mode(model, input_ids.to(device), cfg.rl.eval_mode, gen_length=gen_length,
+                                     block_length=cfg.diffusion.block_size, prompt_lengths=lengths.to(device))
+            texts += decode_responses(tokenizer, out, input_ids.shape[1], model.config.eos_token_id)
+            tpf += out.tokens_per_forward.tolist()
+        metrics = {"tokens_per_forward": sum(tpf) / len(tpf)}
+        checkable = [(r, t) for r, t in zip(rows, texts) if "task" in r and "answer" in r]
+        if checkable:
+            metrics["accuracy"] = sum(check(r["task"], str(r["answer"]), t) for r, t in checkable) / len(checkable)
+        scored = rewards.score([_prompt_text(r[field], tokenizer) for r in rows], texts,
+                               _reward_columns(rows, field, 1))
+        metrics["reward"] = sum(scored.total) / len(scored.total)
+        return metrics
+
+    return eval_fn
+
+
+__all__ = ["load_rl_rows", "read_rows", "rl_eval_fn", "rl_step_fn", "run_rl"]

@@ -1,0 +1,157 @@
+"""RL stage: Ray rollouts equal in-process ones, a killed actor loses no prompt, the CLI loop runs with
+failing rewards, exports, and resumes exactly. (Reward timeouts/errors/None at the pool level and the
+EBPO maths are covered in test_rewards.py and test_ebpo.py.)"""
+
+import json
+import math
+
+import pytest
+import torch
+
+from llada_train.cli import main
+from llada_train.config import ConfigError, RayConfig, load_config
+from llada_train.data.tokenizer import load_tokenizer
+from llada_train.rl.rollout import LocalRollouts, RayRollouts, rollout_step
+from tests.conftest import REPO, tiny_config
+
+PROMPTS = ["sort 3141", "reverse abc", "sort 987", "copy xyz", "max 3,9,4", "sort 55", "reverse hello", "copy q"]
+DECODE = {"mode": "S", "gen_length": 8, "block_length": 8, "temperature": 1.0, "editing_threshold": 0.9}
+
+
+@pytest.fixture(scope="module")
+def ray_local():
+    ray = pytest.importorskip("ray")
+    ray.init(num_cpus=3, include_dashboard=False, log_to_driver=False)
+    yield ray
+    ray.shutdown()
+
+
+def _rollouts(executor, tokenizer, step=0, on_result=None):
+    return rollout_step(executor, tokenizer, PROMPTS, group_size=2, prompts_per_chunk=1, seed=7, step=step,
+                        eos_token_id=0, on_result=on_result)
+
+
+def _same(a, b) -> bool:
+    return (torch.equal(a.input_ids, b.input_ids) and torch.equal(a.response_mask, b.response_mask)
+            and torch.equal(a.pad_mask, b.pad_mask) and a.completions == b.completions)
+
+
+def test_ray_rollouts_equal_in_process_and_a_killed_actor_loses_no_prompt(ray_local):
+    from llada_train.model import LLaDA2MoeModelLM
+
+    torch.manual_seed(0)
+    model = LLaDA2MoeModelLM(tiny_config()).eval()
+    tokenizer = load_tokenizer(None)
+    local = _rollouts(LocalRollouts(model, DECODE), tokenizer)
+    assert local.input_ids.shape[0] == len(PROMPTS) * 2 and local.response_mask.any(1).all()
+    # The layout: prompt then response then padding, the response right after each row's prompt.
+    for r in range(len(local.lengths)):
+        resp = local.response_mask[r].nonzero().squeeze(1)
+        assert resp.numel() == local.lengths[r] and torch.equal(resp, torch.arange(resp[0], resp[0] + resp.numel()))
+        assert local.pad_mask[r, :resp[-1] + 1].all() and not local.pad_mask[r, resp[-1] + 1:].any()
+    # Sampling matters (the comparison below could fail): another step draws other completions.
+    assert not _same(local, _rollouts(LocalRollouts(model, DECODE), tokenizer, step=1))
+
+    pool = RayRollouts(RayConfig(enabled=True, num_workers=2, max_chunk_retries=2), model.config, DECODE)
+    try:
+        pool.publish(model)
+        assert _same(_rollouts(pool, tokenizer), local)
+        assert pool.restarts == 0
+
+        killed = []
+
+        def kill_the_other_busy_worker(chunk, worker):
+            if not killed:  # the other actor is mid-chunk: chunks go out one at a time to idle actors
+                killed.append(1 - worker)
+                ray_local.kill(pool.workers[1 - worker], no_restart=True)
+
+        after_kill = _rollouts(pool, tokenizer, on_result=kill_the_other_busy_worker)
+        assert killed and pool.restarts == 1
+        assert _same(after_kill, local)  # every prompt present, same completions as in-process
+
+        # New weights are published to the (restarted) actors: rollouts follow the learner.
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(torch.randn_like(p) * 0.05)
+        pool.publish(model)
+        assert _same(_rollouts(pool, tokenizer), _rollouts(LocalRollouts(model, DECODE), tokenizer))
+    finally:
+        pool.close()
+
+
+REWARDS_FILE = """
+import time
+
+def length(prompts, completions, **kwargs):
+    assert len(kwargs["answer"]) == len(completions) and len(kwargs["completion_ids"]) == len(completions)
+    return [float(len(c) % 3) for c in completions]
+
+def boom(prompts, completions, **kwargs):
+    raise RuntimeError("reward bug")
+
+def skip(prompts, completions, **kwargs):
+    return [None] * len(completions)
+
+def hang(prompts, completions, **kwargs):
+    time.sleep(60)
+"""
+
+
+def _args(run_dir, rewards_file, steps, *extra):
+    rewards = (f"rl.rewards=[{{fn: '{rewards_file}:length'}}, {{fn: '{rewards_file}:boom', weight: 0.5}}, "
+               f"{{fn: '{rewards_file}:skip'}}, {{fn: '{rewards_file}:hang', timeout_s: 1}}]")
+    return ["rl", "--config", str(REPO / "configs/rl_tiny.yaml"), "model.init_from=", f"run.out_dir={run_dir}",
+            f"train.steps={steps}", "train.batch_size=2", "rl.group_size=2", "rl.minibatch_size=2",
+            "data.num_train=16", "data.num_eval=4", "train.eval_every=100", "train.save_every=1", "train.log_every=1",
+            rewards, *extra]
+
+
+def _records(run_dir):
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_rl_cli_runs_with_failing_rewards_exports_and_resumes_exactly(tmp_path):
+    from llada_train.decoding import load_decode_defaults
+    from llada_train.model import LLaDA2MoeModelLM
+
+    rewards_file = tmp_path / "my_rewards.py"
+    rewards_file.write_text(REWARDS_FILE)
+    full, split = tmp_path / "full", tmp_path / "split"
+    assert main(_args(full, rewards_file, 3)) == 0
+    records = _records(full)
+    steps = [r for r in records if "loss" in r]
+    assert [r["step"] for r in steps] == [1, 2, 3]
+    for r in records:
+        assert all(math.isfinite(v) for v in r.values() if isinstance(v, (int, float))), r
+    assert any(r["updates"] > 0 for r in steps)  # the length reward varies: some groups train
+    last = steps[-1]
+    assert last["reward/boom/errors"] == 4 and last["reward/hang/timeouts"] == 4  # + the step-0 eval
+    assert last["reward/skip/applicable"] == 0 and "reward/length/mean" in last
+    assert {"eval/accuracy", "eval/reward", "eval/tokens_per_forward"} <= set(records[0])  # baseline at step 0
+    assert all(k in last for k in ("clip_frac_low", "clip_frac_high", "ratio_mean", "rollout/tokens_per_forward"))
+
+    hf = full / "hf"
+    LLaDA2MoeModelLM.from_pretrained(hf)
+    assert load_decode_defaults(hf)["block_length"] == 8
+
+    # A finished run resumed does nothing more.
+    assert main(_args(full, rewards_file, 3)) == 0
+    assert _records(full) == records
+
+    # Stopped after step 2, then resumed: step 3 is the uninterrupted run's step 3.
+    assert main(_args(split, rewards_file, 2)) == 0
+    assert main(_args(split, rewards_file, 3)) == 0
+    resumed = next(r for r in _records(split) if r.get("step") == 3 and "loss" in r)
+    for key in ("loss", "reward/length/mean", "ratio_mean", "rollout/response_len", "tokens"):
+        assert resumed[key] == last[key], key
+
+
+def test_rl_config_errors_name_the_key(tmp_path):
+    with pytest.raises(ConfigError, match="rl.group_size"):
+        load_config("rl", str(REPO / "configs/rl_tiny.yaml"), ["rl.group_size=1"])
+    with pytest.raises(ConfigError, match=r"rl.rewards\[0\].fn"):
+        load_config("rl", str(REPO / "configs/rl_tiny.yaml"), ["rl.rewards=[{fn: no_colon}]"])
+    with pytest.raises(ConfigError, match="Did you mean 'rl.group_size'"):
+        load_config("rl", str(REPO / "configs/rl_tiny.yaml"), ["rl.group_sise=4"])
+    with pytest.raises(ConfigError, match="data.train"):
+        load_config("rl", str(REPO / "configs/rl_tiny.yaml"), [f"data.train={tmp_path}/missing.jsonl"])

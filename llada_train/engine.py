@@ -77,13 +77,16 @@ def deepspeed_config(cfg, micro_batch: int) -> dict:
 
 
 def param_groups(model, weight_decay: float) -> list[dict]:
-    """No weight decay on norms, biases, embeddings and router biases."""
+    """No weight decay on norms, biases, embeddings and router biases. Empty groups are left out
+    (DeepSpeed drops them, which would desynchronise the LR scheduler's per-group lambdas; LoRA
+    adapters, for one, are all matrices)."""
     decay, no_decay = [], []
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
         (no_decay if p.ndim < 2 or "embeddings" in name else decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return [g for g in groups if g["params"]]
 
 
 def build_engine(model, cfg, micro_batch: int):

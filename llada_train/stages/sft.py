@@ -13,8 +13,15 @@ import torch.nn.functional as F
 
 from ..config import ConfigError
 from ..data.chat import ChatStats, MalformedRow, load_chat_rows, response_spans, tokenize_chat
-from ..data.tasks import check, make_rows
+from ..data.tasks import TASKS, check, make_rows
 from ..data.text import BatchIterator
+from ..decoding import (
+    DEFAULT_GEN_LENGTH,
+    decode_responses,
+    encode_prompts,
+    generate_with_mode,
+    generation_config_dict,
+)
 from ..engine import init_distributed
 from ..trainer import BatchSource, Trainer
 from .common import build_model, build_tokenizer, diffusion_loss_fn, eval_loss_fn
@@ -28,14 +35,13 @@ DECODE_MODE = "Q"  # accuracy eval and the exported generation defaults
 def run_sft(cfg) -> bool:
     """Returns True when training finished (False when stopped by a signal or bad steps)."""
     rank, world = init_distributed()
-    _check_schedule(cfg)
     tokenizer = build_tokenizer(cfg.model)
-    model = build_model(cfg.model, tokenizer, cfg.run.seed)
     train_split, eval_split = load_sft_splits(cfg)
     train = sft_tensors(train_split, tokenizer, cfg)
     if len(train["input_ids"]) < cfg.train.batch_size:
         raise ValueError(f"data.train {train_split.source!r}: {len(train['input_ids'])} usable examples, fewer "
                          f"than one batch (train.batch_size {cfg.train.batch_size}); add data or lower the batch size")
+    model = build_model(cfg.model, tokenizer, cfg.run.seed, cfg.precision)
     if cfg.lora.enabled:
         model = apply_lora(model, cfg.lora)
     loss_fn = diffusion_loss_fn(cfg, model, tokenizer)
@@ -47,7 +53,8 @@ def run_sft(cfg) -> bool:
                              world_size=world)
     trainer = Trainer(cfg, "sft", model, tokenizer, BatchSource(train, iterator), loss_fn, eval_fn,
                       generation_config=_generation_defaults(cfg, accuracy.gen_length if accuracy else None),
-                      export_model_fn=merged_lora_export if cfg.lora.enabled else None, rank=rank, world_size=world)
+                      export_model_fn=merged_lora_export if cfg.lora.enabled else None, eval_at_start=True,
+                      rank=rank, world_size=world)
     for split in (train_split, eval_split):
         if split is not None:
             trainer.log(f"data {split.source}: {split.stats.summary()}")
@@ -55,13 +62,6 @@ def run_sft(cfg) -> bool:
         trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
         trainer.log(f"LoRA: {trainable} trainable of {sum(p.numel() for p in model.parameters())} parameters")
     return trainer.fit()
-
-
-def _check_schedule(cfg):
-    for i, (_, size) in enumerate(cfg.diffusion.block_schedule):
-        if size and cfg.data.max_len % size:
-            raise ConfigError(f"bad value for 'diffusion.block_schedule[{i}]': block size {size} must divide "
-                              f"data.max_len {cfg.data.max_len} (or be 0 = whole sequence)")
 
 
 # ---- data -----------------------------------------------------------------------------------------
@@ -178,18 +178,14 @@ def merged_lora_export(engine):
 
 
 def task_accuracy_fn(cfg, tokenizer, rows: list):
-    """Exact-match accuracy of threshold decoding (`DECODE_MODE`) on held-out rows that carry
-    `task` and `answer` (task-family rows), on up to `train.eval_batches * train.batch_size`
-    prompts; also the decoder's tokens per forward. None when the decoder is missing or no row is
+    """Exact-match accuracy of threshold decoding (`DECODE_MODE`) on held-out rows that carry a
+    known `task` (data.tasks.TASKS) and a string `answer`, on up to `train.eval_batches *
+    train.batch_size` prompts; also the decoder's tokens per forward. None when no row is
     checkable. The response budget is the longest gold response (with end marker and EOS) in
     whole blocks."""
-    try:
-        from ..decoding import decode_responses, encode_prompts, generate_with_mode
-    except ImportError:
-        return None
     checkable, longest = [], 0
     for row in rows:
-        if "task" not in row or "answer" not in row:
+        if row.get("task") not in TASKS or not isinstance(row.get("answer"), str):
             continue
         try:
             answer = [text for text, is_response in response_spans(row["messages"], tokenizer) if is_response][-1]
@@ -231,11 +227,7 @@ def sft_eval_fn(loss_eval, accuracy):
     return eval_fn
 
 
-def _generation_defaults(cfg, gen_length: int | None) -> dict | None:
-    try:
-        from ..decoding import DEFAULT_GEN_LENGTH, generation_config_dict
-    except ImportError:
-        return None
+def _generation_defaults(cfg, gen_length: int | None) -> dict:
     return generation_config_dict(DECODE_MODE, gen_length=gen_length or DEFAULT_GEN_LENGTH,
                                   block_length=cfg.diffusion.block_size)
 

@@ -61,6 +61,7 @@ class ChatDataConfig:
     train: str = MISSING  # jsonl/json/parquet file or hf:name with messages or alpaca rows; "tasks" = built-in
     eval: str = ""  # held-out rows (same formats); empty = no eval
     tasks: list = field(default_factory=lambda: ["addition", "reversal"])  # when train == "tasks"
+    task_options: dict = field(default_factory=dict)  # per-task generator options, e.g. {sorting: {max_len: 4}}
     num_train: int = 4000  # generated training rows (data.train = tasks)
     num_eval: int = 200  # held-out rows kept for eval loss and accuracy
     max_len: int = 64  # tokens per example after EOS padding (a multiple of diffusion.block_size)

@@ -239,3 +239,15 @@ def test_config_and_data_errors_name_the_key(tmp_path):
     cfg = load_config("sft", "configs/sft_tiny.yaml", ["data.tasks=[nope]"])
     with pytest.raises(ConfigError, match=r"data.tasks.*nope"):
         load_sft_splits(cfg)
+    cfg = load_config("sft", "configs/sft_tiny.yaml", ["data.task_options={sorting: {length: 3}}"])
+    with pytest.raises(ConfigError, match=r"data.task_options.*sorting"):
+        load_sft_splits(cfg)
+
+
+def test_task_options_shape_the_generated_rows():
+    cfg = load_config("sft", "configs/sft_tiny.yaml", ["data.tasks=[sorting]", "data.num_train=50", "data.num_eval=10",
+                                                       "data.task_options={sorting: {min_len: 2, max_len: 3}}"])
+    train, held_out = load_sft_splits(cfg)
+    assert len(train.rows) == 50 and len(held_out.rows) == 10
+    assert {len(r["answer"]) for r in train.rows + held_out.rows} == {2, 3}
+    assert not {r["messages"][0]["content"] for r in train.rows} & {r["messages"][0]["content"] for r in held_out.rows}

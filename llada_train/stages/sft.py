@@ -75,18 +75,21 @@ class ChatSplit:
 
 
 def load_sft_splits(cfg) -> tuple[ChatSplit, ChatSplit | None]:
-    """Train and held-out rows. `data.train: tasks` generates both splits from `data.tasks`
-    (disjoint by construction); `data.eval` (file or `hf:` name, whose `test` split is read)
-    replaces the generated held-out rows when set; at most `data.num_eval` held-out rows are kept."""
+    """Train and held-out rows. `data.train: tasks` generates both splits from `data.tasks` and
+    `data.task_options` (disjoint by construction); `data.eval` (file or `hf:` name, whose `test`
+    split is read) replaces the generated held-out rows when set; at most `data.num_eval` held-out
+    rows are kept."""
     d = cfg.data
     generated = None
     if d.train == "tasks":
+        options = dict(d.task_options)
         try:
-            train = make_rows(list(d.tasks), d.num_train, split="train", seed=cfg.run.seed, kind="sft")
+            train = make_rows(list(d.tasks), d.num_train, split="train", seed=cfg.run.seed, kind="sft", **options)
             if not d.eval:
-                generated = make_rows(list(d.tasks), d.num_eval, split="eval", seed=cfg.run.seed, kind="sft")
+                generated = make_rows(list(d.tasks), d.num_eval, split="eval", seed=cfg.run.seed, kind="sft",
+                                      **options)
         except ValueError as e:
-            raise ConfigError(f"bad value for 'data.tasks' / 'data.num_train' / 'data.num_eval': {e}") from e
+            raise ConfigError(f"bad value for 'data.tasks' / 'data.task_options' / 'data.num_*': {e}") from e
         train_split = ChatSplit("tasks", *load_chat_rows(train))
     else:
         train_split = ChatSplit(d.train, *load_chat_rows(d.train, split="train"))

@@ -69,7 +69,7 @@ def test_micro_pipeline_exports_every_stage_writes_report_and_resumes_to_nothing
         assert f"({plot})" in report
     scores = json.loads((tmp_path / "heldout_scores.json").read_text())
     assert set(scores) == {"SFT S", "SFT Q", "RL S", "RL Q"}
-    assert all(0 <= v["accuracy"] <= 1 and v["tpf"] >= 1 for v in scores.values())
+    assert all(0 <= v["accuracy"] <= 1 and v["tpf"] > 0 for v in scores.values())
     stamps = {p: p.stat().st_mtime_ns for p in tmp_path.rglob("*") if p.is_file()}
     again = subprocess.run(cmd, check=False, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
     assert again.returncode == 0, again.stderr[-4000:]

@@ -95,7 +95,8 @@ def save_checkpoint(engine, run_dir: Path, step: int, trainer_state: dict, keep_
     tmp = root / f".tmp_step_{step:06d}"
     if _rank() == 0:
         root.mkdir(parents=True, exist_ok=True)
-        shutil.rmtree(tmp, ignore_errors=True)
+        for stale in [*root.glob(".tmp_step_*"), *root.glob(".old_step_*")]:  # left by a crashed save
+            shutil.rmtree(stale, ignore_errors=True)
     _barrier()
     error = None
     try:
@@ -114,7 +115,10 @@ def save_checkpoint(engine, run_dir: Path, step: int, trainer_state: dict, keep_
             write_manifest(tmp)
         except (OSError, RuntimeError) as e:
             error = e
-    problems = [f"{type(error).__name__}: {error}"] if error is not None else []
+    problems = []
+    if error is not None:  # torch.save hides ENOSPC behind "unexpected pos": report the free space too
+        free_mib = shutil.disk_usage(tmp if tmp.exists() else root).free / 2**20
+        problems.append(f"{type(error).__name__}: {error}; {free_mib:.1f} MiB free there")
     if dist.is_initialized():  # every rank must agree, or the others would wait at the next collective
         gathered = [None] * dist.get_world_size()
         dist.all_gather_object(gathered, problems)
@@ -126,8 +130,11 @@ def save_checkpoint(engine, run_dir: Path, step: int, trainer_state: dict, keep_
         raise CheckpointSaveError(f"saving checkpoint {final} failed ({'; '.join(problems)}); "
                                   f"removed the partial {tmp.name}, earlier checkpoints are intact")
     if _rank() == 0:
-        shutil.rmtree(final, ignore_errors=True)
+        old = root / f".old_{final.name}"  # a step saved again: move the old one aside atomically first,
+        if final.exists():  # so a crash never leaves a half-deleted step_N
+            os.replace(final, old)
         os.replace(tmp, final)
+        shutil.rmtree(old, ignore_errors=True)
         _write_atomic(root / "latest", final.name)
         prune(root, keep_last)
     _barrier()

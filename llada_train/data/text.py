@@ -131,7 +131,7 @@ def _jsonl_rows(path: Path, text_field: str) -> Iterator[tuple[object, str | Non
             except UnicodeDecodeError:
                 yield None, "skipped_undecodable"
                 continue
-            except ValueError:
+            except (ValueError, RecursionError):  # RecursionError: absurdly deep nesting
                 yield None, "skipped_bad_json"
                 continue
             yield (row.get(text_field) if isinstance(row, dict) else None), None
@@ -143,7 +143,7 @@ def _json_rows(path: Path, text_field: str) -> Iterator[tuple[object, str | None
     except UnicodeDecodeError:
         yield None, "skipped_undecodable"
         return
-    except ValueError:  # many `.json` files are JSON Lines
+    except (ValueError, RecursionError):  # many `.json` files are JSON Lines
         yield from _jsonl_rows(path, text_field)
         return
     for row in data if isinstance(data, list) else [data]:
@@ -151,9 +151,14 @@ def _json_rows(path: Path, text_field: str) -> Iterator[tuple[object, str | None
 
 
 def _parquet_rows(path: Path, text_field: str) -> Iterator[tuple[object, str | None]]:
-    import pyarrow.parquet as pq  # a `datasets` dependency
+    import pyarrow as pa  # a `datasets` dependency
+    import pyarrow.parquet as pq
 
-    pf = pq.ParquetFile(path)
+    try:
+        pf = pq.ParquetFile(path)
+    except pa.ArrowException:  # empty, truncated or not Parquet at all: the whole file is one bad row
+        yield None, "skipped_bad_parquet"
+        return
     if text_field not in pf.schema_arrow.names:
         raise ValueError(f"data file '{path}' has no column {text_field!r} (columns: "
                          f"{pf.schema_arrow.names}); set the text field to one of them")

@@ -27,8 +27,8 @@ def engine_state_dict(ckpt: Path) -> dict:
     states = sorted(engine_dir.glob("mp_rank_*_model_states.pt"))
     if not states:
         raise ValueError(f"{engine_dir}: no DeepSpeed model states found; is this a llada-train checkpoint?")
-    # Our own file, checksum-verified by verify_checkpoint; DeepSpeed stores non-tensor metadata in it.
-    return torch.load(states[0], map_location="cpu", weights_only=False)["module"]
+    # DeepSpeed's metadata in this file is plain containers, so the weights-only unpickler reads it.
+    return torch.load(states[0], map_location="cpu", weights_only=True)["module"]
 
 
 def export_run(run_dir) -> Path:

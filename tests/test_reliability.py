@@ -13,6 +13,7 @@ import socket
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -70,7 +71,7 @@ def assert_same_weights(a: Path, b: Path):
     assert all(torch.equal(wa[k], wb[k]) for k in wa), f"{a} and {b} hold different weights"
 
 
-def wait_until(cond, proc, timeout_s=400.0, poll_s=0.002):
+def wait_until(cond, proc, timeout_s=400.0, poll_s=0.005):
     deadline = time.monotonic() + timeout_s
     while not cond():
         assert proc.poll() is None, "the run ended before the fault could be injected"
@@ -107,14 +108,72 @@ def ref(tmp_path_factory):
         r.proc.wait()
 
 
+# ----------------------------------------------------------------------------- non-finite steps
+
+
+def test_nonfinite_steps_are_skipped_counted_and_stop_keeps_pre_streak_checkpoint(tmp_path, ref):
+    """Embedding rows set to +inf for every token the first 4 batches never contain: steps 1-4 are finite
+    and identical to the reference; steps 5-7 see such a token, their loss is NaN, they are skipped and
+    counted; the run stops at train.max_bad_steps=3 and its newest checkpoint is step 4."""
+    first_bad, max_bad = 5, 3
+    tok = load_tokenizer(None)
+    cfg = load_config("cpt", "configs/cpt_tiny.yaml", [a for a in tiny_args("x", ref.cache, *COMMON)[3:]])
+    d = cfg.data
+    corpus = build_corpus(d.paths, tok, seq_len=d.seq_len, eval_fraction=d.eval_fraction, seed=cfg.run.seed,
+                          max_docs=d.max_docs, cache_dir=d.cache_dir, text_field=d.text_field)
+    order = BatchIterator(len(corpus.train_ids), cfg.train.batch_size, seed=cfg.run.seed)
+    batches = [set(corpus.train_ids[next(order)].flatten().tolist()) for _ in range(first_bad + max_bad - 1)]
+    model = build_model(ModelConfig(preset="tiny"), tok, cfg.run.seed)  # the reference's initial weights
+    clean = set().union(*batches[:first_bad - 1]) | {model.config.mask_token_id}
+    poison = sorted(set(range(model.config.vocab_size)) - clean)
+    assert all(b - clean for b in batches[first_bad - 1:]), "each later batch must hold a poisoned token"
+    with torch.no_grad():
+        model.model.word_embeddings.weight[poison] = float("inf")
+    init = tmp_path / "poisoned_hf"
+    ckpt_lib.export_hf(model, model.state_dict(), None, init)
+
+    run = tmp_path / "run"
+    out = finish(start(tiny_args(run, ref.cache, *COMMON, f"model.init_from={init}", "train.save_every=1",
+                                 f"train.max_bad_steps={max_bad}"), tmp_path / "log"), tmp_path / "log", rc=3)
+    recs = records(run)
+    ref_losses = losses(ref.done())
+    by_step = {r["step"]: r for r in recs if "loss" in r}
+    last_bad = first_bad + max_bad - 1
+    assert sorted(by_step) == list(range(1, last_bad + 1))
+    for step in range(1, first_bad):
+        assert by_step[step]["loss"] == ref_losses[step] and by_step[step]["bad_step"] == 0.0
+    for i, step in enumerate(range(first_bad, last_bad + 1)):
+        assert math.isnan(by_step[step]["loss"])
+        assert (by_step[step]["bad_step"], by_step[step]["bad_steps_total"]) == (1.0, i + 1)
+    assert recs[-1] == {"step": last_bad, "stopped": "max_bad_steps"}
+    assert f"stopping: {max_bad} consecutive non-finite steps" in out and f"steps {first_bad}..{last_bad}" in out
+    assert f"not saving step {first_bad}" in out
+    assert steps_saved(run) == list(range(1, first_bad))  # nothing saved inside the streak
+    newest = ckpt_lib.find_resume_checkpoint(run, print)
+    assert newest.name == f"step_{first_bad - 1:06d}"
+    got, want = weights(newest), weights(ref.ckpt(first_bad - 1))
+    emb = "model.word_embeddings.weight"
+    keep = torch.ones(len(want[emb]), dtype=torch.bool)
+    keep[poison] = False
+    assert torch.isinf(got[emb][poison]).all() and torch.equal(got[emb][keep], want[emb][keep])
+    assert all(torch.equal(got[k], want[k]) for k in want if k != emb)
+
+
 # ----------------------------------------------------------------------------- kill -9 and corrupt shards
 
 
-@pytest.mark.parametrize("seed", [0, 1])
-def test_kill9_during_save_and_training_then_corrupt_shards_resume_exactly(tmp_path, ref, seed):
+def test_kill9_during_save_and_training_then_corrupt_shards_resume_exactly(tmp_path, ref):
     """SIGKILL mid-checkpoint-write, bit-flip the newest shard, resume, SIGKILL mid-training, truncate the
     newest shard, resume to the end: each resume takes the newest intact checkpoint (weights identical to
-    the reference's at that step) and the final loss curve equals the uninterrupted one bit for bit."""
+    the reference's at that step) and the final loss curve equals the uninterrupted one bit for bit.
+    Two seeds (kill points) run side by side, as separate runs."""
+    seeds = [0, 1]
+    with ThreadPoolExecutor(len(seeds)) as pool:
+        list(pool.map(lambda seed: _kill_chain(tmp_path / f"seed{seed}", ref, seed), seeds))  # re-raises
+
+
+def _kill_chain(tmp_path: Path, ref: Reference, seed: int):
+    tmp_path.mkdir()
     rng = random.Random(seed)
     run = tmp_path / "run"
     ckpts = run / "checkpoints"
@@ -186,57 +245,6 @@ def test_kill9_during_save_and_training_then_corrupt_shards_resume_exactly(tmp_p
     assert a == b  # bit-identical per-step losses
     assert not list(ckpts.glob(".tmp_step_*")) + list(ckpts.glob(".old_step_*"))  # crash leftovers removed
     assert_same_weights(ckpts / f"step_{STEPS:06d}", ref.ckpt(STEPS))
-
-
-# ----------------------------------------------------------------------------- non-finite steps
-
-
-def test_nonfinite_steps_are_skipped_counted_and_stop_keeps_pre_streak_checkpoint(tmp_path, ref):
-    """Embedding rows set to +inf for every token the first 4 batches never contain: steps 1-4 are finite
-    and identical to the reference; steps 5-7 see such a token, their loss is NaN, they are skipped and
-    counted; the run stops at train.max_bad_steps=3 and its newest checkpoint is step 4."""
-    first_bad, max_bad = 5, 3
-    tok = load_tokenizer(None)
-    cfg = load_config("cpt", "configs/cpt_tiny.yaml", [a for a in tiny_args("x", ref.cache, *COMMON)[3:]])
-    d = cfg.data
-    corpus = build_corpus(d.paths, tok, seq_len=d.seq_len, eval_fraction=d.eval_fraction, seed=cfg.run.seed,
-                          max_docs=d.max_docs, cache_dir=d.cache_dir, text_field=d.text_field)
-    order = BatchIterator(len(corpus.train_ids), cfg.train.batch_size, seed=cfg.run.seed)
-    batches = [set(corpus.train_ids[next(order)].flatten().tolist()) for _ in range(first_bad + max_bad - 1)]
-    model = build_model(ModelConfig(preset="tiny"), tok, cfg.run.seed)  # the reference's initial weights
-    clean = set().union(*batches[:first_bad - 1]) | {model.config.mask_token_id}
-    poison = sorted(set(range(model.config.vocab_size)) - clean)
-    assert all(b - clean for b in batches[first_bad - 1:]), "each later batch must hold a poisoned token"
-    with torch.no_grad():
-        model.model.word_embeddings.weight[poison] = float("inf")
-    init = tmp_path / "poisoned_hf"
-    ckpt_lib.export_hf(model, model.state_dict(), None, init)
-
-    run = tmp_path / "run"
-    out = finish(start(tiny_args(run, ref.cache, *COMMON, f"model.init_from={init}", "train.save_every=1",
-                                 f"train.max_bad_steps={max_bad}"), tmp_path / "log"), tmp_path / "log", rc=3)
-    recs = records(run)
-    ref_losses = losses(ref.done())
-    by_step = {r["step"]: r for r in recs if "loss" in r}
-    last_bad = first_bad + max_bad - 1
-    assert sorted(by_step) == list(range(1, last_bad + 1))
-    for step in range(1, first_bad):
-        assert by_step[step]["loss"] == ref_losses[step] and by_step[step]["bad_step"] == 0.0
-    for i, step in enumerate(range(first_bad, last_bad + 1)):
-        assert math.isnan(by_step[step]["loss"])
-        assert (by_step[step]["bad_step"], by_step[step]["bad_steps_total"]) == (1.0, i + 1)
-    assert recs[-1] == {"step": last_bad, "stopped": "max_bad_steps"}
-    assert f"stopping: {max_bad} consecutive non-finite steps" in out and f"steps {first_bad}..{last_bad}" in out
-    assert f"not saving step {first_bad}" in out
-    assert steps_saved(run) == list(range(1, first_bad))  # nothing saved inside the streak
-    newest = ckpt_lib.find_resume_checkpoint(run, print)
-    assert newest.name == f"step_{first_bad - 1:06d}"
-    got, want = weights(newest), weights(ref.ckpt(first_bad - 1))
-    emb = "model.word_embeddings.weight"
-    keep = torch.ones(len(want[emb]), dtype=torch.bool)
-    keep[poison] = False
-    assert torch.isinf(got[emb][poison]).all() and torch.equal(got[emb][keep], want[emb][keep])
-    assert all(torch.equal(got[k], want[k]) for k in want if k != emb)
 
 
 # ----------------------------------------------------------------------------- disk full

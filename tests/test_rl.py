@@ -28,7 +28,7 @@ def ray_local():
 
 def _rollouts(executor, tokenizer, step=0, on_result=None):
     return rollout_step(executor, tokenizer, PROMPTS, group_size=2, prompts_per_chunk=1, seed=7, step=step,
-                        eos_token_id=0, on_result=on_result)
+                        eos_token_id=0, block_length=8, on_result=on_result)
 
 
 def _same(a, b) -> bool:
@@ -44,11 +44,14 @@ def test_ray_rollouts_equal_in_process_and_a_killed_actor_loses_no_prompt(ray_lo
     tokenizer = load_tokenizer(None)
     local = _rollouts(LocalRollouts(model, DECODE), tokenizer)
     assert local.input_ids.shape[0] == len(PROMPTS) * 2 and local.response_mask.any(1).all()
-    # The layout: prompt then response then padding, the response right after each row's prompt.
+    # The decoder's layout: prompt, the 8 response slots, EOS to the row's last block end, then padding.
     for r in range(len(local.lengths)):
         resp = local.response_mask[r].nonzero().squeeze(1)
-        assert resp.numel() == local.lengths[r] and torch.equal(resp, torch.arange(resp[0], resp[0] + resp.numel()))
-        assert local.pad_mask[r, :resp[-1] + 1].all() and not local.pad_mask[r, resp[-1] + 1:].any()
+        start, end = int(resp[0]), int(resp[-1]) + 1
+        assert torch.equal(resp, torch.arange(start, end)) and end % 8 == 0 and 8 <= end - start < 16
+        assert local.pad_mask[r, :end].all() and not local.pad_mask[r, end:].any()
+        tail = local.input_ids[r, start + int(local.lengths[r]):end]
+        assert (tail == 0).all()  # everything after the first EOS is EOS
     # Sampling matters (the comparison below could fail): another step draws other completions.
     assert not _same(local, _rollouts(LocalRollouts(model, DECODE), tokenizer, step=1))
 

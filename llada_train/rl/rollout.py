@@ -40,11 +40,12 @@ class RolloutChunk:
 
 @dataclass
 class RolloutBatch:
-    """A step's rollouts in the SFT layout: each row is prompt, response (through its first EOS), then
-    padding; rows are prompts × G with each prompt's completions adjacent."""
+    """A step's rollouts in the SFT layout, i.e. as the decoder saw them: each row is the prompt, the
+    `gen_length` response slots (EOS after the first EOS), EOS to the end of the row's last block,
+    then padding to the batch width; rows are prompts × G with each prompt's completions adjacent."""
 
     input_ids: torch.Tensor  # (B, L)
-    response_mask: torch.Tensor  # (B, L) bool: generated tokens
+    response_mask: torch.Tensor  # (B, L) bool: everything after the prompt up to the row's last block end
     pad_mask: torch.Tensor  # (B, L) bool: real tokens
     completions: list[str]  # (B,) response texts (special tokens dropped, EOS cut)
     completion_ids: list[list[int]]  # (B,) response token ids without the EOS
@@ -235,8 +236,12 @@ def make_chunks(input_ids: torch.Tensor, prompt_lengths: torch.Tensor, group_siz
 
 
 def rollout_step(executor, tokenizer, prompts: list, *, group_size: int, prompts_per_chunk: int, seed: int,
-                 step: int, eos_token_id: int, on_result: Callable | None = None) -> RolloutBatch:
-    """G completions for every prompt (a string or chat messages), assembled into the SFT layout."""
+                 step: int, eos_token_id: int, block_length: int,
+                 on_result: Callable | None = None) -> RolloutBatch:
+    """G completions for every prompt (a string or chat messages), assembled into the SFT layout.
+
+    The ELBO then scores exactly the blocks the decoder filled: an SFT example likewise ends with EOS
+    up to its block boundary, and those EOS are part of what the model learned to produce."""
     input_ids, plen = encode_prompts(tokenizer, prompts)  # (P, W), (P,)
     chunks = make_chunks(input_ids, plen, group_size, prompts_per_chunk, seed, step)
     start = time.perf_counter()
@@ -250,19 +255,20 @@ def rollout_step(executor, tokenizer, prompts: list, *, group_size: int, prompts
 
     decoded = SimpleNamespace(sequences=torch.cat([prompt_rows, responses], 1), lengths=lengths)  # as GenerateOutput
     texts = decode_responses(tokenizer, decoded, prompt_rows.shape[1], eos_token_id)
-    width = int((prompt_lens + lengths).max())
-    bsz = len(lengths)
+    gen_length = responses.shape[1]
+    row_lens = (prompt_lens + gen_length + block_length - 1) // block_length * block_length  # (B,) whole blocks
+    bsz, width = len(lengths), int(row_lens.max())
     ids = torch.full((bsz, width), eos_token_id, dtype=torch.long)
     response_mask = torch.zeros(bsz, width, dtype=torch.bool)
     pad_mask = torch.zeros(bsz, width, dtype=torch.bool)
     completion_ids = []
     for r in range(bsz):
-        p, n = int(prompt_lens[r]), int(lengths[r])
-        resp = responses[r, :n]
+        p, end = int(prompt_lens[r]), int(row_lens[r])
         ids[r, :p] = prompt_rows[r, prompt_rows.shape[1] - p:]
-        ids[r, p:p + n] = resp
-        response_mask[r, p:p + n] = True
-        pad_mask[r, :p + n] = True
+        ids[r, p:p + gen_length] = responses[r]
+        response_mask[r, p:end] = True
+        pad_mask[r, :end] = True
+        resp = responses[r, :int(lengths[r])]
         completion_ids.append(resp[resp != eos_token_id].tolist())
     return RolloutBatch(ids, response_mask, pad_mask, texts, completion_ids, lengths, nfe, seconds)
 

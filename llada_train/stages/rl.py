@@ -159,7 +159,7 @@ def rl_step_fn(cfg, tokenizer, rows: list[dict], rollouts, rewards: RewardComput
         rollouts.publish(model)  # the weights after the previous step's updates
         roll = rollout_step(rollouts, tokenizer, [r[field] for r in chosen], group_size=group,
                             prompts_per_chunk=cfg.rl.prompts_per_chunk, seed=cfg.run.seed, step=step,
-                            eos_token_id=model.config.eos_token_id)
+                            eos_token_id=model.config.eos_token_id, block_length=cfg.diffusion.block_size)
         prompts = [_prompt_text(r[field], tokenizer) for r in chosen for _ in range(group)]
         columns = {**_reward_columns(chosen, field, group), "completion_ids": roll.completion_ids}
         start = time.perf_counter()

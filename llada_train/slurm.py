@@ -188,6 +188,7 @@ def prepare(stage: str, cfg, opts) -> dict:
         "script_q": shlex.quote(str(script_path)),
     }
     if stage == "rl":
+        _check_ray_fits(cfg.rl.ray, opts)
         values.update(gpus_per_node=opts.gpus_per_node, ray_wait_s=opts.ray_wait)
         script = render("rl.sbatch.tmpl", values)
     else:
@@ -195,6 +196,15 @@ def prepare(stage: str, cfg, opts) -> dict:
         script = render("train.sbatch.tmpl", values)
     return {"stage": stage, "run_dir": run_dir, "config_path": config_path, "config_text": to_yaml(cfg),
             "script_path": script_path, "script": script}
+
+
+def _check_ray_fits(ray, opts):
+    """Rollout actors the job's Ray cluster cannot place would wait forever: refuse them now."""
+    need, have = ray.num_workers * ray.cpus_per_worker, opts.nodes * opts.cpus_per_task
+    if ray.cpus_per_worker > opts.cpus_per_task or need > have:
+        raise SlurmError(f"rl.ray.num_workers {ray.num_workers} x rl.ray.cpus_per_worker {ray.cpus_per_worker} "
+                         f"need {need:g} CPUs ({ray.cpus_per_worker:g} on one node), but the job has --nodes "
+                         f"{opts.nodes} x --cpus-per-task {opts.cpus_per_task}: raise --cpus-per-task or lower them")
 
 
 def check_slurm(partition: str | None):
@@ -216,7 +226,9 @@ def submit(job: dict, after: str | None) -> str:
     job["script_path"].parent.mkdir(parents=True, exist_ok=True)
     job["config_path"].write_text(job["config_text"])
     job["script_path"].write_text(job["script"])
-    cmd = ["sbatch", "--parsable", *([f"--dependency=afterok:{after}"] if after else []), str(job["script_path"])]
+    # A dependent job is cancelled when its predecessor fails, not left pending forever.
+    chain = [f"--dependency=afterok:{after}", "--kill-on-invalid-dep=yes"] if after else []
+    cmd = ["sbatch", "--parsable", *chain, str(job["script_path"])]
     res = _run(cmd)
     if res.returncode != 0:
         raise SlurmError(f"sbatch refused {job['script_path']}: {res.stderr.strip() or res.stdout.strip()}")

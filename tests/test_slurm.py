@@ -3,8 +3,9 @@
 The rendering and refusal tests need no Slurm. The job tests need `sbatch` and a running
 slurmctld + slurmd (`sudo .ci/setup_slurm.sh` starts a single-node one; CI runs it): outside CI
 they skip when sbatch is absent, in CI they fail. All jobs are submitted at once by one fixture
-and run side by side: a CPT -> SFT -> RL pipeline (CPT on 2 ranks, RL through the Ray template)
-and a second copy of its CPT stage that is preempted with USR1 mid-run.
+and run side by side: a CPT -> RL pipeline (CPT on 2 ranks, RL from its export through the Ray
+template, SFT left out to save time: it runs through the same template as CPT) and a second
+copy of its CPT stage that is preempted with USR1 mid-run.
 """
 
 import json
@@ -29,8 +30,6 @@ CPT = [f"cpt.train.steps={CPT_STEPS}", "cpt.data.seq_len=32", "cpt.data.max_docs
        "cpt.diffusion.block_schedule=[]", "cpt.train.batch_size=4", "cpt.train.log_every=1",
        "cpt.train.eval_every=1000", "cpt.train.eval_batches=1", "cpt.train.save_every=1000",
        "cpt.optim.warmup_steps=2"]
-SFT = ["sft.train.steps=4", "sft.data.num_train=32", "sft.data.num_eval=8", "sft.train.batch_size=4",
-       "sft.train.eval_every=4", "sft.train.save_every=4", "sft.train.eval_batches=1"]
 RL = ["rl.train.steps=2", "rl.train.batch_size=2", "rl.rl.group_size=2", "rl.rl.minibatch_size=2",
       "rl.data.num_train=8", "rl.data.num_eval=4", "rl.train.eval_every=2", "rl.train.save_every=2",
       "rl.rl.ray.num_workers=1"]
@@ -152,6 +151,12 @@ def test_bad_config_or_options_refused_before_anything_is_written(tmp_path, args
     assert not (tmp_path / "run").exists()
 
 
+def test_rl_job_whose_rollout_actors_cannot_fit_is_refused(tmp_path):
+    res = cli("submit", "rl", "--config", str(REPO / "configs/rl_tiny.yaml"), "--cpus-per-task", "1",
+              "rl.ray.num_workers=2", f"run.out_dir={tmp_path}/run", "--dry-run", cwd=tmp_path)
+    assert res.returncode == 2 and "need 2 CPUs" in res.stderr and "--cpus-per-task 1" in res.stderr, res.stderr
+
+
 def test_missing_sbatch_is_a_clear_error(tmp_path):
     res = cli("submit", "cpt", "--config", str(REPO / "configs/cpt_tiny.yaml"), f"run.out_dir={tmp_path}/run",
               cwd=tmp_path, env={"PATH": str(tmp_path)})
@@ -225,8 +230,8 @@ def jobs(tmp_path_factory):
     ids = {}
     try:
         ids["pipe"] = submitted(cli("submit", "pipeline", "--config", PIPELINE, *RESOURCES, f"out_dir={pipe}",
-                                    f"cpt.data.cache_dir={root}/cache_a", *CPT, *SFT, *RL, "report=false"))
-        dependency = {stage: job_fields(ids["pipe"][stage]).get("Dependency") for stage in ("sft", "rl")}
+                                    f"cpt.data.cache_dir={root}/cache_a", *CPT, *RL, "stages=[cpt,rl]", "report=false"))
+        dependency = job_fields(ids["pipe"]["rl"]).get("Dependency")
         ids["pre"] = submitted(cli("submit", "pipeline", "--config", PIPELINE, *RESOURCES, f"out_dir={pre}",
                                    f"cpt.data.cache_dir={root}/cache_b", *CPT, "stages=[cpt]"))
         pre_id = ids["pre"]["cpt"]
@@ -273,17 +278,16 @@ def test_preempted_job_requeues_resumes_and_matches_uninterrupted_run(jobs):
 @pytest.mark.slurm
 def test_pipeline_jobs_chain_with_afterok_and_rl_runs_on_ray(jobs):
     ids, pipe = jobs["ids"]["pipe"], jobs["pipe"]
-    assert jobs["dependency"]["sft"].startswith(f"afterok:{ids['cpt']}(")
-    assert jobs["dependency"]["rl"].startswith(f"afterok:{ids['sft']}(")
-    for stage in ("cpt", "sft", "rl"):
+    assert jobs["dependency"].startswith(f"afterok:{ids['cpt']}(")
+    for stage in ("cpt", "rl"):
         wait_done(ids[stage], pipe / stage)
         assert (pipe / stage / "hf" / "config.json").is_file()
-    sft_config = (pipe / "sft" / "slurm" / "sft.yaml").read_text()
-    assert f"init_from: {pipe}/cpt/hf" in sft_config
+    rl_config = (pipe / "rl" / "slurm" / "rl.yaml").read_text()
+    assert f"init_from: {pipe}/cpt/hf" in rl_config and "address: auto" in rl_config
     out = next((pipe / "rl" / "slurm").glob("*.out")).read_text()
     assert "Ray cluster up at" in out and "rollouts in Ray (1 workers)" in out, out
     rows = [json.loads(line) for line in cli("status", str(pipe), "--json").stdout.splitlines()]
-    assert {(r["stage"], r["state"], r["hf"]) for r in rows} == {(s, "COMPLETED", True) for s in ("cpt", "sft", "rl")}
+    assert {(r["stage"], r["state"], r["hf"]) for r in rows} == {(s, "COMPLETED", True) for s in ("cpt", "rl")}
 
 
 @pytest.mark.slurm

@@ -9,6 +9,7 @@ Run: OMP_NUM_THREADS=1 python benchmarks/bench_rl.py [--quick]
 """
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -46,6 +47,7 @@ def main():
         return rollout_step(executor, tokenizer, prompts, group_size=args.group_size, prompts_per_chunk=2, seed=0,
                             step=0, eos_token_id=model.config.eos_token_id, block_length=8)
 
+    load_before = os.getloadavg()[0]
     ray.init(num_cpus=3, include_dashboard=False, log_to_driver=False)
     rows, reference = [], None
     try:
@@ -70,8 +72,9 @@ def main():
         r["speedup_vs_ray_x1"] = r["tokens_per_s"] / base
     notes = (f"{prompts_n} prompts x G={args.group_size}, gen_length {args.gen_length}, block 8, S mode with "
              "temperature 1, 2 prompts per chunk; tiny model (configs/model/tiny.yaml), random weights; median of "
-             f"{repeats} rollout steps (each with a weight publication). Machine has 2 cores shared with other jobs: "
-             "the 2-worker speed-up is bounded by 2 and by contention.")
+             f"{repeats} rollout steps (each with a weight publication). Load average during the run: "
+             f"{load_before:.1f} -> {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores; actors compete with "
+             "every other process for them, so the 2-worker speed-up is bounded by the idle cores.")
     write_results("bench_rl", rows, notes)
 
 

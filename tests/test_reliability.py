@@ -9,6 +9,7 @@ import pickle
 import random
 import re
 import secrets
+import signal
 import socket
 import subprocess
 import sys
@@ -288,6 +289,38 @@ def test_disk_full_while_saving_continue_and_stop(tmp_path, ref):
     finally:
         for path in mounted:
             subprocess.run(["umount", "-l", str(path)], check=False)
+
+
+def test_disk_full_on_one_rank_fails_the_save_on_all_ranks(tmp_path, ref):
+    """2-process ZeRO-2 (each rank writes its own optimizer shard) on a 50 MiB tmpfs: the first checkpoint
+    (~37 MB) fits, the second runs out of space on whichever rank(s); all ranks agree, none hangs in a
+    collective, and with `continue` the run finishes."""
+    run = tmp_path / "run"
+    _tmpfs(run / "checkpoints", 50)
+    try:
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu"}
+        args = tiny_args(run, ref.cache, "engine.zero_stage=2", "train.steps=4", "train.save_every=2",
+                         "train.keep_last=1", "train.eval_every=1000", "train.export_hf=false",
+                         "train.on_save_error=continue")
+        with socket.socket() as sock:  # an explicit port: with `--master_port 0` workers hung in rendezvous here
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+        proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                                 "--master_port", str(port), "-m", "llada_train.cli", *args], cwd=REPO, env=env,
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+        try:
+            out, _ = proc.communicate(timeout=400)  # a rank stuck in a collective would hang here
+        finally:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)  # the launcher and both ranks
+                proc.wait()
+        assert proc.returncode == 0, out[-3000:]
+        assert re.search(r"warning: saving checkpoint \S+step_000004 failed \(rank [01]: ", out), out[-3000:]
+        assert steps_saved(run) == [2] and not list((run / "checkpoints").glob(".tmp_step_*"))
+        assert ckpt_lib.verify_checkpoint(run / "checkpoints" / "step_000002") is None
+        assert max(losses(run)) == 4
+    finally:
+        subprocess.run(["umount", "-l", str(run / "checkpoints")], check=False)
 
 
 def test_on_save_error_is_validated():

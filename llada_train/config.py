@@ -63,7 +63,7 @@ class ChatDataConfig:
     tasks: list = field(default_factory=lambda: ["addition", "reversal"])  # when train == "tasks"
     task_options: dict = field(default_factory=dict)  # per-task generator options, e.g. {sorting: {max_len: 4}}
     num_train: int = 4000  # generated training rows (data.train = tasks)
-    num_eval: int = 200  # held-out rows kept for eval loss and accuracy
+    num_eval: int = 200  # held-out rows kept for eval loss and accuracy (0 = no eval)
     max_len: int = 64  # tokens per example after EOS padding (a multiple of diffusion.block_size)
     truncate: str = "drop"  # drop | truncate
     pack: bool = False  # pack several examples per row with document masks

@@ -7,6 +7,8 @@ One process needs no launcher: the env defaults below make it a world of one. `t
 import math
 import os
 import socket
+import sys
+from pathlib import Path
 
 import torch
 
@@ -17,10 +19,21 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _prefer_env_ninja():
+    """DeepSpeed JIT-builds its CPU shm op with the first `ninja` on PATH. The venv's ninja and a
+    system one hash the build commands differently, so processes started with and without the
+    venv on PATH rebuild the op for each other (a minute per start); always use the venv's."""
+    env_bin = str(Path(sys.executable).parent)
+    path = os.environ.get("PATH", "")
+    if (Path(env_bin) / "ninja").is_file() and path.split(os.pathsep)[0] != env_bin:
+        os.environ["PATH"] = env_bin + os.pathsep + path
+
+
 def init_distributed() -> tuple[int, int]:
     """(rank, world_size); initialises torch.distributed once."""
     if not torch.cuda.is_available():
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
+        _prefer_env_ninja()
     import deepspeed
 
     if "RANK" not in os.environ and "SLURM_PROCID" in os.environ and "WORLD_SIZE" not in os.environ:

@@ -155,7 +155,7 @@ def test_tiny_sft_from_scratch_lowers_held_out_loss_and_exports(tmp_path):
     run = tmp_path / "run"
     res = cli("sft", "--config", "configs/sft_tiny.yaml", "model.init_from=", f"run.out_dir={run}",
               "data.num_train=400", "data.num_eval=16", "train.steps=30", "train.batch_size=8", "train.eval_every=30",
-              "train.eval_batches=2", "train.log_every=10", "train.save_every=1000")
+              "train.eval_batches=1", "train.log_every=10", "train.save_every=1000")
     assert res.returncode == 0, res.stderr[-3000:]
     first, last = evals(run)[0], evals(run)[-1]
     assert (first["step"], last["step"]) == (0, 30)
@@ -176,11 +176,10 @@ def test_lora_trains_only_adapters_and_merged_export_matches_peft(tmp_path, tok)
     tok.save_pretrained(base_dir)
     base = LLaDA2MoeModelLM.from_pretrained(base_dir)
     res = cli("sft", "--config", "configs/sft_tiny_lora.yaml", f"model.init_from={base_dir}", f"run.out_dir={run}",
-              "data.num_train=64", "data.num_eval=8", "train.steps=4", "train.batch_size=8", "train.eval_every=1000",
-              "train.eval_batches=1", "train.save_every=1000")
+              "data.num_train=64", "data.num_eval=0", "train.steps=3", "train.batch_size=8", "train.save_every=1000")
     assert res.returncode == 0, res.stderr[-3000:]
     assert "LoRA:" in res.stdout + res.stderr
-    trained = torch.load(run / "checkpoints" / "step_000004" / "engine" / "mp_rank_00_model_states.pt",
+    trained = torch.load(run / "checkpoints" / "step_000003" / "engine" / "mp_rank_00_model_states.pt",
                          weights_only=False)["module"]
     base_state = base.state_dict()
     adapters = {k: v for k, v in trained.items() if ".lora_" in k}
@@ -249,5 +248,6 @@ def test_task_options_shape_the_generated_rows():
                                                        "data.task_options={sorting: {min_len: 2, max_len: 3}}"])
     train, held_out = load_sft_splits(cfg)
     assert len(train.rows) == 50 and len(held_out.rows) == 10
+    assert load_sft_splits(load_config("sft", "configs/sft_tiny.yaml", ["data.num_eval=0"]))[1] is None
     assert {len(r["answer"]) for r in train.rows + held_out.rows} == {2, 3}
     assert not {r["messages"][0]["content"] for r in train.rows} & {r["messages"][0]["content"] for r in held_out.rows}

@@ -78,14 +78,14 @@ def load_sft_splits(cfg) -> tuple[ChatSplit, ChatSplit | None]:
     """Train and held-out rows. `data.train: tasks` generates both splits from `data.tasks` and
     `data.task_options` (disjoint by construction); `data.eval` (file or `hf:` name, whose `test`
     split is read) replaces the generated held-out rows when set; at most `data.num_eval` held-out
-    rows are kept."""
+    rows are kept (0: no eval)."""
     d = cfg.data
     generated = None
     if d.train == "tasks":
         options = dict(d.task_options)
         try:
             train = make_rows(list(d.tasks), d.num_train, split="train", seed=cfg.run.seed, kind="sft", **options)
-            if not d.eval:
+            if not d.eval and d.num_eval > 0:
                 generated = make_rows(list(d.tasks), d.num_eval, split="eval", seed=cfg.run.seed, kind="sft",
                                       **options)
         except ValueError as e:
@@ -95,7 +95,7 @@ def load_sft_splits(cfg) -> tuple[ChatSplit, ChatSplit | None]:
         train_split = ChatSplit(d.train, *load_chat_rows(d.train, split="train"))
     if generated is not None:
         return train_split, ChatSplit("tasks (eval split)", *load_chat_rows(generated))
-    if not d.eval:
+    if not d.eval or d.num_eval == 0:
         return train_split, None
     rows, stats = load_chat_rows(d.eval, split="test" if d.eval.startswith("hf:") else "train")
     return train_split, ChatSplit(d.eval, rows[: d.num_eval], stats)

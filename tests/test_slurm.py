@@ -32,7 +32,9 @@ CPT = [f"cpt.train.steps={CPT_STEPS}", "cpt.data.seq_len=32", "cpt.data.max_docs
        "cpt.optim.warmup_steps=2"]
 RL = ["rl.train.steps=2", "rl.train.batch_size=2", "rl.rl.group_size=2", "rl.rl.minibatch_size=2",
       "rl.data.num_train=8", "rl.data.num_eval=4", "rl.train.eval_every=2", "rl.train.save_every=2",
-      "rl.rl.ray.num_workers=1"]
+      "rl.rl.ray.num_workers=1",
+      # a reward Ray task's clock includes starting its worker process: minutes on a loaded CI box
+      "rl.rl.rewards=[{fn: 'llada_train.rl.rewards:exact_match', timeout_s: 300}]"]
 # One CPU per job so two jobs run at once on a 2-CPU node; 2 ranks per node (torchrun, c10d).
 RESOURCES = ["--nproc-per-node", "2", "--cpus-per-task", "1", "--time", "30:00", "--grace", "60", "--ray-wait", "180"]
 

@@ -230,6 +230,7 @@ class RayConfig:
 class RLAlgoConfig:
     group_size: int = 8  # G completions per prompt (prompts per step = train.batch_size)
     num_timesteps: int = 2  # N stratified noise levels of the ELBO
+    t_min: float = 0.001  # smallest noise level (1/t weights at most 1/t_min)
     eps_low: float = 0.2  # clip ratio below 1 - eps_low
     eps_high: float = 0.28  # clip ratio above 1 + eps_high
     ratio_level: str = "sequence"  # sequence | block
@@ -429,6 +430,7 @@ def _validate_rl(cfg) -> None:
     _check(0 <= r.eps_low < 1, "rl.eps_low", "must be in [0, 1)")
     _check(r.eps_high >= 0, "rl.eps_high", "must be >= 0")
     _check(r.kl_beta >= 0, "rl.kl_beta", "must be >= 0 (0 disables the KL term)")
+    _check(0 < r.t_min < 1, "rl.t_min", "must be in (0, 1)")
     for key in ("decode_mode", "eval_mode"):
         _check(getattr(r, key) in ("S", "Q", "llada2.0"), f"rl.{key}", "use S, Q or llada2.0")
     _check(r.gen_length >= 0, "rl.gen_length", "must be >= 0 (0 = from the longest train answer)")

@@ -152,6 +152,8 @@ def test_rl_cli_runs_with_failing_rewards_exports_and_resumes_exactly(tmp_path):
 def test_rl_config_errors_name_the_key(tmp_path):
     with pytest.raises(ConfigError, match="rl.group_size"):
         load_config("rl", str(REPO / "configs/rl_tiny.yaml"), ["rl.group_size=1"])
+    with pytest.raises(ConfigError, match="rl.t_min"):
+        load_config("rl", str(REPO / "configs/rl_tiny.yaml"), ["rl.t_min=0"])
     with pytest.raises(ConfigError, match=r"rl.rewards\[0\].fn"):
         load_config("rl", str(REPO / "configs/rl_tiny.yaml"), ["rl.rewards=[{fn: no_colon}]"])
     with pytest.raises(ConfigError, match="Did you mean 'rl.group_size'"):

@@ -40,6 +40,7 @@ class EBPOConfig:
     drop_zero_variance_groups: bool = True  # groups whose rewards are all equal carry no signal
     beta: float = 0.0  # weight of the k3 KL to a frozen reference (0 = no reference model)
     block_size: int = 32  # diffusion block size of the ELBO (the model's decoding block)
+    t_min: float = T_MIN  # smallest noise level; caps the 1/t weight of short responses' few masked tokens
 
     def __post_init__(self):
         def bad(key, must):
@@ -61,6 +62,8 @@ class EBPOConfig:
             bad("eps_low", "must be in [0, 1)")
         if not self.eps_high >= 0.0:
             bad("eps_high", "must be >= 0")
+        if not 0.0 < self.t_min < 1.0:
+            bad("t_min", "must be in (0, 1)")
         if not self.beta >= 0.0:
             bad("beta", "must be >= 0 (0 disables the KL term)")
 
@@ -336,7 +339,7 @@ def build_batch(model, input_ids: torch.Tensor, response_mask: torch.Tensor, rew
     rows = keep.nonzero().squeeze(1).to(input_ids.device)
     input_ids, response_mask = input_ids[rows], response_mask.bool()[rows]
     pad_mask = None if pad_mask is None else pad_mask.bool()[rows]
-    t = stratified_timesteps(cfg.num_timesteps, len(rows), generator, device=input_ids.device)
+    t = stratified_timesteps(cfg.num_timesteps, len(rows), generator, device=input_ids.device, t_min=cfg.t_min)
     scored = response_mask if pad_mask is None else response_mask & pad_mask
     batch = EBPOBatch(input_ids, scored, t, sample_noise_masks(scored, t, generator),
                       old_terms=torch.empty(0), advantages=adv[rows], pad_mask=pad_mask)

@@ -144,7 +144,7 @@ def ebpo_config(cfg) -> EBPOConfig:
                       updates_per_batch=r.updates_per_batch, minibatch_size=r.minibatch_size,
                       ratio_level=r.ratio_level, advantage=r.advantage,
                       drop_zero_variance_groups=r.drop_zero_variance, beta=r.kl_beta,
-                      block_size=cfg.diffusion.block_size)
+                      block_size=cfg.diffusion.block_size, t_min=r.t_min)
 
 
 def rl_step_fn(cfg, tokenizer, rows: list[dict], rollouts, rewards: RewardComputer, ref_model):

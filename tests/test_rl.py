@@ -149,6 +149,22 @@ def test_rl_cli_runs_with_failing_rewards_exports_and_resumes_exactly(tmp_path):
         assert resumed[key] == last[key], key
 
 
+def test_rollout_seeds_are_the_same_in_every_process():
+    """Resume runs in a new process and Ray workers are other processes: seeds must not depend on
+    Python's per-process str-hash salt."""
+    import subprocess
+    import sys
+
+    from llada_train.rl.rollout import chunk_seed
+
+    code = "from llada_train.rl.rollout import chunk_seed; print(chunk_seed(3, 5, 7))"
+    for salt in ("1", "2"):
+        out = subprocess.run([sys.executable, "-c", code], env={"PYTHONHASHSEED": salt, "PATH": ""},
+                             capture_output=True, text=True, check=True, cwd=REPO)
+        assert int(out.stdout) == chunk_seed(3, 5, 7)
+    assert chunk_seed(3, 5, 7) != chunk_seed(3, 5, 8)
+
+
 def test_rl_config_errors_name_the_key(tmp_path):
     with pytest.raises(ConfigError, match="rl.group_size"):
         load_config("rl", str(REPO / "configs/rl_tiny.yaml"), ["rl.group_size=1"])

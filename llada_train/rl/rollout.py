@@ -14,6 +14,7 @@ chunk retried. Reward functions run as Ray tasks with per-call timeouts (`ray_re
 
 from __future__ import annotations
 
+import hashlib
 import math
 import sys
 import time
@@ -58,8 +59,14 @@ class RolloutBatch:
         return (self.lengths.float() / self.nfe.clamp_min(1).float()).mean().item()
 
 
+def stable_seed(*parts) -> int:
+    """A 63-bit seed from `parts`, the same in every process (str hashing is salted per process)."""
+    digest = hashlib.blake2b(":".join(map(str, parts)).encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big") >> 1
+
+
 def chunk_seed(seed: int, step: int, chunk: int) -> int:
-    return hash((seed, step, chunk, "rollout")) % (2**63)
+    return stable_seed(seed, step, chunk, "rollout")
 
 
 def decode_chunk(model, chunk: RolloutChunk, decode: dict) -> dict:

@@ -21,7 +21,7 @@ from ..engine import init_distributed
 from ..model import update_expert_bias
 from ..rl.ebpo import EBPOConfig, build_batch, ebpo_update
 from ..rl.rewards import RewardComputer, RewardSpec
-from ..rl.rollout import build_rollouts, ray_reward_executor, rollout_step
+from ..rl.rollout import build_rollouts, ray_reward_executor, rollout_step, stable_seed
 from ..trainer import BatchSource, Trainer
 from .common import build_model, build_tokenizer
 
@@ -165,7 +165,7 @@ def rl_step_fn(cfg, tokenizer, rows: list[dict], rollouts, rewards: RewardComput
         start = time.perf_counter()
         scored = rewards.score(prompts, roll.completions, columns)
         reward_s = time.perf_counter() - start
-        generator = torch.Generator().manual_seed(hash((cfg.run.seed, step, "ebpo")) % (2**63))
+        generator = torch.Generator().manual_seed(stable_seed(cfg.run.seed, step, "ebpo"))
         ebpo_batch, batch_metrics = build_batch(engine, roll.input_ids, roll.response_mask,
                                                 torch.tensor(scored.total), ecfg, pad_mask=roll.pad_mask,
                                                 ref_model=ref_model, generator=generator)

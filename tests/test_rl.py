@@ -131,7 +131,9 @@ def test_rl_cli_runs_with_failing_rewards_exports_and_resumes_exactly(tmp_path):
     assert last["reward/boom/errors"] == 4 and last["reward/hang/timeouts"] == 4  # + the step-0 eval
     assert last["reward/skip/applicable"] == 0 and "reward/length/mean" in last
     assert {"eval/accuracy", "eval/reward", "eval/tokens_per_forward"} <= set(records[0])  # baseline at step 0
-    assert all(k in last for k in ("clip_frac_low", "clip_frac_high", "ratio_mean", "rollout/tokens_per_forward"))
+    trained = next(r for r in steps if r["updates"] > 0)
+    assert all(k in trained for k in ("clip_frac_low", "clip_frac_high", "ratio_mean", "rollout/tokens_per_forward"))
+    assert last["reward/length/errors"] == 0  # the eval passes completion_ids too
 
     hf = full / "hf"
     LLaDA2MoeModelLM.from_pretrained(hf)
@@ -145,8 +147,13 @@ def test_rl_cli_runs_with_failing_rewards_exports_and_resumes_exactly(tmp_path):
     assert main(_args(split, rewards_file, 2)) == 0
     assert main(_args(split, rewards_file, 3)) == 0
     resumed = next(r for r in _records(split) if r.get("step") == 3 and "loss" in r)
-    for key in ("loss", "reward/length/mean", "ratio_mean", "rollout/response_len", "tokens"):
-        assert resumed[key] == last[key], key
+    timing = ("elapsed_s", "rollout/seconds", "rollout/tokens_per_s", "reward_seconds")
+
+    def comparable(record):  # error counters restart with the process; wall times vary
+        return {k: v for k, v in record.items() if k not in timing and not k.endswith(("/errors", "/timeouts"))}
+
+    assert comparable(resumed) == comparable(last)
+    assert "reward/length/mean" in last and "tokens" in last
 
 
 def test_rollout_seeds_are_the_same_in_every_process():

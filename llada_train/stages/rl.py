@@ -214,7 +214,7 @@ def rl_eval_fn(cfg, tokenizer, rows: list[dict], rewards: RewardComputer, gen_le
     def eval_fn(engine, step) -> dict:
         model = engine.module if hasattr(engine, "module") else engine
         device = next(model.parameters()).device
-        texts, tpf = [], []
+        texts, tpf, completion_ids = [], [], []
         for start in range(0, len(rows), bsz):
             part = rows[start:start + bsz]
             input_ids, lengths = encode_prompts(tokenizer, [r[field] for r in part])  # (b, P), (b,)
@@ -222,12 +222,15 @@ def rl_eval_fn(cfg, tokenizer, rows: list[dict], rewards: RewardComputer, gen_le
                                      block_length=cfg.diffusion.block_size, prompt_lengths=lengths.to(device))
             texts += decode_responses(tokenizer, out, input_ids.shape[1], model.config.eos_token_id)
             tpf += out.tokens_per_forward.tolist()
+            eos = model.config.eos_token_id
+            for row, n in zip(out.sequences[:, input_ids.shape[1]:].tolist(), out.lengths.tolist()):
+                completion_ids.append([tok for tok in row[:n] if tok != eos])
         metrics = {"tokens_per_forward": sum(tpf) / len(tpf)}
         checkable = [(r, t) for r, t in zip(rows, texts) if "task" in r and "answer" in r]
         if checkable:
             metrics["accuracy"] = sum(check(r["task"], str(r["answer"]), t) for r, t in checkable) / len(checkable)
         scored = rewards.score([_prompt_text(r[field], tokenizer) for r in rows], texts,
-                               _reward_columns(rows, field, 1))
+                               {**_reward_columns(rows, field, 1), "completion_ids": completion_ids})
         metrics["reward"] = sum(scored.total) / len(scored.total)
         return metrics
 

@@ -270,9 +270,13 @@ def rollout_step(executor, tokenizer, prompts: list, *, group_size: int, prompts
     pad_mask = torch.zeros(bsz, width, dtype=torch.bool)
     completion_ids = []
     for r in range(bsz):
-        p, end = int(prompt_lens[r]), int(row_lens[r])
+        p, n = int(prompt_lens[r]), int(lengths[r])
+        # The decoder stops a row at the block holding its first EOS; later blocks are never decoded,
+        # and in SFT they are padding (never attended, never trained): scoring them would train EOS
+        # predictions the model never needed, with huge losses that swamp the answer tokens.
+        end = min(int(row_lens[r]), (p + n + block_length - 1) // block_length * block_length)
         ids[r, :p] = prompt_rows[r, prompt_rows.shape[1] - p:]
-        ids[r, p:p + gen_length] = responses[r]
+        ids[r, p:p + n] = responses[r, :n]
         response_mask[r, p:end] = True
         pad_mask[r, :end] = True
         resp = responses[r, :int(lengths[r])]

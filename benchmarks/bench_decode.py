@@ -34,11 +34,11 @@ SETTINGS = {
     "S": DECODE_PRESETS["S"],
     "Q": DECODE_PRESETS["Q"],
     "threshold 0.95": DECODE_PRESETS["llada2.0"],
-    "one token/step": dict(threshold=1.0, editing_threshold=None),
+    "one token/step": {"threshold": 1.0, "editing_threshold": None},
 }
-MID = dict(hidden_size=512, intermediate_size=1536, moe_intermediate_size=256, num_hidden_layers=8,
-           num_attention_heads=8, num_key_value_heads=4, head_dim=64, num_experts=16, num_experts_per_tok=4,
-           n_group=4, topk_group=2)
+MID = {"hidden_size": 512, "intermediate_size": 1536, "moe_intermediate_size": 256, "num_hidden_layers": 8,
+           "num_attention_heads": 8, "num_key_value_heads": 4, "head_dim": 64, "num_experts": 16, "num_experts_per_tok": 4,
+           "n_group": 4, "topk_group": 2}
 
 
 def newest_export() -> Path | None:
@@ -69,10 +69,10 @@ def speed_rows(name, weights, model, ids, plen, args):
         for use_cache in (False, True):
             out, wall, cpu = decode(model, ids, plen, setting, args, use_cache, eos_stop=False)
             tokens = int(out.lengths.sum())
-            rows.append(dict(model=name, weights=weights, setting=setting, cache=use_cache, tokens=tokens,
-                             nfe=int(out.nfe.sum()), tokens_per_forward=round(tokens / int(out.nfe.sum()), 3),
-                             edits=int(out.edits.sum()), wall_s=round(wall, 3), cpu_s=round(cpu, 3),
-                             tokens_per_s=round(tokens / cpu, 2), tokens_per_wall_s=round(tokens / wall, 2)))
+            rows.append({"model": name, "weights": weights, "setting": setting, "cache": use_cache, "tokens": tokens,
+                             "nfe": int(out.nfe.sum()), "tokens_per_forward": round(tokens / int(out.nfe.sum()), 3),
+                             "edits": int(out.edits.sum()), "wall_s": round(wall, 3), "cpu_s": round(cpu, 3),
+                             "tokens_per_s": round(tokens / cpu, 2), "tokens_per_wall_s": round(tokens / wall, 2)})
             print(json.dumps(rows[-1]), flush=True)
     return rows
 
@@ -84,14 +84,14 @@ def task_rows(model, tok, args):
     ids, plen = encode_prompts(tok, [p["prompt"] for p in problems], chat=True)
     rows = []
     for setting in SETTINGS:
-        out, wall, cpu = decode(model, ids, plen, setting, args, use_cache=True, eos_stop=True)
+        out, _wall, cpu = decode(model, ids, plen, setting, args, use_cache=True, eos_stop=True)
         texts = [tok.decode(r[:n], skip_special_tokens=True) for r, n in
                  zip(out.sequences[:, ids.shape[1]:].tolist(), out.lengths.tolist())]
         correct = sum(check(p["task"], p["answer"], t) for p, t in zip(problems, texts))
-        rows.append(dict(setting=setting, prompts=len(problems), tokens=int(out.lengths.sum()),
-                         tokens_per_forward=round(float(out.lengths.sum() / out.nfe.sum()), 3),
-                         edits=int(out.edits.sum()), accuracy=round(correct / len(problems), 3),
-                         cpu_s=round(cpu, 2)))
+        rows.append({"setting": setting, "prompts": len(problems), "tokens": int(out.lengths.sum()),
+                         "tokens_per_forward": round(float(out.lengths.sum() / out.nfe.sum()), 3),
+                         "edits": int(out.edits.sum()), "accuracy": round(correct / len(problems), 3),
+                         "cpu_s": round(cpu, 2)})
         print(json.dumps(rows[-1]), flush=True)
     return rows
 
@@ -100,11 +100,11 @@ def markdown(result) -> str:
     lines = [
         "# Threshold decoding: KV cache vs recompute, tokens per forward",
         "",
-        f"`python benchmarks/bench_decode.py --threads {result['threads']}` on {result['cpu']} "
+        (f"`python benchmarks/bench_decode.py --threads {result['threads']}` on {result['cpu']} "
         f"({result['threads']} thread(s), torch {result['torch']}); gen_length {result['gen_length']}, "
         f"block {result['block_length']}, batch 1, greedy, no EOS stop. tokens/s = tokens / process CPU "
         "seconds (one thread; the box is shared, wall times are in the JSON). Cache speedup = tokens/s with "
-        "the block KV cache / tokens/s recomputing the whole prefix every step, measured side by side.",
+        "the block KV cache / tokens/s recomputing the whole prefix every step, measured side by side."),
         "",
         "| model | weights | setting | TPF | nfe | edits | tok/s recompute | tok/s cached | cache speedup |",
         "|---|---|---|---|---|---|---|---|---|",
@@ -118,16 +118,16 @@ def markdown(result) -> str:
                      f"{c['edits']} | {r['tokens_per_s']:.1f} | {c['tokens_per_s']:.1f} | "
                      f"{c['tokens_per_s'] / r['tokens_per_s']:.2f}x |")
     if result["tasks"]:
-        lines += ["", f"Held-out task prompts, trained tiny model ({result['tiny_weights']}), EOS stop, cached; "
-                  "TPF counts answer tokens up to and including EOS:", "",
+        lines += ["", (f"Held-out task prompts, trained tiny model ({result['tiny_weights']}), EOS stop, cached; "
+                  "TPF counts answer tokens up to and including EOS:"), "",
                   "| setting | prompts | TPF | edits | exact match |", "|---|---|---|---|---|"]
         lines += [f"| {r['setting']} | {r['prompts']} | {r['tokens_per_forward']:.2f} | {r['edits']} | "
                   f"{r['accuracy']:.2f} |" for r in result["tasks"]]
     else:
-        lines += ["", "No trained export under runs/ (run `make demo`): TPF on real prompts not measured. With "
+        lines += ["", ("No trained export under runs/ (run `make demo`): TPF on real prompts not measured. With "
                   "random weights the model is never confident, so every setting decodes about one token per "
                   "forward, and S mode (editing threshold 0) spends its post-edit steps on a model that "
-                  "disagrees with itself."]
+                  "disagrees with itself.")]
     return "\n".join(lines) + "\n"
 
 
@@ -146,9 +146,9 @@ def main():
     tiny_weights = f"trained ({export.relative_to(ROOT)})" if export else "random"
     prompt = make_rows(["addition"], 1, split="eval", seed=0, kind="rl")[0]["prompt"]
     ids, plen = encode_prompts(tok, [prompt], chat=True)
-    result = dict(cpu=platform.processor() or platform.machine(), threads=args.threads, torch=torch.__version__,
-                  gen_length=args.gen_length, block_length=args.block_length, tiny_weights=tiny_weights,
-                  speed=[], tasks=[])
+    result = {"cpu": platform.processor() or platform.machine(), "threads": args.threads, "torch": torch.__version__,
+                  "gen_length": args.gen_length, "block_length": args.block_length, "tiny_weights": tiny_weights,
+                  "speed": [], "tasks": []}
     models = {"tiny": (tiny, tiny_weights), "mid": (random_model(**MID), "random")}
     for name in args.models.split(","):
         model, weights = models[name]

@@ -12,9 +12,9 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks.common import time_call, write_results  # noqa: E402
-from llada_train.model import LLaDA2MoeConfig  # noqa: E402
-from llada_train.model.moe import LLaDA2MoeExperts  # noqa: E402
+from benchmarks.common import time_call, write_results
+from llada_train.model import LLaDA2MoeConfig
+from llada_train.model.moe import LLaDA2MoeExperts
 
 
 def naive_experts(experts: LLaDA2MoeExperts, x, idx, weights):

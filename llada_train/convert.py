@@ -61,7 +61,7 @@ class _SourceTensors:
             raise ValueError(f"{path}: no *.safetensors weights found.{hint}")
         self.path = path
         self._handles = {name: safe_open(os.fspath(path / name), framework="pt") for name in files}
-        self._where = {key: name for name, h in self._handles.items() for key in h.keys()}
+        self._where = {key: name for name, h in self._handles.items() for key in h.keys()}  # noqa: SIM118 (safe_open is not iterable)
         self._taken: set[str] = set()
 
     def __contains__(self, key: str) -> bool:
@@ -173,22 +173,22 @@ def _model_config(family: str, cfg: dict, keys: _SourceTensors, where: Path) -> 
     theta, factor = _rope(cfg, where)
     heads = cfg["num_attention_heads"]
     head_dim = cfg.get("head_dim") or cfg["hidden_size"] // heads
-    common = dict(
-        vocab_size=cfg["vocab_size"],
-        hidden_size=cfg["hidden_size"],
-        intermediate_size=cfg["intermediate_size"],
-        num_hidden_layers=cfg["num_hidden_layers"],
-        num_attention_heads=heads,
-        num_key_value_heads=cfg.get("num_key_value_heads") or heads,
-        head_dim=head_dim,
-        rope_theta=theta,
-        partial_rotary_factor=factor,
-        rotary_dim=int(head_dim * factor),
-        rms_norm_eps=cfg.get("rms_norm_eps", 1e-6),
-        tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
-        max_position_embeddings=cfg.get("max_position_embeddings", 32768),
-        initializer_range=cfg.get("initializer_range", 0.02),
-    )
+    common = {
+        "vocab_size": cfg["vocab_size"],
+        "hidden_size": cfg["hidden_size"],
+        "intermediate_size": cfg["intermediate_size"],
+        "num_hidden_layers": cfg["num_hidden_layers"],
+        "num_attention_heads": heads,
+        "num_key_value_heads": cfg.get("num_key_value_heads") or heads,
+        "head_dim": head_dim,
+        "rope_theta": theta,
+        "partial_rotary_factor": factor,
+        "rotary_dim": int(head_dim * factor),
+        "rms_norm_eps": cfg.get("rms_norm_eps", 1e-6),
+        "tie_word_embeddings": bool(cfg.get("tie_word_embeddings", False)),
+        "max_position_embeddings": cfg.get("max_position_embeddings", 32768),
+        "initializer_range": cfg.get("initializer_range", 0.02),
+    }
     if family == "bailing_moe_v2":
         if cfg.get("score_function", "sigmoid") != "sigmoid":
             raise ValueError(
@@ -271,7 +271,7 @@ def _bailing_tensors(src: _SourceTensors, config: LLaDA2MoeConfig) -> Iterator[t
         parts = key.split(".")
         return int(parts[2]) if key.startswith("model.layers.") else None
 
-    for key in src.keys():
+    for key in src.keys():  # noqa: SIM118 (_SourceTensors is not iterable)
         layer = layer_of(key)
         if layer is not None and layer >= config.num_hidden_layers:
             src.take(key)  # MTP layer: consumed, not written

@@ -22,10 +22,9 @@ is folded into the next block's first forward (`commit_len`), so no extra forwar
 from __future__ import annotations
 
 import json
-import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import torch
 
@@ -34,11 +33,11 @@ from .model.masks import block_causal_mask
 
 DECODE_PRESETS = {
     # Speedy: aggressive drafting, every disagreement the model has with its draft is edited.
-    "S": dict(threshold=0.5, editing_threshold=0.0),
+    "S": {"threshold": 0.5, "editing_threshold": 0.0},
     # Quality: conservative drafting, confident edits only.
-    "Q": dict(threshold=0.7, editing_threshold=0.5),
+    "Q": {"threshold": 0.7, "editing_threshold": 0.5},
     # LLaDA2.0-style M2T only.
-    "llada2.0": dict(threshold=0.95, editing_threshold=None),
+    "llada2.0": {"threshold": 0.95, "editing_threshold": None},
 }
 DEFAULT_GEN_LENGTH = 256
 DEFAULT_BLOCK_LENGTH = 32
@@ -324,8 +323,8 @@ def generation_config_dict(mode: str = "Q", *, gen_length: int = DEFAULT_GEN_LEN
     `mbe_window`, `gen_length`, `block_length`. Greedy decoding is implied (no `temperature` key:
     GenerationConfig rejects temperature=0)."""
     params = _mode_params(mode)
-    return dict(decode_mode=mode, threshold=params["threshold"], editing_threshold=params["editing_threshold"],
-                max_post_steps=16, mbe_window=0, gen_length=gen_length, block_length=block_length)
+    return {"decode_mode": mode, "threshold": params["threshold"], "editing_threshold": params["editing_threshold"],
+                "max_post_steps": 16, "mbe_window": 0, "gen_length": gen_length, "block_length": block_length}
 
 
 def load_decode_defaults(model_dir) -> dict:

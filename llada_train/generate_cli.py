@@ -68,8 +68,8 @@ def _decode_params(args, model) -> dict:
     params.update(load_decode_defaults(args.model))
     if args.mode:
         params.update(DECODE_PRESETS[args.mode])
-    flags = dict(threshold=args.threshold, gen_length=args.gen_length, block_length=args.block_length,
-                 max_post_steps=args.max_post_steps, mbe_window=args.mbe_window)
+    flags = {"threshold": args.threshold, "gen_length": args.gen_length, "block_length": args.block_length,
+                 "max_post_steps": args.max_post_steps, "mbe_window": args.mbe_window}
     params.update({k: v for k, v in flags.items() if v is not None})
     if hasattr(args, "editing_threshold"):  # given on the command line (None = off)
         params["editing_threshold"] = args.editing_threshold
@@ -92,7 +92,7 @@ def _read_prompts(path: Path) -> list[dict]:
         except json.JSONDecodeError as e:
             raise ValueError(f"{path}:{n}: not valid JSON ({e})") from e
         if not isinstance(row, dict) or not isinstance(row.get("prompt", row.get("messages")), (str, list)):
-            raise ValueError(f"{path}:{n}: each line needs a 'prompt' string or a 'messages' list")
+            raise ValueError(f"{path}:{n}: each line needs a 'prompt' string or a 'messages' list")  # noqa: TRY004
         rows.append(row)
     return rows
 
@@ -101,6 +101,7 @@ def _load(args):
     from transformers import AutoModelForCausalLM
 
     import llada_train.model  # noqa: F401  (registers the Auto classes)
+
     from .data.tokenizer import load_tokenizer
 
     model = AutoModelForCausalLM.from_pretrained(args.model).to(args.device).eval()

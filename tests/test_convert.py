@@ -162,7 +162,7 @@ def test_cli_casts_to_bfloat16_shards_and_refuses_a_non_empty_target(tmp_path, c
     assert len(shards) > 2 and shards == sorted(p.name for p in out.glob("*.safetensors"))
     for shard in shards:
         with safe_open(str(out / shard), framework="pt") as f:
-            assert {f.get_slice(k).get_dtype() for k in f} == {"BF16"}
+            assert {f.get_slice(k).get_dtype() for k in f.keys()} == {"BF16"}  # noqa: SIM118 (safe_open is not iterable)
     model = AutoModelForCausalLM.from_pretrained(out)
     assert json.loads((out / "config.json").read_text())["dtype"] == "bfloat16"
     assert model.model.word_embeddings.weight.dtype == torch.bfloat16

@@ -272,8 +272,8 @@ def test_batched_cached_matches_reference(peaky_model, mbe_window):
     prompts = random_prompts(lengths, gen)
     ids, plen = left_pad(prompts)
     attention_mask = (torch.arange(ids.shape[1])[None] >= (ids.shape[1] - plen)[:, None]).long()
-    kw = dict(gen_length=G, block_length=b, threshold=0.6, editing_threshold=0.7, max_post_steps=4,
-              mbe_window=mbe_window, eos_token_id=EOS, mask_token_id=MASK, attention_mask=attention_mask)
+    kw = {"gen_length": G, "block_length": b, "threshold": 0.6, "editing_threshold": 0.7, "max_post_steps": 4,
+              "mbe_window": mbe_window, "eos_token_id": EOS, "mask_token_id": MASK, "attention_mask": attention_mask}
     cached = generate(peaky_model, ids, use_cache=True, **kw)
     uncached = generate(peaky_model, ids, use_cache=False, **kw)
     for field in ("sequences", "nfe", "edits", "lengths"):
@@ -292,8 +292,8 @@ def test_rows_stopping_at_eos_leave_the_batch_correctly(peaky_model):
     lengths, G, b, eos = [3, 13, 8, 6], 24, 8, 36  # with this model, eos 36 stops row 2 two blocks early
     prompts = random_prompts(lengths, gen)
     ids, plen = left_pad(prompts)
-    kw = dict(gen_length=G, block_length=b, threshold=0.6, editing_threshold=0.7, max_post_steps=4,
-              eos_token_id=eos, mask_token_id=MASK, prompt_lengths=plen)
+    kw = {"gen_length": G, "block_length": b, "threshold": 0.6, "editing_threshold": 0.7, "max_post_steps": 4,
+              "eos_token_id": eos, "mask_token_id": MASK, "prompt_lengths": plen}
     cached, uncached = generate(peaky_model, ids, **kw), generate(peaky_model, ids, use_cache=False, **kw)
     assert torch.equal(cached.sequences, uncached.sequences) and torch.equal(cached.nfe, uncached.nfe)
     assert cached.lengths[2] < G - b and cached.lengths[0] == G
@@ -308,8 +308,8 @@ def test_rows_stopping_at_eos_leave_the_batch_correctly(peaky_model):
 def test_mbe_without_editing_equals_plain(peaky_model):
     gen = torch.Generator().manual_seed(8)
     ids, plen = left_pad(random_prompts([6, 2], gen))
-    kw = dict(gen_length=24, block_length=4, threshold=0.5, eos_token_id=EOS, mask_token_id=MASK,
-              prompt_lengths=plen, eos_early_stop=False)
+    kw = {"gen_length": 24, "block_length": 4, "threshold": 0.5, "eos_token_id": EOS, "mask_token_id": MASK,
+              "prompt_lengths": plen, "eos_early_stop": False}
     plain = generate(peaky_model, ids, **kw)
     for window in (1, 3):
         mbe = generate(peaky_model, ids, mbe_window=window, **kw)
@@ -319,8 +319,8 @@ def test_mbe_without_editing_equals_plain(peaky_model):
 def test_sampling_is_reproducible_and_filtered(peaky_model):
     gen = torch.Generator().manual_seed(9)
     ids, plen = left_pad(random_prompts([5, 9], gen))
-    kw = dict(gen_length=16, block_length=8, threshold=0.5, editing_threshold=0.6, temperature=1.5, top_k=20,
-              top_p=0.95, eos_token_id=EOS, mask_token_id=MASK, prompt_lengths=plen)
+    kw = {"gen_length": 16, "block_length": 8, "threshold": 0.5, "editing_threshold": 0.6, "temperature": 1.5, "top_k": 20,
+              "top_p": 0.95, "eos_token_id": EOS, "mask_token_id": MASK, "prompt_lengths": plen}
     runs = [generate(peaky_model, ids, generator=torch.Generator().manual_seed(s), **kw).sequences for s in (1, 1, 2)]
     assert torch.equal(runs[0], runs[1]) and not torch.equal(runs[0], runs[2])
 
@@ -340,14 +340,14 @@ def test_modes_and_saved_defaults(tmp_path, peaky_model):
 
     GenerationConfig(**generation_config_dict("Q", gen_length=12, block_length=4)).save_pretrained(tmp_path)
     saved = load_decode_defaults(tmp_path)
-    assert saved == dict(threshold=0.7, editing_threshold=0.5, max_post_steps=16, mbe_window=0, gen_length=12,
-                         block_length=4)
+    assert saved == {"threshold": 0.7, "editing_threshold": 0.5, "max_post_steps": 16, "mbe_window": 0, "gen_length": 12,
+                         "block_length": 4}
     assert load_decode_defaults(tmp_path / "missing") == {}
     ids = torch.randint(2, V, (2, 5))
     out = generate_with_mode(peaky_model, ids, "Q", **saved)
     ref = generate(peaky_model, ids, eos_token_id=EOS, mask_token_id=MASK, **saved)
     assert torch.equal(out.sequences, ref.sequences) and out.sequences.shape == (2, 17)
-    assert DECODE_PRESETS["llada2.0"] == dict(threshold=0.95, editing_threshold=None)
+    assert DECODE_PRESETS["llada2.0"] == {"threshold": 0.95, "editing_threshold": None}
     with pytest.raises(ValueError, match="unknown decoding mode"):
         generate_with_mode(peaky_model, ids, "fast")
     with pytest.raises(ValueError, match="LEFT-padded"):

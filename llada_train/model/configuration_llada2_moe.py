@@ -5,7 +5,7 @@ from transformers import PretrainedConfig
 
 class LLaDA2MoeConfig(PretrainedConfig):
     model_type = "llada2_moe"
-    keys_to_ignore_at_inference = ["past_key_values"]
+    keys_to_ignore_at_inference = ["past_key_values"]  # noqa: RUF012 (transformers class attribute)
 
     def __init__(
         self,

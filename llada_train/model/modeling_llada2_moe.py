@@ -63,7 +63,7 @@ class LLaDA2MoePreTrainedModel(PreTrainedModel):
     config_class = LLaDA2MoeConfig
     base_model_prefix = "model"
     supports_gradient_checkpointing = True
-    _no_split_modules = ["LLaDA2MoeDecoderLayer"]
+    _no_split_modules = ["LLaDA2MoeDecoderLayer"]  # noqa: RUF012 (transformers class attribute)
     _supports_sdpa = True
 
     @torch.no_grad()
@@ -119,7 +119,7 @@ class LLaDA2MoeModel(LLaDA2MoePreTrainedModel):
 
 
 class LLaDA2MoeModelLM(LLaDA2MoePreTrainedModel, GenerationMixin):
-    _tied_weights_keys = {"lm_head.weight": "model.word_embeddings.weight"}
+    _tied_weights_keys = {"lm_head.weight": "model.word_embeddings.weight"}  # noqa: RUF012
 
     def __init__(self, config: LLaDA2MoeConfig):
         super().__init__(config)

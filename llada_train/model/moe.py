@@ -90,7 +90,7 @@ class LLaDA2MoeExperts(nn.Module):
 
     def forward(self, x: torch.Tensor, expert_idx: torch.Tensor, expert_weights: torch.Tensor) -> torch.Tensor:
         """x: (T, H), expert_idx/expert_weights: (T, k) -> (T, H)."""
-        num_tokens, top_k = expert_idx.shape
+        _num_tokens, top_k = expert_idx.shape
         flat_expert = expert_idx.reshape(-1)  # (T*k,)
         order = flat_expert.argsort(stable=True)
         token_of = order // top_k  # (T*k,) source token of each sorted slot

@@ -8,6 +8,7 @@ import math
 import os
 import socket
 import sys
+import tempfile
 from pathlib import Path
 
 import torch
@@ -40,6 +41,9 @@ def init_distributed() -> tuple[int, int]:
         os.environ["RANK"] = os.environ["SLURM_PROCID"]
         os.environ["WORLD_SIZE"] = os.environ["SLURM_NTASKS"]
         os.environ["LOCAL_RANK"] = os.environ.get("SLURM_LOCALID", "0")
+    # A world of one needs no TCP rendezvous: a port picked here could be taken by another run's
+    # sockets before the store binds it (two single-process runs on one machine then collide).
+    single = os.environ.get("WORLD_SIZE", "1") == "1" and "MASTER_PORT" not in os.environ
     os.environ.setdefault("RANK", "0")
     os.environ.setdefault("LOCAL_RANK", "0")
     os.environ.setdefault("WORLD_SIZE", "1")
@@ -47,6 +51,9 @@ def init_distributed() -> tuple[int, int]:
     os.environ.setdefault("MASTER_PORT", str(_free_port()))
     if not torch.distributed.is_initialized():
         backend = "nccl" if torch.cuda.is_available() else "gloo"
+        if single:
+            store = Path(tempfile.mkdtemp(prefix="llada_train_pg_")) / "store"
+            torch.distributed.init_process_group(backend, init_method=store.as_uri(), rank=0, world_size=1)
         deepspeed.init_distributed(dist_backend=backend, verbose=False)
     if torch.cuda.is_available():
         torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))

@@ -95,8 +95,13 @@ def _plot_rl(records: list[dict], out: Path):
     import matplotlib.pyplot as plt
 
     fig, (left, right) = plt.subplots(1, 2, figsize=(9, 3.4))
-    for key in sorted({k for r in records for k in r if k.startswith("reward") and k.endswith("mean")}):
-        left.plot(*series(records, key), label=key)
+    per_fn = sorted({k for r in records for k in r if k.startswith("reward/") and k.endswith("/mean")})
+    for key in per_fn if len(per_fn) > 2 else [k for k in per_fn if k == "reward/total/mean"] or per_fn:
+        x, y = series(records, key)
+        left.plot(x, y, alpha=0.35)
+        window = max(1, len(y) // 8)  # a running mean shows the trend through the per-step noise
+        left.plot(x, [sum(y[max(0, i - window + 1):i + 1]) / len(y[max(0, i - window + 1):i + 1])
+                      for i in range(len(y))], color=left.lines[-1].get_color(), label=f"{key} (running mean)")
     left.set(title="rollout reward", xlabel="RL step")
     left.legend()
     for key in sorted({k for r in records for k in r if k.startswith("eval/") and "accuracy" in k}):

@@ -22,7 +22,7 @@ def run_cpt(cfg) -> bool:
     eval_tensors = {"input_ids": corpus.eval_ids, "doc_ids": corpus.eval_docs, "maskable": corpus.eval_docs >= 0}
     trainer = Trainer(cfg, "cpt", model, tokenizer, BatchSource(tensors, iterator), loss_fn,
                       eval_loss_fn(cfg, loss_fn, eval_tensors), generation_config=_generation_defaults(),
-                      rank=rank, world_size=world)
+                      eval_at_start=True, rank=rank, world_size=world)
     if rank == 0:
         trainer.log(f"corpus: {corpus.stats}")
     return trainer.fit()

@@ -106,7 +106,7 @@ def _plot_rl(records: list[dict], out: Path):
     left.legend()
     for key in sorted({k for r in records for k in r if k.startswith("eval/") and "accuracy" in k}):
         right.plot(*series(records, key), marker="o", label=key)
-    right.set(title="held-out accuracy", xlabel="RL step", ylim=(0, 1))
+    right.set(title="held-out accuracy", xlabel="RL step")
     right.legend()
     fig.tight_layout()
     fig.savefig(out, dpi=110)

@@ -42,13 +42,15 @@ def init_distributed() -> tuple[int, int]:
         os.environ["WORLD_SIZE"] = os.environ["SLURM_NTASKS"]
         os.environ["LOCAL_RANK"] = os.environ.get("SLURM_LOCALID", "0")
     # A world of one needs no TCP rendezvous: a port picked here could be taken by another run's
-    # sockets before the store binds it (two single-process runs on one machine then collide).
-    single = os.environ.get("WORLD_SIZE", "1") == "1" and "MASTER_PORT" not in os.environ
+    # sockets before the store binds it, and a MASTER_PORT left in the environment (inherited from
+    # a parent that ran a stage in-process) would make concurrent runs collide on it.
+    single = os.environ.get("WORLD_SIZE", "1") == "1"
     os.environ.setdefault("RANK", "0")
     os.environ.setdefault("LOCAL_RANK", "0")
     os.environ.setdefault("WORLD_SIZE", "1")
-    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    os.environ.setdefault("MASTER_PORT", str(_free_port()))
+    if not single:
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(_free_port()))
     if not torch.distributed.is_initialized():
         backend = "nccl" if torch.cuda.is_available() else "gloo"
         if single:

@@ -25,7 +25,7 @@ import yaml
 import llada_train.model  # noqa: F401  (registers the Auto classes)
 from llada_train.data.tasks import check, make_rows
 from llada_train.data.tokenizer import load_tokenizer
-from llada_train.decoding import DECODE_PRESETS, encode_prompts, generate
+from llada_train.decoding import DECODE_PRESETS, encode_prompts, generate, load_decode_defaults
 from llada_train.model import LLaDA2MoeConfig, LLaDA2MoeModelLM
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -68,7 +68,7 @@ def speed_rows(name, weights, model, ids, plen, args):
     for setting in SETTINGS:
         for use_cache in (False, True):
             out, wall, cpu = decode(model, ids, plen, setting, args, use_cache, eos_stop=False)
-            tokens = int(out.lengths.sum())
+            tokens = args.gen_length * len(ids)  # every position is decoded (no EOS stop), EOS fill included
             rows.append({"model": name, "weights": weights, "setting": setting, "cache": use_cache, "tokens": tokens,
                              "nfe": int(out.nfe.sum()), "tokens_per_forward": round(tokens / int(out.nfe.sum()), 3),
                              "edits": int(out.edits.sum()), "wall_s": round(wall, 3), "cpu_s": round(cpu, 3),
@@ -77,10 +77,11 @@ def speed_rows(name, weights, model, ids, plen, args):
     return rows
 
 
-def task_rows(model, tok, args):
-    """TPF and accuracy on held-out task prompts, EOS stop on (trained model only)."""
-    problems = make_rows(["addition", "reversal", "sorting", "copy", "maximum"], args.task_prompts, split="eval",
-                         seed=0, kind="rl")
+def task_rows(model, tok, export, args):
+    """TPF and accuracy on held-out prompts of the task families the demo trains, EOS stop on
+    (trained model only), with the export's own gen_length and block_length."""
+    args = argparse.Namespace(**{**vars(args), **load_decode_defaults(export)})
+    problems = make_rows(["max", "sorting"], args.task_prompts, split="eval", seed=0, kind="rl")
     ids, plen = encode_prompts(tok, [p["prompt"] for p in problems], chat=True)
     rows = []
     for setting in SETTINGS:
@@ -136,7 +137,7 @@ def main():
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--gen-length", type=int, default=256)
     parser.add_argument("--block-length", type=int, default=32)
-    parser.add_argument("--task-prompts", type=int, default=40)
+    parser.add_argument("--task-prompts", type=int, default=128)
     parser.add_argument("--models", default="tiny,mid")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -155,7 +156,7 @@ def main():
         decode(model, ids, plen, "one token/step", argparse.Namespace(gen_length=32, block_length=32), True, False)
         result["speed"] += speed_rows(name, weights, model, ids, plen, args)
     if export:
-        result["tasks"] = task_rows(tiny, tok, args)
+        result["tasks"] = task_rows(tiny, tok, export, args)
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "bench_decode.json").write_text(json.dumps(result, indent=2) + "\n")
     (RESULTS / "bench_decode.md").write_text(markdown(result))

@@ -316,6 +316,17 @@ def _yaml_value(text: str):
         return text
 
 
+def _missing_keys(node, prefix: str = "") -> list[str]:
+    """Dotted keys a YAML file marks `???` (the user must supply them)."""
+    keys = []
+    for key in node:
+        if OmegaConf.is_missing(node, key):
+            keys.append(f"{prefix}{key}")
+        elif OmegaConf.is_dict(node[key]):
+            keys += _missing_keys(node[key], f"{prefix}{key}.")
+    return keys
+
+
 def load_config(stage: str, config_path: str | None = None, overrides: list[str] | None = None):
     """Resolved, validated config object (a dataclass instance) for `stage`."""
     if stage not in SCHEMAS:
@@ -333,6 +344,8 @@ def load_config(stage: str, config_path: str | None = None, overrides: list[str]
         user.pop("stage", None)
         try:
             cfg = OmegaConf.merge(cfg, user)
+            for key in _missing_keys(user):  # merging `???` over a default keeps the default: re-mark it
+                OmegaConf.update(cfg, key, MISSING)
         except OmegaConfBaseException as e:
             raise _explain(e, schema, config_path) from e
     for item in overrides or []:

@@ -181,3 +181,12 @@ def test_cli_reports_bad_config_and_bad_data_path(tmp_path):
     assert "missing_corpus" in res.stderr
     res = cli("cpt", "--config", "configs/cpt_tiny.yaml", "--print-config", "train.steps=7")
     assert res.returncode == 0 and "steps: 7" in res.stdout
+
+
+def test_values_a_yaml_marks_required_must_be_given():
+    """configs/convert_cpt.yaml marks `???` keys that have schema defaults; the default must not win."""
+    path = str(REPO / "configs/convert_cpt.yaml")
+    with pytest.raises(ConfigError, match="missing value for 'model.init_from'"):
+        load_config("cpt", path)
+    cfg = load_config("cpt", path, ["model.init_from=/models/x", "diffusion.mask_embed_noise_std=0.02"])
+    assert (cfg.model.init_from, cfg.diffusion.mask_embed_noise_std) == ("/models/x", 0.02)

@@ -300,7 +300,7 @@ def _explain(err: OmegaConfBaseException, schema, source: str) -> ConfigError:
     return ConfigError(f"{source}: {err}")
 
 
-def _parse_override(item: str) -> tuple[str, Any]:
+def parse_override(item: str) -> tuple[str, Any]:
     if "=" not in item:
         raise ConfigError(f"override '{item}' is not key=value (e.g. train.steps=100)")
     key, value = item.split("=", 1)
@@ -349,7 +349,7 @@ def load_config(stage: str, config_path: str | None = None, overrides: list[str]
         except OmegaConfBaseException as e:
             raise _explain(e, schema, config_path) from e
     for item in overrides or []:
-        key, value = _parse_override(item)
+        key, value = parse_override(item)
         try:
             OmegaConf.update(cfg, key, value, merge=True, force_add=False)
         except OmegaConfBaseException as e:

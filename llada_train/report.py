@@ -37,19 +37,7 @@ def series(records: list[dict], key: str) -> tuple[list, list]:
     return [p[0] for p in pts], [p[1] for p in pts]
 
 
-def heldout_rows(run_dir: Path) -> list[dict]:
-    """The RL stage's held-out prompts (its resolved config), as {prompt, answer, task} rows."""
-    from .config import load_config
-    from .data.tasks import make_rows
-
-    cfg = load_config("rl", str(run_dir / "rl" / "config.yaml"))
-    if cfg.data.eval:
-        return [json.loads(line) for line in Path(cfg.data.eval).read_text().splitlines() if line.strip()]
-    return make_rows(list(cfg.data.tasks), cfg.data.num_eval, split="eval", seed=cfg.run.seed, kind="rl",
-                     **dict(cfg.data.task_options))
-
-
-def score_model(model_dir: Path, rows: list[dict], mode: str) -> dict:
+def score_model(model_dir: Path, rows: list[dict], prompt_field: str, mode: str) -> dict:
     """Greedy threshold decoding of every held-out prompt: accuracy, tokens per forward, samples."""
     from .data.tasks import check
     from .data.tokenizer import load_tokenizer
@@ -64,7 +52,7 @@ def score_model(model_dir: Path, rows: list[dict], mode: str) -> dict:
     with torch.no_grad():
         for i in range(0, len(rows), 32):
             part = rows[i:i + 32]
-            ids, plen = encode_prompts(tokenizer, [r["prompt"] for r in part])
+            ids, plen = encode_prompts(tokenizer, [r[prompt_field] for r in part])
             out = generate_with_mode(model, ids, mode, prompt_lengths=plen, **lengths)
             texts += decode_responses(tokenizer, out, ids.shape[1], model.config.eos_token_id)
             tpf += out.tokens_per_forward.tolist()
@@ -154,8 +142,12 @@ def write_report(run_dir) -> Path:
         lines += ["## RL (EBPO)", "", f"![rl]({PLOTS['rl']})", ""]
     models = {s: run_dir / s / "hf" for s in ("sft", "rl") if (run_dir / s / "hf" / "config.json").is_file()}
     if models and (run_dir / "rl" / "config.yaml").is_file():
-        rows = heldout_rows(run_dir)
-        scores = {f"{s.upper()} {mode}": score_model(path, rows, mode) for s, path in models.items()
+        from .config import load_config
+        from .stages.rl import load_heldout_rows
+
+        rl_cfg = load_config("rl", str(run_dir / "rl" / "config.yaml"))  # the RL stage's own held-out prompts
+        rows, field = load_heldout_rows(rl_cfg), rl_cfg.data.prompt_field
+        scores = {f"{s.upper()} {mode}": score_model(path, rows, field, mode) for s, path in models.items()
                   for mode in ("S", "Q")}
         _plot_decoding(scores, run_dir / PLOTS["decoding"])
         lines += [f"## Held-out accuracy ({len(rows)} prompts, greedy threshold decoding)", "",
@@ -168,7 +160,7 @@ def write_report(run_dir) -> Path:
         for i, row in enumerate(rows[:SAMPLES]):
             cells = [_cell(scores[f"{s.upper()} Q"]["texts"][i]) + (" ✓" if scores[f"{s.upper()} Q"]["right"][i]
                                                                      else " ✗") for s in models]
-            lines.append(f"| {_cell(row['prompt'])} | {_cell(str(row['answer']))} | " + " | ".join(cells) + " |")
+            lines.append(f"| {_cell(str(row[field]))} | {_cell(str(row['answer']))} | " + " | ".join(cells) + " |")
         (run_dir / "heldout_scores.json").write_text(json.dumps(
             {k: {"accuracy": v["accuracy"], "tpf": v["tpf"]} for k, v in scores.items()}, indent=1))
     out = run_dir / "report.md"

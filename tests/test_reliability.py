@@ -30,7 +30,7 @@ from llada_train.data.tokenizer import load_tokenizer
 from llada_train.rl.rewards import LocalRewardPool, RewardComputer, RewardSpec
 from llada_train.stages.common import build_model
 from tests.conftest import REPO
-from tests.test_cpt import losses, tiny_args
+from tests.test_cpt import free_port, losses, tiny_args
 
 STEPS = 10
 # t2t/mtf off: their random replacement tokens would break the NaN test's control over which tokens a step sees.
@@ -302,11 +302,8 @@ def test_disk_full_on_one_rank_fails_the_save_on_all_ranks(tmp_path, ref):
         args = tiny_args(run, ref.cache, "engine.zero_stage=2", "train.steps=4", "train.save_every=2",
                          "train.keep_last=1", "train.eval_every=1000", "train.export_hf=false",
                          "train.on_save_error=continue")
-        with socket.socket() as sock:  # an explicit port: with `--master_port 0` workers hung in rendezvous here
-            sock.bind(("127.0.0.1", 0))
-            port = sock.getsockname()[1]
         proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                                 "--master_port", str(port), "-m", "llada_train.cli", *args], cwd=REPO, env=env,
+                                 "--master_port", str(free_port()), "-m", "llada_train.cli", *args], cwd=REPO, env=env,
                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
         try:
             out, _ = proc.communicate(timeout=400)  # a rank stuck in a collective would hang here

@@ -21,6 +21,7 @@ import pytest
 
 from llada_train import slurm
 from tests.conftest import REPO
+from tests.test_cpt import losses
 
 TERMINAL = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE"}
 PIPELINE = str(REPO / "configs/pipeline_tiny.yaml")
@@ -207,15 +208,6 @@ def wait_done(job_id: str, run_dir: Path, timeout: float = 900) -> dict:
             return fields
         time.sleep(2)
     raise AssertionError(f"job {job_id} still {job_fields(job_id).get('JobState')} after {timeout} s\n{logs(run_dir)}")
-
-
-def losses(run_dir: Path) -> dict:
-    out = {}
-    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
-        rec = json.loads(line)
-        if "loss" in rec:
-            out[rec["step"]] = rec["loss"]
-    return out
 
 
 def submitted(res) -> dict:

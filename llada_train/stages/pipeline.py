@@ -21,7 +21,7 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
-from ..config import ConfigError, load_config, to_yaml
+from ..config import ConfigError, load_config, parse_override, to_yaml
 
 STAGES = ("cpt", "sft", "rl")
 DONE = "DONE"
@@ -60,23 +60,15 @@ def _split_overrides(overrides: list[str]) -> tuple[dict, dict]:
     """CLI overrides -> (pipeline-level {key: value}, {stage: ['key=value', ...]})."""
     top, per_stage = {}, {s: [] for s in STAGES}
     for item in overrides:
-        key, sep, value = item.partition("=")
-        if not sep:
-            raise ConfigError(f"override '{item}' is not key=value (e.g. sft.train.steps=100)")
+        key, value = parse_override(item)
         head, dot, rest = key.partition(".")
         if head in STAGES and dot:
-            per_stage[head].append(f"{rest}={value}")
+            per_stage[head].append(f"{rest}={item.split('=', 1)[1]}")
         elif key in ("out_dir", "stages", "report"):
-            top[key] = OmegaConf.create({"v": value}).v if value == "" else _yaml(value)
+            top[key] = value
         else:
             raise _unknown(key, f"override '{item}'")
     return top, per_stage
-
-
-def _yaml(text: str):
-    import yaml
-
-    return yaml.safe_load(text)
 
 
 def load_pipeline(path: str | None, overrides: list[str], resume: str | None = None) -> Pipeline:

@@ -70,20 +70,27 @@ def load_rl_rows(cfg) -> tuple[list[dict], list[dict]]:
     """Train and held-out rows: dicts with the prompt under `data.prompt_field` plus any columns
     (`answer`, `task`, `tests`, ...) the reward functions read."""
     d = cfg.data
-    generated = []
     if d.train == "tasks":
-        try:
-            train = make_rows(list(d.tasks), d.num_train, split="train", seed=cfg.run.seed, kind="rl",
-                              **d.task_options)
-            if not d.eval:
-                generated = make_rows(list(d.tasks), d.num_eval, split="eval", seed=cfg.run.seed, kind="rl",
-                                      **d.task_options)
-        except ValueError as e:
-            raise ConfigError(f"bad value for 'data.tasks' / 'data.task_options' / 'data.num_*': {e}") from e
+        train = _task_rows(cfg, "train", d.num_train)
     else:
         train = read_rows(d.train, d.prompt_field)[: d.num_train]
-    held_out = read_rows(d.eval, d.prompt_field)[: d.num_eval] if d.eval else generated
-    return train, held_out
+    return train, load_heldout_rows(cfg)
+
+
+def load_heldout_rows(cfg) -> list[dict]:
+    """`data.eval` (first `data.num_eval` rows), else the task families' eval split, else none."""
+    d = cfg.data
+    if d.eval:
+        return read_rows(d.eval, d.prompt_field)[: d.num_eval]
+    return _task_rows(cfg, "eval", d.num_eval) if d.train == "tasks" else []
+
+
+def _task_rows(cfg, split: str, n: int) -> list[dict]:
+    d = cfg.data
+    try:
+        return make_rows(list(d.tasks), n, split=split, seed=cfg.run.seed, kind="rl", **d.task_options)
+    except ValueError as e:
+        raise ConfigError(f"bad value for 'data.tasks' / 'data.task_options' / 'data.num_*': {e}") from e
 
 
 def read_rows(path: str, prompt_field: str) -> list[dict]:
@@ -237,4 +244,4 @@ def rl_eval_fn(cfg, tokenizer, rows: list[dict], rewards: RewardComputer, gen_le
     return eval_fn
 
 
-__all__ = ["load_rl_rows", "read_rows", "rl_eval_fn", "rl_step_fn", "run_rl"]
+__all__ = ["load_heldout_rows", "load_rl_rows", "read_rows", "rl_eval_fn", "rl_step_fn", "run_rl"]

@@ -17,6 +17,12 @@ most `max_post_steps` times. The window is the current block plus, with Multiple
 (`mbe_window = N`), the last N finished blocks, which stay editable and are recomputed every step.
 Everything left of the window lives in a prefix KV cache; the commit of a block leaving the window
 is folded into the next block's first forward (`commit_len`), so no extra forward is spent on it.
+
+Draft-ahead: with editing on, a block ends with a forward whose Δ is empty (nothing left to edit).
+That forward also carries the next block's masks: under the block-causal mask they cannot change
+the current block's logits, and once the block has settled they see exactly the prefix a fresh
+forward would see, so their logits serve as the next block's first step. The output is the same
+as without it (up to float rounding), with one forward fewer per settled block.
 """
 
 from __future__ import annotations
@@ -147,6 +153,7 @@ def generate(
     eos_early_stop: bool = True,
     mbe_window: int = 0,
     use_cache: bool = True,
+    draft_ahead: bool = True,
     attention_mask: torch.Tensor | None = None,
     prompt_lengths=None,
     on_block: Callable[[int, torch.Tensor], None] | None = None,
@@ -159,7 +166,9 @@ def generate(
     finished block holds an EOS in its response stops (`eos_early_stop`); response tokens after
     the first EOS become EOS. `on_block(i, sequences)` is called after the i-th decoded block with
     the current (B, P + gen_length) sequences, undecoded positions still masks (blocks inside the
-    MBE window may still change). The model runs in eval mode and gets its mode back afterwards.
+    MBE window may still change). `draft_ahead=False` spends a separate forward on each block's
+    first step (same tokens, more forwards; for comparison). The model runs in eval mode and gets
+    its mode back afterwards.
     """
     if input_ids.dim() != 2 or input_ids.shape[1] == 0:
         raise ValueError(f"input_ids must be (batch, prompt_len >= 1), got shape {tuple(input_ids.shape)}")
@@ -173,13 +182,13 @@ def generate(
                          editing_threshold=editing_threshold, max_post_steps=max_post_steps, steps=steps,
                          sampling=(temperature, top_k, top_p, generator), eos=eos_token_id,
                          mask_id=mask_token_id, eos_early_stop=eos_early_stop, mbe_window=mbe_window,
-                         use_cache=use_cache, on_block=on_block)
+                         use_cache=use_cache, draft_ahead=draft_ahead, on_block=on_block)
     finally:
         model.train(was_training)
 
 
 def _generate(model, input_ids, plen, *, gen_length, b, threshold, editing_threshold, max_post_steps, steps,
-              sampling, eos, mask_id, eos_early_stop, mbe_window, use_cache, on_block):
+              sampling, eos, mask_id, eos_early_stop, mbe_window, use_cache, draft_ahead, on_block):
     device = input_ids.device
     bsz, width = input_ids.shape
     editing = editing_threshold is not None
@@ -213,6 +222,7 @@ def _generate(model, input_ids, plen, *, gen_length, b, threshold, editing_thres
         full[rows] = x.gather(1, resp_idx)
         return torch.cat([input_ids, full], dim=1)
 
+    ahead = None  # drafts of the next block from the forward that settled this one: (v, p, rows it is valid for)
     for k in range(first_block, n_blocks):
         lo = max(k - mbe_window, first_block) * b  # window start: editable, recomputed every step
         hi = (k + 1) * b
@@ -221,22 +231,41 @@ def _generate(model, input_ids, plen, *, gen_length, b, threshold, editing_thres
         post = torch.zeros_like(denoise)
         has_masks = (x[:, k * b:hi] == mask_id).any(1)
         done = ~has_masks & ~(editable.any(1) & editing)
+        drafted, ahead = ahead, None
+        next_v = torch.zeros(len(rows), b, dtype=x.dtype, device=device)  # (Ba, b)
+        next_p = torch.zeros(len(rows), b, device=device)  # (Ba, b)
+        next_ok = torch.zeros_like(done)  # rows whose block settled in a forward that also drafted block k + 1
         first_forward = True
         while not bool(done.all()):
-            q0 = cache_len if use_cache else 0
-            commit = lo - cache_len if (use_cache and first_forward) else 0
-            logits = model(
-                input_ids=x[:, q0:hi], position_ids=position_ids[:, q0:hi],
-                attention_mask=block_causal_mask(hi, b, pad_mask=valid[:, :hi], q_start=q0),  # (Ba, 1, Q, hi)
-                past_key_values=cache, use_cache=commit > 0, commit_len=commit,
-            ).logits  # (Ba, hi - q0, V)
-            forwards += 1
-            cache_len += commit
-            first_forward = False
-            v, p = _pick(logits[:, lo - q0:], mask_id, *sampling)  # (Ba, W)
-            xw = x[:, lo:hi]
-            is_mask = xw == mask_id
             working = ~done
+            xw = x[:, lo:hi]
+            if drafted is not None:
+                # This block's first step for the rows in `drafted`, from the logits of the forward that
+                # settled the previous block: it saw exactly the prefix a new forward would see, at no cost.
+                draft_v, draft_p, draft_ok = drafted  # (Ba, b), (Ba, b), (Ba,)
+                v, p = xw.clone(), torch.zeros(xw.shape, device=device)
+                v[:, -b:], p[:, -b:] = draft_v, draft_p
+                working &= draft_ok
+                drafted, ahead_v = None, None
+            else:
+                verifying = working & ~(x[:, k * b:hi] == mask_id).any(1)
+                if eos_early_stop:
+                    verifying &= ~((x[:, :hi] == eos) & response[:, :hi]).any(1)  # it stops after this block
+                end = hi + b if draft_ahead and editing and hi < total and bool(verifying.any()) else hi
+                q0 = cache_len if use_cache else 0
+                commit = lo - cache_len if (use_cache and first_forward) else 0
+                logits = model(
+                    input_ids=x[:, q0:end], position_ids=position_ids[:, q0:end],
+                    attention_mask=block_causal_mask(end, b, pad_mask=valid[:, :end], q_start=q0),  # (Ba, 1, Q, end)
+                    past_key_values=cache, use_cache=commit > 0, commit_len=commit,
+                ).logits  # (Ba, end - q0, V)
+                forwards += 1
+                cache_len += commit
+                first_forward = False
+                v, p = _pick(logits[:, lo - q0:], mask_id, *sampling)  # (Ba, end - lo)
+                v, p, ahead_v, ahead_p = v[:, :hi - lo], p[:, :hi - lo], v[:, hi - lo:], p[:, hi - lo:]
+                nfe[rows] += working.long()
+            is_mask = xw == mask_id
             n_masks = is_mask.sum(1)
             in_post = working & (n_masks == 0)
 
@@ -250,7 +279,6 @@ def _generate(model, input_ids, plen, *, gen_length, b, threshold, editing_thres
                 delta = torch.zeros_like(gamma)
             x[:, lo:hi] = torch.where(gamma | delta, v, xw)
 
-            nfe[rows] += working.long()
             edits[rows] += delta.sum(1)
             denoise += (working & (n_masks > 0)).long()
             post += (in_post & delta.any(1)).long()
@@ -259,7 +287,14 @@ def _generate(model, input_ids, plen, *, gen_length, b, threshold, editing_thres
                 settled = (post >= max_post_steps) | (in_post & ~delta.any(1))
             else:
                 settled = torch.ones_like(done)
-            done = done | (~masks_left & settled)
+            done = done | (working & ~masks_left & settled)
+            if ahead_v is not None and ahead_v.shape[1]:
+                clean = in_post & ~delta.any(1)  # nothing changed: the drafts of block k + 1 stay valid
+                next_v = torch.where(clean[:, None], ahead_v, next_v)
+                next_p = torch.where(clean[:, None], ahead_p, next_p)
+                next_ok |= clean
+        if bool(next_ok.any()):
+            ahead = (next_v, next_p, next_ok)
 
         last = k == n_blocks - 1
         stop = torch.full_like(done, last)
@@ -276,6 +311,8 @@ def _generate(model, input_ids, plen, *, gen_length, b, threshold, editing_thres
             valid, position_ids, rows = valid[keep], position_ids[keep], rows[keep]
             if cache is not None:
                 cache.select_rows(keep.nonzero().squeeze(1))
+            if ahead is not None:
+                ahead = tuple(t[keep] for t in ahead)
 
     # ---- statistics; everything after the first EOS of a response is EOS
     is_eos = (out == eos) | (out == mask_id)  # masks remain only after an early stop

@@ -111,13 +111,15 @@ def test_threshold_one_is_one_token_per_forward():
         out = generate(Oracle(target, conf), ids, gen_length=G, block_length=b, threshold=1.0, eos_token_id=EOS,
                        mask_token_id=MASK, prompt_lengths=plen, use_cache=use_cache)
         assert out.nfe.tolist() == [G] * 3  # the cache commit rides on the next block's first forward
-        # with editing on, each block needs one more forward to see that Δ is empty
-        out = generate(Oracle(target, conf), ids, gen_length=G, block_length=b, threshold=1.0,
-                       editing_threshold=0.5, eos_token_id=EOS, mask_token_id=MASK, prompt_lengths=plen,
-                       use_cache=use_cache)
-        assert out.nfe.tolist() == [G + len(blocks_of(p, G, b)) for p in lengths]
-        assert all(out.sequences[r, ids.shape[1]:].tolist() == target[p:p + G].tolist()
-                   for r, p in enumerate(lengths))
+        # with editing on, each block needs one more forward to see that Δ is empty; draft-ahead makes
+        # that forward also draft the next block's first token, so only the last block's check is extra
+        for draft_ahead, expect in ((False, [G + len(blocks_of(p, G, b)) for p in lengths]), (True, [G + 1] * 3)):
+            out = generate(Oracle(target, conf), ids, gen_length=G, block_length=b, threshold=1.0,
+                           editing_threshold=0.5, eos_token_id=EOS, mask_token_id=MASK, prompt_lengths=plen,
+                           use_cache=use_cache, draft_ahead=draft_ahead)
+            assert out.nfe.tolist() == expect
+            assert all(out.sequences[r, ids.shape[1]:].tolist() == target[p:p + G].tolist()
+                       for r, p in enumerate(lengths))
 
 
 def test_planted_errors_are_edited_and_prompt_never_is():
@@ -139,12 +141,14 @@ def test_planted_errors_are_edited_and_prompt_never_is():
             assert out.sequences[r, ids.shape[1]:].tolist() == expected[p:p + G].tolist()
             n_wrong = int(wrong[p:p + G].sum())
             assert out.edits[r] == (n_wrong if corrected else 0)
-            # per block: one forward fills it; with editing one more sees Δ (plus one per edit round)
+            # per block: one forward fills it; with editing one more sees Δ (plus one per edit round),
+            # and that last forward drafts the next block, whose filling forward is then saved
             per_block = []
             for k in range(p // b, (p + G - 1) // b + 1):
                 has_wrong = bool(wrong[max(p, k * b):min(p + G, (k + 1) * b)].any())
                 per_block.append(1 + (editing_threshold is not None) + (corrected and has_wrong))
-            assert out.nfe[r] == sum(per_block)
+            drafted = (len(per_block) - 1) if editing_threshold is not None else 0
+            assert out.nfe[r] == sum(per_block) - drafted
         # Δ never touches the prompt: every forward saw the prompt tokens unchanged
         for pos, seen in oracle.calls:
             for r, prompt in enumerate(prompts):
@@ -209,14 +213,18 @@ def test_steps_cap():
 # ---- the real model: reference decoder, cache, MBE, sampling ---------------------------------------
 
 
-def reference_decode(model, prompt, *, G, b, threshold, editing_threshold, max_post_steps=16, mbe_window=0, eos=EOS):
-    """DESIGN §6 for one unpadded row, written as plainly as possible: full forward every step."""
+def reference_decode(model, prompt, *, G, b, threshold, editing_threshold, max_post_steps=16, mbe_window=0, eos=EOS,
+                     draft_ahead=True):
+    """DESIGN §6 for one unpadded row, written as plainly as possible: full forward every step.
+    Draft-ahead: a block's first forward is free when the previous block ended on a forward that
+    changed nothing (that forward already drafted this block)."""
     p = len(prompt)
     n_blocks = math.ceil((p + G) / b)
     x = list(prompt) + [MASK] * G + [eos] * (n_blocks * b - p - G)
     resp = range(p, p + G)
     nfe = edits = 0
     first = p // b
+    drafted = False
     for k in range(first, n_blocks):
         lo, hi = max(k - mbe_window, first) * b, (k + 1) * b
         post = 0
@@ -227,7 +235,8 @@ def reference_decode(model, prompt, *, G, b, threshold, editing_threshold, max_p
             allowed = torch.tensor([[kk // b <= q // b for kk in range(hi)] for q in range(hi)])
             logits = model(torch.tensor([x[:hi]]), attention_mask=allowed[None, None],
                            position_ids=torch.arange(hi)[None]).logits[0].double()
-            nfe += 1
+            nfe += 0 if drafted else 1
+            drafted = False
             logits[:, MASK] = -math.inf
             p_max, v = logits.softmax(-1).max(-1)
             changes = {}
@@ -241,6 +250,7 @@ def reference_decode(model, prompt, *, G, b, threshold, editing_threshold, max_p
                         edits += 1
             if not masked:
                 if len(changes) == 0:
+                    drafted = draft_ahead
                     break
                 post += 1
             for i, t in changes.items():
@@ -265,25 +275,31 @@ def peaky_model():
     return model
 
 
+@pytest.mark.parametrize("draft_ahead", [True, False])
 @pytest.mark.parametrize("mbe_window", [0, 2])
-def test_batched_cached_matches_reference(peaky_model, mbe_window):
+def test_batched_cached_matches_reference(peaky_model, mbe_window, draft_ahead):
     gen = torch.Generator().manual_seed(7)
     lengths, G, b = [3, 13, 8], 20, 8
     prompts = random_prompts(lengths, gen)
     ids, plen = left_pad(prompts)
     attention_mask = (torch.arange(ids.shape[1])[None] >= (ids.shape[1] - plen)[:, None]).long()
     kw = {"gen_length": G, "block_length": b, "threshold": 0.6, "editing_threshold": 0.7, "max_post_steps": 4,
-              "mbe_window": mbe_window, "eos_token_id": EOS, "mask_token_id": MASK, "attention_mask": attention_mask}
+              "mbe_window": mbe_window, "eos_token_id": EOS, "mask_token_id": MASK, "attention_mask": attention_mask,
+              "draft_ahead": draft_ahead}
     cached = generate(peaky_model, ids, use_cache=True, **kw)
     uncached = generate(peaky_model, ids, use_cache=False, **kw)
     for field in ("sequences", "nfe", "edits", "lengths"):
         assert torch.equal(getattr(cached, field), getattr(uncached, field)), field
     assert cached.edits.sum() > 0 and (cached.nfe < G).any()  # the test exercises edits and parallelism
+    saved = 0
     for r, prompt in enumerate(prompts):
-        response, nfe, edits = reference_decode(peaky_model, prompt, G=G, b=b, threshold=0.6, editing_threshold=0.7,
-                                                max_post_steps=4, mbe_window=mbe_window)
-        assert cached.sequences[r, ids.shape[1]:].tolist() == response
+        ref = {flag: reference_decode(peaky_model, prompt, G=G, b=b, threshold=0.6, editing_threshold=0.7,
+                                      max_post_steps=4, mbe_window=mbe_window, draft_ahead=flag) for flag in (True, False)}
+        response, nfe, edits = ref[draft_ahead]
+        assert cached.sequences[r, ids.shape[1]:].tolist() == response == ref[not draft_ahead][0]
         assert (cached.nfe[r], cached.edits[r]) == (nfe, edits)
+        saved += ref[False][1] - ref[True][1]
+    assert saved > 0  # some block settled on a clean check, so draft-ahead had a forward to save
 
 
 def test_rows_stopping_at_eos_leave_the_batch_correctly(peaky_model):

@@ -257,12 +257,12 @@ def _generate(model, input_ids, plen, *, gen_length, b, threshold, editing_thres
                 logits = model(
                     input_ids=x[:, q0:end], position_ids=position_ids[:, q0:end],
                     attention_mask=block_causal_mask(end, b, pad_mask=valid[:, :end], q_start=q0),  # (Ba, 1, Q, end)
-                    past_key_values=cache, use_cache=commit > 0, commit_len=commit,
-                ).logits  # (Ba, end - q0, V)
+                    past_key_values=cache, use_cache=commit > 0, commit_len=commit, logits_to_keep=end - lo,
+                ).logits  # (Ba, end - lo, V)
                 forwards += 1
                 cache_len += commit
                 first_forward = False
-                v, p = _pick(logits[:, lo - q0:], mask_id, *sampling)  # (Ba, end - lo)
+                v, p = _pick(logits, mask_id, *sampling)  # (Ba, end - lo)
                 v, p, ahead_v, ahead_p = v[:, :hi - lo], p[:, :hi - lo], v[:, hi - lo:], p[:, hi - lo:]
                 nfe[rows] += working.long()
             is_mask = xw == mask_id

@@ -46,8 +46,9 @@ class Oracle(nn.Module):
         self.calls = []
 
     def forward(self, input_ids, attention_mask=None, position_ids=None, past_key_values=None, use_cache=False,
-                commit_len=None):
+                commit_len=None, logits_to_keep=0):
         self.calls.append((position_ids.clone(), input_ids.clone()))
+        input_ids, position_ids = input_ids[:, -logits_to_keep:], position_ids[:, -logits_to_keep:]
         masked = input_ids == MASK
         tok = torch.where(masked, self.draft[position_ids],
                           input_ids if self.visible is None else self.visible[position_ids])

@@ -183,6 +183,8 @@ def test_kv_cache_prefix_matches_full_forward(tiny_model):
             step = tiny_model(x[:, lo:hi], attention_mask=mask, past_key_values=cache, use_cache=True).logits
             torch.testing.assert_close(step, full[:, lo:hi], atol=2e-5, rtol=1e-4)
         assert cache.get_seq_length() == x.shape[1]
+        kept = tiny_model(x, attention_mask=block_causal_mask(x.shape[1], block), logits_to_keep=block + 1).logits
+        assert torch.equal(kept, full[:, -(block + 1):])  # logits of the last positions only, same values
 
 
 def test_config_errors_name_the_problem():

@@ -25,6 +25,8 @@ from .moe import LLaDA2MoeExperts, LLaDA2MoeMLP, LLaDA2MoeSparseMoeBlock
 EXPERT_PROJS = ("gate_proj", "up_proj", "down_proj")
 _FUSED_KEY = re.compile(r"^(.*\.mlp\.experts)\.(gate_proj|up_proj|down_proj)$")
 _PER_EXPERT_KEY = re.compile(r"^(.*\.mlp\.experts)\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight$")
+# transformers 5 renamed the output field `past_key_values` to `cache` (the old name warns)
+_CACHE_FIELD = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
 
 
 class LLaDA2MoeDecoderLayer(nn.Module):
@@ -137,20 +139,22 @@ class LLaDA2MoeModelLM(LLaDA2MoePreTrainedModel, GenerationMixin):
         return self.lm_head
 
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
-                inputs_embeds=None, labels=None, use_cache=False, commit_len=None, return_dict=True, **kwargs):
+                inputs_embeds=None, labels=None, use_cache=False, commit_len=None, return_dict=True,
+                logits_to_keep=0, **kwargs):
         """`past_key_values`: a `BlockKVCache`; with `use_cache=True` the first `commit_len` new
-        positions (all when None) are appended to it. Labels are unshifted; -100 is ignored."""
+        positions (all when None) are appended to it. Labels are unshifted; -100 is ignored.
+        `logits_to_keep=n` computes logits for the last n positions only (0 = all)."""
         if use_cache and past_key_values is None:
             past_key_values = BlockKVCache()
         hidden = self.model(input_ids, attention_mask, position_ids, past_key_values, inputs_embeds,
                             use_cache, commit_len)
-        logits = self.lm_head(hidden)  # (B, L, V)
+        logits = self.lm_head(hidden[:, -logits_to_keep:])  # (B, L or logits_to_keep, V)
         loss = None
         if labels is not None:
             loss = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=-100)
         out = CausalLMOutputWithPast(loss=loss, logits=logits)
         if use_cache:
-            out["past_key_values"] = past_key_values
+            out[_CACHE_FIELD] = past_key_values
         return out if return_dict else out.to_tuple()
 
     # ---- released on-disk layout -------------------------------------------------------------

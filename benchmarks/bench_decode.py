@@ -1,14 +1,16 @@
 """Threshold decoding speed: tokens/s and tokens per forward (TPF) for S, Q, threshold 0.95 and one
-token per step, with the block KV cache vs recomputing the whole prefix every step (side by side,
-same process, same prompt).
+token per step, with the block KV cache vs recomputing the whole prefix every step, and with
+draft-ahead vs a separate forward for each block's first step (side by side, same process).
 
 Models: the tiny preset (the newest trained export under runs/*/hf or runs/*/*/hf when one exists,
 else random weights; the output says which) and a mid-size random config (hidden 512, 8 layers,
 16 experts top-4). Speed runs decode all `gen_length` tokens (no EOS stop) so both sides do the
-same work. With a trained model, TPF and exact-match accuracy on held-out task prompts are also
-measured with EOS stop, i.e. counting only the answer's tokens.
+same work. For each trained model (the newest export, plus any `--task-model DIR`), TPF and
+exact-match accuracy are measured on held-out prompts of the task families its run trained on (read
+from the run's config.yaml), with EOS stop, i.e. counting only the answer's tokens, next to the
+TPF ceiling those answer lengths allow (see `tpf_ceiling`).
 
-    python benchmarks/bench_decode.py [--threads 1] [--gen-length 256] [--block-length 32]
+    python benchmarks/bench_decode.py [--threads 1] [--gen-length 256] [--block-length 32] [--task-model DIR ...]
 """
 
 from __future__ import annotations
@@ -53,14 +55,23 @@ def random_model(**overrides) -> LLaDA2MoeModelLM:
     return LLaDA2MoeModelLM(LLaDA2MoeConfig(**values)).eval()
 
 
-def decode(model, ids, plen, setting, args, use_cache, eos_stop):
+def decode(model, ids, plen, setting, args, use_cache, eos_stop, draft_ahead=True):
     """Output, wall seconds and CPU seconds. The box is shared with other jobs: with one thread the
     process's CPU time is the stable measure, wall time is kept for reference."""
     wall, cpu = time.perf_counter(), time.process_time()
     out = generate(model, ids, prompt_lengths=plen, gen_length=args.gen_length, block_length=args.block_length,
                    eos_token_id=model.config.eos_token_id, mask_token_id=model.config.mask_token_id,
-                   use_cache=use_cache, eos_early_stop=eos_stop, **SETTINGS[setting])
+                   use_cache=use_cache, eos_early_stop=eos_stop, draft_ahead=draft_ahead, **SETTINGS[setting])
     return out, time.perf_counter() - wall, time.process_time() - cpu
+
+
+def tokens_per_forward_without_draft_ahead(model, ids, plen, setting, args, out, tokens, eos_stop):
+    """TPF of the same decode with a separate forward for each block's first step; the tokens must match."""
+    if SETTINGS[setting]["editing_threshold"] is None:
+        return None  # no check forwards to draft in: identical by construction
+    plain, _, _ = decode(model, ids, plen, setting, args, True, eos_stop, draft_ahead=False)
+    assert torch.equal(plain.sequences, out.sequences), "draft-ahead changed the decoded tokens"
+    return round(tokens / int(plain.nfe.sum()), 3)
 
 
 def speed_rows(name, weights, model, ids, plen, args):
@@ -73,15 +84,31 @@ def speed_rows(name, weights, model, ids, plen, args):
                              "nfe": int(out.nfe.sum()), "tokens_per_forward": round(tokens / int(out.nfe.sum()), 3),
                              "edits": int(out.edits.sum()), "wall_s": round(wall, 3), "cpu_s": round(cpu, 3),
                              "tokens_per_s": round(tokens / cpu, 2), "tokens_per_wall_s": round(tokens / wall, 2)})
+            if use_cache and weights != "random":
+                rows[-1]["tokens_per_forward_no_draft_ahead"] = tokens_per_forward_without_draft_ahead(
+                    model, ids, plen, setting, args, out, tokens, eos_stop=False)
             print(json.dumps(rows[-1]), flush=True)
     return rows
 
 
-def task_rows(model, tok, export, args):
-    """TPF and accuracy on held-out prompts of the task families the demo trains, EOS stop on
-    (trained model only), with the export's own gen_length and block_length."""
+def tpf_ceiling(plen, lengths, block_length, editing) -> float:
+    """The most tokens per forward any threshold decoder can reach on these answers: every block the
+    answer touches filled in one forward, plus (with editing) one forward that finds the last block
+    settled, the other blocks' checks riding on the next block's draft (draft-ahead)."""
+    first = plen // block_length
+    last = (plen + lengths - 1) // block_length
+    forwards = last - first + 1 + int(editing)
+    return float(lengths.sum() / forwards.sum())
+
+
+def task_rows(export, args):
+    """TPF and accuracy on held-out prompts of the task families the export's run trained on, EOS
+    stop on, with the export's own gen_length and block_length."""
+    model, tok = LLaDA2MoeModelLM.from_pretrained(export).eval(), load_tokenizer(None)
+    run = yaml.safe_load((export.parent / "config.yaml").read_text())
     args = argparse.Namespace(**{**vars(args), **load_decode_defaults(export)})
-    problems = make_rows(["max", "sorting"], args.task_prompts, split="eval", seed=0, kind="rl")
+    problems = make_rows(run["data"]["tasks"], args.task_prompts, split="eval", seed=0, kind="rl",
+                         **run["data"].get("task_options", {}))
     ids, plen = encode_prompts(tok, [p["prompt"] for p in problems], chat=True)
     rows = []
     for setting in SETTINGS:
@@ -89,12 +116,26 @@ def task_rows(model, tok, export, args):
         texts = [tok.decode(r[:n], skip_special_tokens=True) for r, n in
                  zip(out.sequences[:, ids.shape[1]:].tolist(), out.lengths.tolist())]
         correct = sum(check(p["task"], p["answer"], t) for p, t in zip(problems, texts))
-        rows.append({"setting": setting, "prompts": len(problems), "tokens": int(out.lengths.sum()),
-                         "tokens_per_forward": round(float(out.lengths.sum() / out.nfe.sum()), 3),
-                         "edits": int(out.edits.sum()), "accuracy": round(correct / len(problems), 3),
-                         "cpu_s": round(cpu, 2)})
+        editing = SETTINGS[setting]["editing_threshold"] is not None
+        rows.append({"model": display(export), "tasks": run["data"]["tasks"], "setting": setting,
+                     "prompts": len(problems), "tokens": int(out.lengths.sum()),
+                     "tokens_per_forward": round(float(out.lengths.sum() / out.nfe.sum()), 3),
+                     "tokens_per_forward_no_draft_ahead": tokens_per_forward_without_draft_ahead(
+                         model, ids, plen, setting, args, out, int(out.lengths.sum()), eos_stop=True),
+                     "tpf_ceiling": round(tpf_ceiling(plen, out.lengths, args.block_length, editing), 3),
+                     "edits": int(out.edits.sum()), "accuracy": round(correct / len(problems), 3),
+                     "cpu_s": round(cpu, 2)})
         print(json.dumps(rows[-1]), flush=True)
     return rows
+
+
+def display(path: Path) -> str:
+    path = path.resolve()
+    return str(path.relative_to(ROOT)) if path.is_relative_to(ROOT) else str(path)
+
+
+def fmt(value) -> str:
+    return "–" if value is None else f"{value:.2f}"
 
 
 def markdown(result) -> str:
@@ -103,26 +144,34 @@ def markdown(result) -> str:
         "",
         (f"`python benchmarks/bench_decode.py --threads {result['threads']}` on {result['cpu']} "
         f"({result['threads']} thread(s), torch {result['torch']}); gen_length {result['gen_length']}, "
-        f"block {result['block_length']}, batch 1, greedy, no EOS stop. tokens/s = tokens / process CPU "
-        "seconds (one thread; the box is shared, wall times are in the JSON). Cache speedup = tokens/s with "
-        "the block KV cache / tokens/s recomputing the whole prefix every step, measured side by side."),
+        f"block {result['block_length']}, batch 1, greedy, no EOS stop, prompt: {result['prompt']!r}. tokens/s = "
+        "tokens / process CPU seconds (one thread; the box is shared, wall times are in the JSON). Cache "
+        "speedup = tokens/s with the block KV cache / tokens/s recomputing the whole prefix every step, measured "
+        "side by side. TPF counts every decoded position (EOS fill included); 'no draft-ahead' is the same "
+        "decode with a separate forward for each block's first step (same tokens, checked)."),
         "",
-        "| model | weights | setting | TPF | nfe | edits | tok/s recompute | tok/s cached | cache speedup |",
-        "|---|---|---|---|---|---|---|---|---|",
+        ("| model | weights | setting | TPF | TPF no draft-ahead | nfe | edits | tok/s recompute | tok/s cached "
+         "| cache speedup |"),
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     by_key = {(r["model"], r["setting"], r["cache"]): r for r in result["speed"]}
     for (model, setting, cache), r in by_key.items():
         if cache:
             continue
         c = by_key[(model, setting, True)]
-        lines.append(f"| {model} | {r['weights']} | {setting} | {c['tokens_per_forward']:.2f} | {c['nfe']} | "
-                     f"{c['edits']} | {r['tokens_per_s']:.1f} | {c['tokens_per_s']:.1f} | "
-                     f"{c['tokens_per_s'] / r['tokens_per_s']:.2f}x |")
+        lines.append(f"| {model} | {r['weights']} | {setting} | {c['tokens_per_forward']:.2f} | "
+                     f"{fmt(c.get('tokens_per_forward_no_draft_ahead'))} | {c['nfe']} | {c['edits']} | "
+                     f"{r['tokens_per_s']:.1f} | {c['tokens_per_s']:.1f} | {c['tokens_per_s'] / r['tokens_per_s']:.2f}x |")
     if result["tasks"]:
-        lines += ["", (f"Held-out task prompts, trained tiny model ({result['tiny_weights']}), EOS stop, cached; "
-                  "TPF counts answer tokens up to and including EOS:"), "",
-                  "| setting | prompts | TPF | edits | exact match |", "|---|---|---|---|---|"]
-        lines += [f"| {r['setting']} | {r['prompts']} | {r['tokens_per_forward']:.2f} | {r['edits']} | "
+        lines += ["", ("Held-out prompts of the families each trained model's run used, EOS stop, cached, the "
+                  "export's own gen_length/block_length. TPF counts answer tokens up to and including EOS; the "
+                  "ceiling is the TPF these answer lengths allow at all (`tpf_ceiling`: one forward per block "
+                  "touched, plus the final check when editing)."), "",
+                  ("| model | tasks | setting | prompts | TPF | TPF no draft-ahead | ceiling | of ceiling | edits "
+                   "| exact match |"), "|---|---|---|---|---|---|---|---|---|---|"]
+        lines += [f"| {r['model']} | {', '.join(r['tasks'])} | {r['setting']} | {r['prompts']} | "
+                  f"{r['tokens_per_forward']:.2f} | {fmt(r['tokens_per_forward_no_draft_ahead'])} | "
+                  f"{r['tpf_ceiling']:.2f} | {r['tokens_per_forward'] / r['tpf_ceiling']:.0%} | {r['edits']} | "
                   f"{r['accuracy']:.2f} |" for r in result["tasks"]]
     else:
         lines += ["", ("No trained export under runs/ (run `make demo`): TPF on real prompts not measured. With "
@@ -139,24 +188,30 @@ def main():
     parser.add_argument("--block-length", type=int, default=32)
     parser.add_argument("--task-prompts", type=int, default=128)
     parser.add_argument("--models", default="tiny,mid")
+    parser.add_argument("--task-model", type=Path, action="append", default=[],
+                        help="another trained export (a run's hf/ dir) to measure on its run's task families")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     tok = load_tokenizer(None)
     export = newest_export()
     tiny = LLaDA2MoeModelLM.from_pretrained(export) if export else random_model()
-    tiny_weights = f"trained ({export.relative_to(ROOT)})" if export else "random"
-    prompt = make_rows(["addition"], 1, split="eval", seed=0, kind="rl")[0]["prompt"]
+    tiny_weights = f"trained ({display(export)})" if export else "random"
+    family = yaml.safe_load((export.parent / "config.yaml").read_text())["data"]["tasks"][0] if export else "addition"
+    prompt = make_rows([family], 1, split="eval", seed=0, kind="rl")[0]["prompt"]
     ids, plen = encode_prompts(tok, [prompt], chat=True)
     result = {"cpu": platform.processor() or platform.machine(), "threads": args.threads, "torch": torch.__version__,
                   "gen_length": args.gen_length, "block_length": args.block_length, "tiny_weights": tiny_weights,
-                  "speed": [], "tasks": []}
+                  "prompt": prompt, "speed": [], "tasks": []}
     models = {"tiny": (tiny, tiny_weights), "mid": (random_model(**MID), "random")}
     for name in args.models.split(","):
         model, weights = models[name]
         decode(model, ids, plen, "one token/step", argparse.Namespace(gen_length=32, block_length=32), True, False)
         result["speed"] += speed_rows(name, weights, model, ids, plen, args)
-    if export:
-        result["tasks"] = task_rows(tiny, tok, export, args)
+    for path in ([export] if export else []) + args.task_model:
+        if not (path / "config.json").exists() or not (path.parent / "config.yaml").exists():
+            raise ValueError(f"--task-model {path}: expected a run's hf/ export (config.json inside, the run's "
+                             "config.yaml beside it)")
+        result["tasks"] += task_rows(path, args)
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "bench_decode.json").write_text(json.dumps(result, indent=2) + "\n")
     (RESULTS / "bench_decode.md").write_text(markdown(result))

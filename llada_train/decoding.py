@@ -23,6 +23,11 @@ That forward also carries the next block's masks: under the block-causal mask th
 the current block's logits, and once the block has settled they see exactly the prefix a fresh
 forward would see, so their logits serve as the next block's first step. The output is the same
 as without it (up to float rounding), with one forward fewer per settled block.
+
+Edit cycles: greedy post-steps map a window to the next deterministically, so a window that
+repeats an earlier state would cycle until `max_post_steps` (S mode's editing threshold 0 lets a
+model flip between two tokens forever). The decoder jumps to the state that step would hold and
+counts the edits it would have made, without spending the forwards.
 """
 
 from __future__ import annotations
@@ -134,6 +139,37 @@ def _min_unmask(n_masks, denoise_steps, steps):
     return (n_masks + left - 1) // left
 
 
+class _EditCycles:
+    """Greedy post-steps are a deterministic map of a row's window: once the window repeats a state
+    it had earlier in this block's post-steps, it cycles until `max_post_steps`. `jump` moves such a
+    row straight to the state (and edit count) it would have there, skipping the forwards between."""
+
+    def __init__(self, max_post_steps: int, n_rows: int, width: int, device):
+        self.limit = max_post_steps
+        self.states = torch.full((max_post_steps + 1, n_rows, width), -1, dtype=torch.long, device=device)
+        self.edits = torch.zeros(max_post_steps + 1, n_rows, dtype=torch.long, device=device)
+
+    def record(self, window, post, n_edits, stepping):
+        """The window entering post-step number `post` (Ba,) and the edits that step applies, for
+        the `stepping` rows."""
+        idx = stepping.nonzero().squeeze(1)
+        self.states[post[idx], idx] = window[idx].long()
+        self.edits[post[idx], idx] = n_edits[idx]
+
+    def jump(self, window, post, stepped):
+        """Rows whose new window (after `post` post-steps) repeats an earlier one: their final window,
+        the edits the skipped steps would have applied, and the rows."""
+        repeat = (self.states == window[None]).all(-1) & (stepped & (post < self.limit))[None]  # (S, Ba)
+        rows = repeat.any(0).nonzero().squeeze(1).tolist()
+        final, extra = window.clone(), torch.zeros_like(post)
+        for r in rows:
+            t, i = int(post[r]), int(repeat[:, r].nonzero()[0])
+            period = t - i
+            final[r] = self.states[i + (self.limit - i) % period, r]
+            extra[r] = sum(int(self.edits[i + (step - i) % period, r]) for step in range(t, self.limit))
+        return final, extra, torch.tensor(rows, dtype=torch.long, device=window.device)
+
+
 @torch.no_grad()
 def generate(
     model,
@@ -192,6 +228,7 @@ def _generate(model, input_ids, plen, *, gen_length, b, threshold, editing_thres
     device = input_ids.device
     bsz, width = input_ids.shape
     editing = editing_threshold is not None
+    greedy = sampling[0] == 0.0
 
     # ---- layout: whole padding blocks, prompt, gen_length masks, EOS to the end of the last block
     n_row_blocks = (plen + gen_length + b - 1) // b  # (B,)
@@ -235,6 +272,7 @@ def _generate(model, input_ids, plen, *, gen_length, b, threshold, editing_thres
         next_v = torch.zeros(len(rows), b, dtype=x.dtype, device=device)  # (Ba, b)
         next_p = torch.zeros(len(rows), b, device=device)  # (Ba, b)
         next_ok = torch.zeros_like(done)  # rows whose block settled in a forward that also drafted block k + 1
+        cycles = _EditCycles(max_post_steps, len(rows), hi - lo, device) if editing and greedy else None
         first_forward = True
         while not bool(done.all()):
             working = ~done
@@ -277,11 +315,20 @@ def _generate(model, input_ids, plen, *, gen_length, b, threshold, editing_thres
                 delta = editable & ~is_mask & (v != xw) & (p > editing_threshold) & working[:, None]
             else:
                 delta = torch.zeros_like(gamma)
+            stepping = in_post & delta.any(1)
+            if cycles is not None:
+                cycles.record(xw, post, delta.sum(1), stepping)
             x[:, lo:hi] = torch.where(gamma | delta, v, xw)
 
             edits[rows] += delta.sum(1)
             denoise += (working & (n_masks > 0)).long()
-            post += (in_post & delta.any(1)).long()
+            post += stepping.long()
+            if cycles is not None:
+                final, extra, cycling = cycles.jump(x[:, lo:hi], post, stepping)
+                if len(cycling):
+                    x[cycling, lo:hi] = final[cycling]
+                    edits[rows[cycling]] += extra[cycling]
+                    post[cycling] = max_post_steps
             masks_left = (x[:, k * b:hi] == mask_id).any(1)
             if editing:
                 settled = (post >= max_post_steps) | (in_post & ~delta.any(1))

@@ -36,7 +36,8 @@ def one_thread():
 class Oracle(nn.Module):
     """Logits that depend only on the row position and on whether the input there is a mask:
     masked -> `draft[pos]` with probability `conf[pos]`; visible -> `visible[pos]` with probability
-    `visible_conf` (`visible=None`: the input token itself). Records every forward's inputs."""
+    `visible_conf` (`visible=None`: the input token itself; a function: `visible(input_ids)`).
+    Records every forward's inputs."""
 
     def __init__(self, draft, conf, visible=None, visible_conf=0.9, vocab=V):
         super().__init__()
@@ -50,8 +51,11 @@ class Oracle(nn.Module):
         self.calls.append((position_ids.clone(), input_ids.clone()))
         input_ids, position_ids = input_ids[:, -logits_to_keep:], position_ids[:, -logits_to_keep:]
         masked = input_ids == MASK
-        tok = torch.where(masked, self.draft[position_ids],
-                          input_ids if self.visible is None else self.visible[position_ids])
+        if self.visible is None:
+            seen = input_ids
+        else:
+            seen = self.visible(input_ids) if callable(self.visible) else self.visible[position_ids]
+        tok = torch.where(masked, self.draft[position_ids], seen)
         prob = torch.where(masked, self.conf[position_ids], torch.full_like(self.conf[position_ids], self.visible_conf))
         rest = ((1 - prob) / (self.vocab - 1)).clamp(min=1e-30).log()
         logits = rest[..., None].expand(*tok.shape, self.vocab).clone()  # (B, Q, V)
@@ -157,6 +161,27 @@ def test_planted_errors_are_edited_and_prompt_never_is():
                 assert seen[r][real].tolist() == [prompt[i] for i in pos[r][real].tolist()]
 
 
+def test_edit_cycles_jump_to_the_state_max_post_steps_would_reach():
+    """A model that flips every visible token (2t <-> 2t+1) cycles with period 2 in its post-steps:
+    the decoder stops after two of them and lands where max_post_steps flips would have left it."""
+    gen = torch.Generator().manual_seed(11)
+    lengths, G, b = [5, 9], 16, 8
+    target = torch.randint(2, V, (64,), generator=gen)
+    ids, plen = left_pad(random_prompts(lengths, gen))
+    flip = Oracle(target, torch.full((64,), 0.95), visible=lambda t: t ^ 1, visible_conf=0.9)
+    for max_post_steps in (3, 4, 7):
+        out = generate(flip, ids, gen_length=G, block_length=b, threshold=0.5, editing_threshold=0.5,
+                       max_post_steps=max_post_steps, eos_token_id=EOS, mask_token_id=MASK, prompt_lengths=plen)
+        for r, p in enumerate(lengths):
+            expected = target[p:p + G] ^ (max_post_steps % 2)
+            assert out.sequences[r, ids.shape[1]:].tolist() == expected.tolist()
+            assert out.edits[r] == G * max_post_steps  # every skipped flip is counted
+            assert out.nfe[r] == 3 * len(blocks_of(p, G, b))  # draft, flip, flip back: the cycle is seen
+            response, nfe, edits = reference_decode(flip, ids[r, ids.shape[1] - p:].tolist(), G=G, b=b, threshold=0.5,
+                                                    editing_threshold=0.5, max_post_steps=max_post_steps)
+            assert (response, nfe, edits) == (expected.tolist(), out.nfe[r], out.edits[r])
+
+
 def test_gamma_only_fills_masks():
     """Visible tokens are never rewritten without editing, even when the model is confident otherwise."""
     gen = torch.Generator().manual_seed(4)
@@ -218,7 +243,8 @@ def reference_decode(model, prompt, *, G, b, threshold, editing_threshold, max_p
                      draft_ahead=True):
     """DESIGN §6 for one unpadded row, written as plainly as possible: full forward every step.
     Draft-ahead: a block's first forward is free when the previous block ended on a forward that
-    changed nothing (that forward already drafted this block)."""
+    changed nothing (that forward already drafted this block). Edit cycles: every post-step still
+    runs here, but once the window repeats an earlier post-step state, the forwards are free."""
     p = len(prompt)
     n_blocks = math.ceil((p + G) / b)
     x = list(prompt) + [MASK] * G + [eos] * (n_blocks * b - p - G)
@@ -228,7 +254,7 @@ def reference_decode(model, prompt, *, G, b, threshold, editing_threshold, max_p
     drafted = False
     for k in range(first, n_blocks):
         lo, hi = max(k - mbe_window, first) * b, (k + 1) * b
-        post = 0
+        post, seen, cycling = 0, [], False
         while True:
             masked = [i for i in range(k * b, hi) if x[i] == MASK]
             if not masked and (editing_threshold is None or post == max_post_steps):
@@ -236,7 +262,7 @@ def reference_decode(model, prompt, *, G, b, threshold, editing_threshold, max_p
             allowed = torch.tensor([[kk // b <= q // b for kk in range(hi)] for q in range(hi)])
             logits = model(torch.tensor([x[:hi]]), attention_mask=allowed[None, None],
                            position_ids=torch.arange(hi)[None]).logits[0].double()
-            nfe += 0 if drafted else 1
+            nfe += 0 if drafted or cycling else 1
             drafted = False
             logits[:, MASK] = -math.inf
             p_max, v = logits.softmax(-1).max(-1)
@@ -254,8 +280,10 @@ def reference_decode(model, prompt, *, G, b, threshold, editing_threshold, max_p
                     drafted = draft_ahead
                     break
                 post += 1
+                seen.append(x[lo:hi])
             for i, t in changes.items():
                 x[i] = t
+            cycling = cycling or (not masked and x[lo:hi] in seen)
         if any(x[i] == eos for i in resp if i < hi) or k == n_blocks - 1:
             response = [t if t != MASK else eos for t in x[p:p + G]]
             if eos in response:

@@ -197,7 +197,9 @@ def run_python(
             f.write(code)
         with open(os.path.join(root, "stdin.txt"), "w", encoding="utf-8") as f:
             f.write(stdin)
-        cpu_s = max(1, math.ceil(timeout_s))
+        # The CPU limit is a backstop a second behind the wall-clock timeout: a busy loop must end as
+        # 'timeout' even when a loaded machine starts the parent's clock late.
+        cpu_s = math.ceil(timeout_s) + 1
         fsize = file_size_mb * 2**20
         # RLIMIT_NPROC counts every task of the user, so allow what exists now plus max_processes.
         nproc = _user_task_count() + max_processes

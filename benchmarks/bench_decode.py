@@ -5,10 +5,10 @@ draft-ahead vs a separate forward for each block's first step (side by side, sam
 Models: the tiny preset (the newest trained export under runs/*/hf or runs/*/*/hf when one exists,
 else random weights; the output says which) and a mid-size random config (hidden 512, 8 layers,
 16 experts top-4). Speed runs decode all `gen_length` tokens (no EOS stop) so both sides do the
-same work. For each trained model (the newest export, plus any `--task-model DIR`), TPF and
-exact-match accuracy are measured on held-out prompts of the task families its run trained on (read
-from the run's config.yaml), with EOS stop, i.e. counting only the answer's tokens, next to the
-TPF ceiling those answer lengths allow (see `tpf_ceiling`).
+same work. For each export under runs/ whose run trained on built-in task families (SFT, RL; plus
+any `--task-model DIR`), TPF and exact-match accuracy are measured on held-out prompts of those
+families (read from the run's config.yaml), with EOS stop, i.e. counting only the answer's tokens,
+next to the TPF ceiling those answer lengths allow (see `tpf_ceiling`).
 
     python benchmarks/bench_decode.py [--threads 1] [--gen-length 256] [--block-length 32] [--task-model DIR ...]
 """
@@ -43,9 +43,16 @@ MID = {"hidden_size": 512, "intermediate_size": 1536, "moe_intermediate_size": 2
            "n_group": 4, "topk_group": 2}
 
 
-def newest_export() -> Path | None:
+def exports() -> list[Path]:
+    """Every hf/ export under runs/ (runs/NAME/hf and pipeline stages runs/NAME/STAGE/hf), oldest first."""
     found = [p for pattern in ("runs/*/hf", "runs/*/*/hf") for p in ROOT.glob(pattern) if (p / "config.json").exists()]
-    return max(found, key=lambda p: p.stat().st_mtime) if found else None
+    return sorted(found, key=lambda p: p.stat().st_mtime)
+
+
+def trained_on_tasks(export: Path) -> bool:
+    """The export's run trained on built-in task families (SFT or RL), so held-out prompts exist."""
+    run = export.parent / "config.yaml"
+    return run.exists() and (yaml.safe_load(run.read_text()).get("data") or {}).get("train") == "tasks"
 
 
 def random_model(**overrides) -> LLaDA2MoeModelLM:
@@ -189,14 +196,15 @@ def main():
     parser.add_argument("--task-prompts", type=int, default=128)
     parser.add_argument("--models", default="tiny,mid")
     parser.add_argument("--task-model", type=Path, action="append", default=[],
-                        help="another trained export (a run's hf/ dir) to measure on its run's task families")
+                        help="a trained export outside runs/ (a run's hf/ dir) to measure on its run's task families")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     tok = load_tokenizer(None)
-    export = newest_export()
+    export = exports()[-1] if exports() else None  # the newest
     tiny = LLaDA2MoeModelLM.from_pretrained(export) if export else random_model()
     tiny_weights = f"trained ({display(export)})" if export else "random"
-    family = yaml.safe_load((export.parent / "config.yaml").read_text())["data"]["tasks"][0] if export else "addition"
+    trained = export is not None and trained_on_tasks(export)
+    family = yaml.safe_load((export.parent / "config.yaml").read_text())["data"]["tasks"][0] if trained else "addition"
     prompt = make_rows([family], 1, split="eval", seed=0, kind="rl")[0]["prompt"]
     ids, plen = encode_prompts(tok, [prompt], chat=True)
     result = {"cpu": platform.processor() or platform.machine(), "threads": args.threads, "torch": torch.__version__,
@@ -207,10 +215,12 @@ def main():
         model, weights = models[name]
         decode(model, ids, plen, "one token/step", argparse.Namespace(gen_length=32, block_length=32), True, False)
         result["speed"] += speed_rows(name, weights, model, ids, plen, args)
-    for path in ([export] if export else []) + args.task_model:
-        if not (path / "config.json").exists() or not (path.parent / "config.yaml").exists():
-            raise ValueError(f"--task-model {path}: expected a run's hf/ export (config.json inside, the run's "
-                             "config.yaml beside it)")
+    for path in args.task_model:
+        if not (path / "config.json").exists() or not trained_on_tasks(path):
+            raise ValueError(f"--task-model {path}: expected the hf/ export of a run trained on built-in task "
+                             "families (config.json inside, the run's config.yaml with data.train: tasks beside it)")
+    task_models = {p.resolve(): p for p in [e for e in exports() if trained_on_tasks(e)] + args.task_model}
+    for path in task_models.values():
         result["tasks"] += task_rows(path, args)
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "bench_decode.json").write_text(json.dumps(result, indent=2) + "\n")

@@ -452,16 +452,32 @@ def decode_responses(tokenizer, output: GenerateOutput, prompt_width: int, eos_t
     return texts
 
 
-def generate_text(model, tokenizer, prompts: list, *, mode: str = "Q", gen_length: int = DEFAULT_GEN_LENGTH,
-                  block_length: int = DEFAULT_BLOCK_LENGTH, chat: bool = True, batch_size: int = 16,
-                  **overrides) -> list[str]:
-    """Generate one completion per prompt (evaluation, RL): left-pads, decodes, strips EOS."""
+@dataclass
+class Completions:
+    texts: list[str]  # response text before the first EOS, special tokens dropped
+    token_ids: list[list[int]]  # response tokens before the first EOS
+    tokens_per_forward: list[float]  # per prompt
+
+
+def complete(model, tokenizer, prompts: list, *, mode: str = "Q", gen_length: int = DEFAULT_GEN_LENGTH,
+             block_length: int = DEFAULT_BLOCK_LENGTH, chat: bool = True, batch_size: int = 16,
+             **overrides) -> Completions:
+    """One greedy (unless overridden) completion per prompt, in batches of `batch_size`: the loop
+    behind evaluation in SFT, RL and the report."""
     device = next(model.parameters(), torch.empty(0)).device
-    texts = []
+    eos = overrides.get("eos_token_id", model.config.eos_token_id)
+    done = Completions([], [], [])
     for i in range(0, len(prompts), batch_size):
-        input_ids, lengths = encode_prompts(tokenizer, prompts[i:i + batch_size], chat=chat)
+        input_ids, lengths = encode_prompts(tokenizer, prompts[i:i + batch_size], chat=chat)  # (b, P), (b,)
         out = generate_with_mode(model, input_ids.to(device), mode, gen_length=gen_length,
                                  block_length=block_length, prompt_lengths=lengths.to(device), **overrides)
-        eos = overrides.get("eos_token_id", model.config.eos_token_id)
-        texts += decode_responses(tokenizer, out, input_ids.shape[1], eos)
-    return texts
+        done.texts += decode_responses(tokenizer, out, input_ids.shape[1], eos)
+        done.token_ids += [[t for t in row[:n] if t != eos] for row, n in
+                           zip(out.sequences[:, input_ids.shape[1]:].tolist(), out.lengths.tolist())]
+        done.tokens_per_forward += out.tokens_per_forward.tolist()
+    return done
+
+
+def generate_text(model, tokenizer, prompts: list, **kwargs) -> list[str]:
+    """Completion texts only (`complete`'s keywords: mode, gen_length, block_length, chat, ...)."""
+    return complete(model, tokenizer, prompts, **kwargs).texts

@@ -41,21 +41,16 @@ def score_model(model_dir: Path, rows: list[dict], prompt_field: str, mode: str)
     """Greedy threshold decoding of every held-out prompt: accuracy, tokens per forward, samples."""
     from .data.tasks import check
     from .data.tokenizer import load_tokenizer
-    from .decoding import decode_responses, encode_prompts, generate_with_mode, load_decode_defaults
+    from .decoding import complete, load_decode_defaults
     from .model import LLaDA2MoeModelLM
 
     model = LLaDA2MoeModelLM.from_pretrained(model_dir).eval()
     tokenizer = load_tokenizer(model_dir)
     defaults = load_decode_defaults(model_dir)
     lengths = {k: defaults[k] for k in ("gen_length", "block_length") if k in defaults}
-    texts, tpf = [], []
     with torch.no_grad():
-        for i in range(0, len(rows), 32):
-            part = rows[i:i + 32]
-            ids, plen = encode_prompts(tokenizer, [r[prompt_field] for r in part])
-            out = generate_with_mode(model, ids, mode, prompt_lengths=plen, **lengths)
-            texts += decode_responses(tokenizer, out, ids.shape[1], model.config.eos_token_id)
-            tpf += out.tokens_per_forward.tolist()
+        done = complete(model, tokenizer, [r[prompt_field] for r in rows], mode=mode, batch_size=32, **lengths)
+    texts, tpf = done.texts, done.tokens_per_forward
     right = [check(r["task"], r["answer"], t) if "task" in r else t.strip() == str(r["answer"]).strip()
              for r, t in zip(rows, texts)]
     return {"accuracy": sum(right) / max(1, len(right)), "tpf": sum(tpf) / max(1, len(tpf)), "texts": texts,

@@ -16,7 +16,7 @@ from ..config import ConfigError
 from ..data.chat import MalformedRow, _iter_source, render_prompt
 from ..data.tasks import check, make_rows
 from ..data.text import BatchIterator
-from ..decoding import decode_responses, encode_prompts, generate_with_mode, generation_config_dict
+from ..decoding import complete, generation_config_dict
 from ..engine import init_distributed
 from ..model import update_expert_bias
 from ..rl.ebpo import EBPOConfig, build_batch, ebpo_update
@@ -220,18 +220,9 @@ def rl_eval_fn(cfg, tokenizer, rows: list[dict], rewards: RewardComputer, gen_le
 
     def eval_fn(engine, step) -> dict:
         model = engine.module if hasattr(engine, "module") else engine
-        device = next(model.parameters()).device
-        texts, tpf, completion_ids = [], [], []
-        for start in range(0, len(rows), bsz):
-            part = rows[start:start + bsz]
-            input_ids, lengths = encode_prompts(tokenizer, [r[field] for r in part])  # (b, P), (b,)
-            out = generate_with_mode(model, input_ids.to(device), cfg.rl.eval_mode, gen_length=gen_length,
-                                     block_length=cfg.diffusion.block_size, prompt_lengths=lengths.to(device))
-            texts += decode_responses(tokenizer, out, input_ids.shape[1], model.config.eos_token_id)
-            tpf += out.tokens_per_forward.tolist()
-            eos = model.config.eos_token_id
-            for row, n in zip(out.sequences[:, input_ids.shape[1]:].tolist(), out.lengths.tolist()):
-                completion_ids.append([tok for tok in row[:n] if tok != eos])
+        done = complete(model, tokenizer, [r[field] for r in rows], mode=cfg.rl.eval_mode, gen_length=gen_length,
+                        block_length=cfg.diffusion.block_size, batch_size=bsz)
+        texts, tpf, completion_ids = done.texts, done.tokens_per_forward, done.token_ids
         metrics = {"tokens_per_forward": sum(tpf) / len(tpf)}
         checkable = [(r, t) for r, t in zip(rows, texts) if "task" in r and "answer" in r]
         if checkable:

@@ -15,13 +15,7 @@ from ..config import ConfigError
 from ..data.chat import ChatStats, MalformedRow, load_chat_rows, response_spans, tokenize_chat
 from ..data.tasks import TASKS, check, make_rows
 from ..data.text import BatchIterator
-from ..decoding import (
-    DEFAULT_GEN_LENGTH,
-    decode_responses,
-    encode_prompts,
-    generate_with_mode,
-    generation_config_dict,
-)
+from ..decoding import DEFAULT_GEN_LENGTH, complete, generation_config_dict
 from ..engine import init_distributed
 from ..trainer import BatchSource, Trainer
 from .common import build_model, build_tokenizer, diffusion_loss_fn, eval_loss_fn
@@ -205,14 +199,11 @@ def task_accuracy_fn(cfg, tokenizer, rows: list):
     prompts = [row["messages"][:-1] for row in checkable]
 
     def accuracy(model) -> dict:
-        input_ids, lengths = encode_prompts(tokenizer, prompts)  # (B, P), (B,)
-        device = next(model.parameters()).device
-        out = generate_with_mode(model, input_ids.to(device), DECODE_MODE, gen_length=gen_length, block_length=block,
-                                 prompt_lengths=lengths.to(device))
-        texts = decode_responses(tokenizer, out, input_ids.shape[1], model.config.eos_token_id)
-        right = [check(row["task"], row["answer"], text) for row, text in zip(checkable, texts)]
+        done = complete(model, tokenizer, prompts, mode=DECODE_MODE, gen_length=gen_length, block_length=block,
+                        batch_size=len(prompts))
+        right = [check(row["task"], row["answer"], text) for row, text in zip(checkable, done.texts)]
         return {"accuracy": sum(right) / len(right),
-                "tokens_per_forward": out.tokens_per_forward.float().mean().item()}
+                "tokens_per_forward": sum(done.tokens_per_forward) / len(done.tokens_per_forward)}
 
     accuracy.gen_length = gen_length
     return accuracy

@@ -5,12 +5,13 @@ draft-ahead vs a separate forward for each block's first step (side by side, sam
 Models: the tiny preset (the newest trained export under runs/*/hf or runs/*/*/hf when one exists,
 else random weights; the output says which) and a mid-size random config (hidden 512, 8 layers,
 16 experts top-4). Speed runs decode all `gen_length` tokens (no EOS stop) so both sides do the
-same work. For each export under runs/ whose run trained on built-in task families (SFT, RL; plus
+same work; the tiny model's cache speedup is also measured at larger batches (`--batch-sizes`). For each export under runs/ whose run trained on built-in task families (SFT, RL; plus
 any `--task-model DIR`), TPF and exact-match accuracy are measured on held-out prompts of those
 families (read from the run's config.yaml), with EOS stop, i.e. counting only the answer's tokens,
 next to the TPF ceiling those answer lengths allow (see `tpf_ceiling`).
 
-    python benchmarks/bench_decode.py [--threads 1] [--gen-length 256] [--block-length 32] [--task-model DIR ...]
+    python benchmarks/bench_decode.py [--threads 1] [--gen-length 256] [--block-length 32] [--batch-sizes 1,4,16]
+                                      [--task-model DIR ...]
 """
 
 from __future__ import annotations
@@ -98,6 +99,25 @@ def speed_rows(name, weights, model, ids, plen, args):
     return rows
 
 
+def batch_rows(model, tok, family, args):
+    """Cache speedup of the tiny model as the batch grows (different prompts of `family`, same decode
+    as the speed rows): at batch 1 its forward is mostly fixed per-call overhead that the cache
+    cannot remove; with more rows per forward the work the cache saves dominates."""
+    rows = []
+    for batch in args.batch_sizes:
+        prompts = [r["prompt"] for r in make_rows([family], batch, split="eval", seed=0, kind="rl")]
+        ids, plen = encode_prompts(tok, prompts, chat=True)
+        for setting in ("S", "one token/step"):
+            cpu = {use_cache: decode(model, ids, plen, setting, args, use_cache, eos_stop=False)[2]
+                   for use_cache in (False, True)}
+            tokens = args.gen_length * batch
+            rows.append({"batch": batch, "setting": setting, "tokens": tokens,
+                         "tokens_per_s_recompute": round(tokens / cpu[False], 1),
+                         "tokens_per_s_cached": round(tokens / cpu[True], 1), "cache_speedup": round(cpu[False] / cpu[True], 2)})
+            print(json.dumps(rows[-1]), flush=True)
+    return rows
+
+
 def tpf_ceiling(plen, lengths, block_length, editing) -> float:
     """The most tokens per forward any threshold decoder can reach on these answers: every block the
     answer touches filled in one forward, plus (with editing) one forward that finds the last block
@@ -169,6 +189,12 @@ def markdown(result) -> str:
         lines.append(f"| {model} | {r['weights']} | {setting} | {c['tokens_per_forward']:.2f} | "
                      f"{fmt(c.get('tokens_per_forward_no_draft_ahead'))} | {c['nfe']} | {c['edits']} | "
                      f"{r['tokens_per_s']:.1f} | {c['tokens_per_s']:.1f} | {c['tokens_per_s'] / r['tokens_per_s']:.2f}x |")
+    if result.get("batch"):
+        lines += ["", (f"Tiny model ({result['tiny_weights']}), same decode, a batch of different prompts "
+                  "per forward:"), "", "| batch | setting | tok/s recompute | tok/s cached | cache speedup |",
+                  "|---|---|---|---|---|"]
+        lines += [f"| {r['batch']} | {r['setting']} | {r['tokens_per_s_recompute']:.1f} | {r['tokens_per_s_cached']:.1f} "
+                  f"| {r['cache_speedup']:.2f}x |" for r in result["batch"]]
     if result["tasks"]:
         lines += ["", ("Held-out prompts of the families each trained model's run used, EOS stop, cached, the "
                   "export's own gen_length/block_length. TPF counts answer tokens up to and including EOS; the "
@@ -195,6 +221,8 @@ def main():
     parser.add_argument("--block-length", type=int, default=32)
     parser.add_argument("--task-prompts", type=int, default=128)
     parser.add_argument("--models", default="tiny,mid")
+    parser.add_argument("--batch-sizes", type=lambda text: [int(b) for b in text.split(",")], default=[1, 4, 16],
+                        help="batch sizes of the tiny model's cache-speedup rows")
     parser.add_argument("--task-model", type=Path, action="append", default=[],
                         help="a trained export outside runs/ (a run's hf/ dir) to measure on its run's task families")
     args = parser.parse_args()
@@ -215,6 +243,8 @@ def main():
         model, weights = models[name]
         decode(model, ids, plen, "one token/step", argparse.Namespace(gen_length=32, block_length=32), True, False)
         result["speed"] += speed_rows(name, weights, model, ids, plen, args)
+    if "tiny" in args.models.split(","):
+        result["batch"] = batch_rows(tiny, tok, family, args)
     for path in args.task_model:
         if not (path / "config.json").exists() or not trained_on_tasks(path):
             raise ValueError(f"--task-model {path}: expected the hf/ export of a run trained on built-in task "

@@ -294,3 +294,23 @@ def test_update_moves_policy_towards_the_better_completion(tiny_model):
     log_ratio = sequence_log_ratio(terms, batch.old_terms, batch.response_mask.sum(-1))
     assert log_ratio[0] - log_ratio[1] > 0
     torch.testing.assert_close(batch.advantages[:2], torch.tensor([0.5, -0.5]) / (math.sqrt(0.5) + 1e-6))
+
+
+def test_data_parallel_passes_are_padded_to_the_same_number_of_steps(tiny_model):
+    """Under data parallelism every rank must join every optimizer step: a rank with fewer (or no)
+    minibatches pads each pass with step(None), after its real minibatches."""
+    model = tiny_model.train()
+    ids, resp, rewards, _, gen = _setup(model, "sequence", bsz=6)
+    cfg = EBPOConfig(group_size=2, block_size=4, updates_per_batch=2, minibatch_size=4,
+                     drop_zero_variance_groups=False)
+    batch, _ = build_batch(model, ids, resp, rewards, cfg, generator=gen)
+    calls = []
+    history = ebpo_update(model, lambda loss: calls.append(loss is None), batch, cfg, generator=gen, steps_per_pass=3)
+    assert calls == [False, False, True] * 2 and len(history) == 4  # 6 rows = minibatches of 4 and 2, + 1 pad
+    empty = batch.select(torch.tensor([], dtype=torch.long))
+    calls.clear()
+    assert ebpo_update(model, lambda loss: calls.append(loss is None), empty, cfg, steps_per_pass=2) == []
+    assert calls == [True] * 4
+    calls.clear()
+    ebpo_update(model, lambda loss: calls.append(loss is None), batch, cfg, generator=gen)  # one process: no pads
+    assert calls == [False, False] * 2

@@ -4,6 +4,9 @@ EBPO maths are covered in test_rewards.py and test_ebpo.py.)"""
 
 import json
 import math
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -13,6 +16,7 @@ from llada_train.config import ConfigError, RayConfig, load_config
 from llada_train.data.tokenizer import load_tokenizer
 from llada_train.rl.rollout import LocalRollouts, RayRollouts, rollout_step
 from tests.conftest import REPO, tiny_config
+from tests.test_cpt import free_port
 
 PROMPTS = ["sort 3141", "reverse abc", "sort 987", "copy xyz", "max 3,9,4", "sort 55", "reverse hello", "copy q"]
 DECODE = {"mode": "S", "gen_length": 8, "block_length": 8, "temperature": 1.0, "editing_threshold": 0.9}
@@ -159,9 +163,6 @@ def test_rl_cli_runs_with_failing_rewards_exports_and_resumes_exactly(tmp_path):
 def test_rollout_seeds_are_the_same_in_every_process():
     """Resume runs in a new process and Ray workers are other processes: seeds must not depend on
     Python's per-process str-hash salt."""
-    import subprocess
-    import sys
-
     from llada_train.rl.rollout import chunk_seed
 
     code = "from llada_train.rl.rollout import chunk_seed; print(chunk_seed(3, 5, 7))"
@@ -183,3 +184,52 @@ def test_rl_config_errors_name_the_key(tmp_path):
         load_config("rl", str(REPO / "configs/rl_tiny.yaml"), ["rl.group_sise=4"])
     with pytest.raises(ConfigError, match="data.train"):
         load_config("rl", str(REPO / "configs/rl_tiny.yaml"), [f"data.train={tmp_path}/missing.jsonl"])
+
+
+def test_two_rank_data_parallel_rl_trains_exports_and_resumes_exactly(tmp_path):
+    """torchrun, 2 ranks (gloo, ZeRO-2): each rank rolls out and trains on its half of the prompts.
+    Rank 0's reward ties every group, so it drops them all and has no minibatch at all: it must
+    still join each of rank 1's optimizer steps (else the run hangs), the weights must move, and a
+    resumed run must repeat the uninterrupted one."""
+    from safetensors.torch import load_file
+
+    rewards_file = tmp_path / "by_rank.py"
+    rewards_file.write_text(
+        "import os\n\n"
+        "def by_rank(prompts, completions, **kwargs):\n"
+        "    if os.environ['RANK'] == '0':\n"
+        "        return [1.0] * len(completions)\n"
+        "    return [float(i % 2) for i in range(len(completions))]  # 0 and 1 within every group of 2\n")
+
+    def run(run_dir, steps):
+        args = ["rl", "--config", str(REPO / "configs/rl_tiny.yaml"), "model.init_from=", f"run.out_dir={run_dir}",
+                f"train.steps={steps}", "train.batch_size=4", "rl.group_size=2", "rl.minibatch_size=2",
+                "data.num_train=16", "data.num_eval=6", "train.eval_every=3", "train.save_every=1",
+                "train.log_every=1", "rl.ray.enabled=false", "engine.zero_stage=2",
+                f"rl.rewards=[{{fn: '{rewards_file}:by_rank'}}]"]
+        res = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                              str(free_port()), "-m", "llada_train.cli", *args], check=False, cwd=REPO,
+                             capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
+        assert res.returncode == 0, res.stderr[-3000:]
+        return [r for r in _records(run_dir) if "loss" in r or "eval/accuracy" in r]
+
+    full = run(tmp_path / "full", 3)
+    steps = [r for r in full if "loss" in r]  # rank 0 writes the metrics
+    assert [r["step"] for r in steps] == [1, 2, 3]
+    assert all(r["kept_frac"] == 0 and r["updates"] == 0 for r in steps)
+    assert all(math.isfinite(v) for r in full for v in r.values() if isinstance(v, (int, float)))
+    assert [r["step"] for r in full if "eval/accuracy" in r] == [0, 3]  # held-out prompts split over ranks
+    state = json.loads((tmp_path / "full/checkpoints/step_000003/trainer_state.json").read_text())
+    assert state["world_size"] == 2
+
+    run(tmp_path / "split", 2)
+    after_2, after_3 = load_file(tmp_path / "split/hf/model.safetensors"), load_file(tmp_path / "full/hf/model.safetensors")
+    assert any(not torch.equal(after_2[k], after_3[k]) for k in after_3)  # rank 1's step 3 moved the weights
+    resumed = run(tmp_path / "split", 3)
+    timing = ("elapsed_s", "rollout/seconds", "rollout/tokens_per_s", "reward_seconds")
+
+    def comparable(record):
+        return {k: v for k, v in record.items() if k not in timing}
+
+    assert comparable(next(r for r in resumed if r["step"] == 3 and "loss" in r)) == comparable(steps[-1])
+    assert torch.equal(load_file(tmp_path / "split/hf/model.safetensors")["lm_head.weight"], after_3["lm_head.weight"])

@@ -290,12 +290,16 @@ class EBPOBatch:
         return EBPOBatch(**{f.name: None if getattr(self, f.name) is None else getattr(self, f.name)[rows]
                             for f in fields(self)})
 
-    def minibatches(self, size: int | None, generator: torch.Generator | None = None) -> Iterator["EBPOBatch"]:
-        """Shuffled minibatches of `size` sequences (the last may be smaller); None = one."""
-        order = torch.randperm(len(self), generator=generator).to(self.input_ids.device)
+    def minibatch_bounds(self, size: int | None) -> list[tuple[int, int]]:
+        """(start, end) of each minibatch of `size` sequences (the last may be smaller); None = one."""
         size = size or max(len(self), 1)
-        for start in range(0, len(self), size):
-            yield self.select(order[start:start + size])
+        return [(start, min(start + size, len(self))) for start in range(0, len(self), size)]
+
+    def minibatches(self, size: int | None, generator: torch.Generator | None = None) -> Iterator["EBPOBatch"]:
+        """Shuffled minibatches (`minibatch_bounds`)."""
+        order = torch.randperm(len(self), generator=generator).to(self.input_ids.device)
+        for start, end in self.minibatch_bounds(size):
+            yield self.select(order[start:end])
 
 
 @torch.no_grad()
@@ -369,14 +373,22 @@ def ebpo_minibatch_loss(model, batch: EBPOBatch, cfg: EBPOConfig, *,
                      kl=kl, beta=cfg.beta)
 
 
-def ebpo_update(model, step_fn: Callable[[torch.Tensor], None], batch: EBPOBatch, cfg: EBPOConfig, *,
-                generator: torch.Generator | None = None, mask_token_id: int | None = None) -> list[dict]:
+def ebpo_update(model, step_fn: Callable[[torch.Tensor | None], None], batch: EBPOBatch, cfg: EBPOConfig, *,
+                generator: torch.Generator | None = None, mask_token_id: int | None = None,
+                steps_per_pass: int | None = None) -> list[dict]:
     """μ = updates_per_batch shuffled passes over the batch; `step_fn(loss)` does backward + step
-    (e.g. `engine.backward(loss); engine.step()`). Returns the metrics of every minibatch."""
+    (e.g. `engine.backward(loss); engine.step()`). Returns the metrics of every minibatch.
+
+    `steps_per_pass` (data parallelism: the most minibatches any rank has) pads each pass with
+    `step_fn(None)` calls, so every rank takes part in every optimizer step."""
     history = []
-    for _ in range(cfg.updates_per_batch if len(batch) else 0):
-        for part in batch.minibatches(cfg.minibatch_size, generator):
+    own = len(batch.minibatch_bounds(cfg.minibatch_size)) if len(batch) else 0
+    for _ in range(cfg.updates_per_batch if (steps_per_pass or own) else 0):
+        parts = list(batch.minibatches(cfg.minibatch_size, generator)) if len(batch) else []
+        for part in parts:
             loss, metrics = ebpo_minibatch_loss(model, part, cfg, mask_token_id=mask_token_id)
             step_fn(loss)
             history.append(metrics)
+        for _ in range((steps_per_pass or own) - len(parts)):
+            step_fn(None)
     return history

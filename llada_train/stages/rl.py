@@ -4,13 +4,15 @@ One RL step = one Trainer step: `train.batch_size` prompts are drawn by the resu
 iterator, each gets `rl.group_size` completions (in-process or in Ray actors, `rl/rollout.py`),
 rewards score them (`rl/rewards.py`), and `rl/ebpo.py` turns them into clipped ELBO-ratio updates,
 one optimizer step per minibatch. Every random draw is seeded from (run.seed, step, ...), so a
-resumed run repeats the uninterrupted one. The learner is one process; rollouts scale with
-`rl.ray.num_workers`.
+resumed run repeats the uninterrupted one. Scaling: one learner process with rollouts in
+`rl.ray.num_workers` Ray actors, or data parallelism under torchrun (each rank rolls out, scores
+and trains on its share of the prompts; gradients are averaged), rollouts in-process per rank.
 """
 
 import time
 
 import torch
+import torch.distributed as dist
 
 from ..config import ConfigError
 from ..data.chat import MalformedRow, _iter_source, render_prompt
@@ -29,9 +31,13 @@ from .common import build_model, build_tokenizer
 def run_rl(cfg) -> bool:
     """Returns True when training finished (False when stopped by a signal or bad steps)."""
     rank, world = init_distributed()
-    if world > 1:
-        raise ValueError(f"rl: the learner runs in one process (got {world}); launch `llada-train rl` without "
-                         "torchrun and scale rollouts with rl.ray.num_workers")
+    if world > 1 and cfg.rl.ray.enabled:
+        raise ValueError(f"rl under torchrun ({world} ranks): each rank decodes its own prompts in-process; set "
+                         "rl.ray.enabled=false (Ray rollout workers serve a one-process learner)")
+    if world > 1 and cfg.rl.minibatch_size and (cfg.rl.minibatch_size % world or
+                                                cfg.rl.minibatch_size < world):
+        raise ValueError(f"rl.minibatch_size {cfg.rl.minibatch_size} (sequences per optimizer step over all ranks) "
+                         f"must be a multiple of the {world} ranks")
     tokenizer = build_tokenizer(cfg.model)
     model = build_model(cfg.model, tokenizer, cfg.run.seed)
     train_rows, eval_rows = load_rl_rows(cfg)
@@ -49,8 +55,8 @@ def run_rl(cfg) -> bool:
     try:
         iterator = BatchIterator(len(train_rows), cfg.train.batch_size, seed=cfg.run.seed, rank=rank, world_size=world)
         batches = BatchSource({"index": torch.arange(len(train_rows))}, iterator)
-        step_fn = rl_step_fn(cfg, tokenizer, train_rows, rollouts, rewards, ref_model)
-        eval_fn = rl_eval_fn(cfg, tokenizer, eval_rows, rewards, gen_length) if eval_rows else None
+        step_fn = rl_step_fn(cfg, tokenizer, train_rows, rollouts, rewards, ref_model, rank, world)
+        eval_fn = rl_eval_fn(cfg, tokenizer, eval_rows, rewards, gen_length, rank, world) if eval_rows else None
         trainer = Trainer(cfg, "rl", model, tokenizer, batches, loss_fn=None, eval_fn=eval_fn,
                           generation_config=generation_config_dict(cfg.rl.eval_mode, gen_length=gen_length,
                                                                    block_length=cfg.diffusion.block_size),
@@ -145,34 +151,54 @@ def _reward_columns(rows: list[dict], prompt_field: str, group_size: int) -> dic
 # ---- one RL step ----------------------------------------------------------------------------------
 
 
-def ebpo_config(cfg) -> EBPOConfig:
+def ebpo_config(cfg, world: int = 1) -> EBPOConfig:
+    """`rl.minibatch_size` counts sequences over all ranks; each rank takes its share."""
     r = cfg.rl
     return EBPOConfig(group_size=r.group_size, num_timesteps=r.num_timesteps, eps_low=r.eps_low, eps_high=r.eps_high,
-                      updates_per_batch=r.updates_per_batch, minibatch_size=r.minibatch_size,
+                      updates_per_batch=r.updates_per_batch,
+                      minibatch_size=r.minibatch_size // world if r.minibatch_size else None,
                       ratio_level=r.ratio_level, advantage=r.advantage,
                       drop_zero_variance_groups=r.drop_zero_variance, beta=r.kl_beta,
                       block_size=cfg.diffusion.block_size, t_min=r.t_min)
 
 
-def rl_step_fn(cfg, tokenizer, rows: list[dict], rollouts, rewards: RewardComputer, ref_model):
-    """Trainer `step_fn`: one rollout batch and its μ × minibatch optimizer steps."""
-    ecfg = ebpo_config(cfg)
+def _max_over_ranks(value: float) -> float:
+    t = torch.tensor(value, dtype=torch.float64)
+    if dist.is_initialized():
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return t.item()
+
+
+def _sum_over_ranks(*values: float) -> list[float]:
+    t = torch.tensor(values, dtype=torch.float64)
+    if dist.is_initialized():
+        dist.all_reduce(t)
+    return t.tolist()
+
+
+def rl_step_fn(cfg, tokenizer, rows: list[dict], rollouts, rewards: RewardComputer, ref_model,
+               rank: int = 0, world: int = 1):
+    """Trainer `step_fn`: one rollout batch and its μ × minibatch optimizer steps. Under data
+    parallelism each rank rolls out, scores and trains on its own prompts (its own rollout and
+    mask seeds); DeepSpeed averages the gradients, and every rank takes the same optimizer steps."""
+    ecfg = ebpo_config(cfg, world)
     group = cfg.rl.group_size
     field = cfg.data.prompt_field
+    seed = cfg.run.seed if world == 1 else stable_seed(cfg.run.seed, "rank", rank)
 
     def step_fn(engine, batch, step) -> dict:
         chosen = [rows[i] for i in batch["index"].tolist()]
         model = engine.module
         rollouts.publish(model)  # the weights after the previous step's updates
         roll = rollout_step(rollouts, tokenizer, [r[field] for r in chosen], group_size=group,
-                            prompts_per_chunk=cfg.rl.prompts_per_chunk, seed=cfg.run.seed, step=step,
+                            prompts_per_chunk=cfg.rl.prompts_per_chunk, seed=seed, step=step,
                             eos_token_id=model.config.eos_token_id, block_length=cfg.diffusion.block_size)
         prompts = [_prompt_text(r[field], tokenizer) for r in chosen for _ in range(group)]
         columns = {**_reward_columns(chosen, field, group), "completion_ids": roll.completion_ids}
         start = time.perf_counter()
         scored = rewards.score(prompts, roll.completions, columns)
         reward_s = time.perf_counter() - start
-        generator = torch.Generator().manual_seed(stable_seed(cfg.run.seed, step, "ebpo"))
+        generator = torch.Generator().manual_seed(stable_seed(seed, step, "ebpo"))
         ebpo_batch, batch_metrics = build_batch(engine, roll.input_ids, roll.response_mask,
                                                 torch.tensor(scored.total), ecfg, pad_mask=roll.pad_mask,
                                                 ref_model=ref_model, generator=generator)
@@ -180,13 +206,27 @@ def rl_step_fn(cfg, tokenizer, rows: list[dict], rollouts, rewards: RewardComput
         bad = []
 
         def optimizer_step(loss):
-            if not torch.isfinite(loss):  # skip the update; the step counts as bad
+            """`loss` None: this rank has no minibatch left in the pass but joins the step with a zero
+            loss. A non-finite loss on any rank voids the step on all (lr 0, zero loss)."""
+            skip = _sum_over_ranks(float(loss is not None and not torch.isfinite(loss)))[0] > 0
+            if skip:
                 bad.append(True)
-                return
+            if loss is None or skip:
+                if world == 1:
+                    return
+                loss = sum(p.sum() * 0.0 for p in engine.module.parameters() if p.requires_grad)
             engine.backward(loss)
+            if skip:
+                for group_ in engine.optimizer.param_groups:
+                    group_["lr"] = 0.0
             engine.step()
 
-        history = ebpo_update(engine, optimizer_step, ebpo_batch, ecfg, generator=generator)
+        steps_per_pass = None
+        if world > 1:
+            own = len(ebpo_batch.minibatch_bounds(ecfg.minibatch_size)) if len(ebpo_batch) else 0
+            steps_per_pass = int(_max_over_ranks(own))
+        history = ebpo_update(engine, optimizer_step, ebpo_batch, ecfg, generator=generator,
+                              steps_per_pass=steps_per_pass)
         if not bad:
             update_expert_bias(model, cfg.moe.bias_update_rate)
         metrics = {k: v for k, v in scored.metrics.items()}
@@ -202,7 +242,7 @@ def rl_step_fn(cfg, tokenizer, rows: list[dict], rollouts, rewards: RewardComput
             "rollout/seconds": roll.seconds,
             "reward_seconds": reward_s,
             "bad_step": float(bool(bad)),
-            "step_tokens": int(roll.pad_mask.sum()),
+            "step_tokens": int(_sum_over_ranks(float(roll.pad_mask.sum()))[0]),
         })
         return metrics
 
@@ -212,24 +252,30 @@ def rl_step_fn(cfg, tokenizer, rows: list[dict], rollouts, rewards: RewardComput
 # ---- held-out evaluation --------------------------------------------------------------------------
 
 
-def rl_eval_fn(cfg, tokenizer, rows: list[dict], rewards: RewardComputer, gen_length: int):
+def rl_eval_fn(cfg, tokenizer, rows: list[dict], rewards: RewardComputer, gen_length: int,
+               rank: int = 0, world: int = 1):
     """Greedy `rl.eval_mode` decoding of the held-out prompts: exact-match accuracy (rows with `task`
-    and `answer`, via tasks.check), mean reward and tokens per forward."""
+    and `answer`, via tasks.check), mean reward and tokens per forward. Under data parallelism each
+    rank decodes every `world`-th prompt and the sums are combined."""
     field = cfg.data.prompt_field
-    bsz = max(cfg.train.batch_size * cfg.rl.group_size, 1)
+    bsz = max(cfg.train.batch_size * cfg.rl.group_size // world, 1)
+    mine = rows[rank::world]
 
     def eval_fn(engine, step) -> dict:
         model = engine.module if hasattr(engine, "module") else engine
-        done = complete(model, tokenizer, [r[field] for r in rows], mode=cfg.rl.eval_mode, gen_length=gen_length,
-                        block_length=cfg.diffusion.block_size, batch_size=bsz)
-        texts, tpf, completion_ids = done.texts, done.tokens_per_forward, done.token_ids
-        metrics = {"tokens_per_forward": sum(tpf) / len(tpf)}
-        checkable = [(r, t) for r, t in zip(rows, texts) if "task" in r and "answer" in r]
-        if checkable:
-            metrics["accuracy"] = sum(check(r["task"], str(r["answer"]), t) for r, t in checkable) / len(checkable)
-        scored = rewards.score([_prompt_text(r[field], tokenizer) for r in rows], texts,
-                               {**_reward_columns(rows, field, 1), "completion_ids": completion_ids})
-        metrics["reward"] = sum(scored.total) / len(scored.total)
+        done = complete(model, tokenizer, [r[field] for r in mine], mode=cfg.rl.eval_mode, gen_length=gen_length,
+                        block_length=cfg.diffusion.block_size, batch_size=bsz) if mine else None
+        texts = done.texts if done else []
+        checkable = [(r, t) for r, t in zip(mine, texts) if "task" in r and "answer" in r]
+        scores = rewards.score([_prompt_text(r[field], tokenizer) for r in mine], texts,
+                               {**_reward_columns(mine, field, 1), "completion_ids": done.token_ids}).total if done else []
+        n, tpf, n_checkable, right, reward = _sum_over_ranks(
+            len(mine), sum(done.tokens_per_forward) if done else 0.0, len(checkable),
+            sum(check(r["task"], str(r["answer"]), t) for r, t in checkable), sum(scores))
+        metrics = {"tokens_per_forward": tpf / n}
+        if n_checkable:
+            metrics["accuracy"] = right / n_checkable
+        metrics["reward"] = reward / n
         return metrics
 
     return eval_fn

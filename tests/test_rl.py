@@ -186,6 +186,19 @@ def test_rl_config_errors_name_the_key(tmp_path):
         load_config("rl", str(REPO / "configs/rl_tiny.yaml"), [f"data.train={tmp_path}/missing.jsonl"])
 
 
+def test_data_parallel_layout_errors_name_the_key():
+    from llada_train.stages.rl import check_data_parallel
+
+    cfg = load_config("rl", str(REPO / "configs/rl_tiny.yaml"), ["rl.minibatch_size=6", "rl.ray.enabled=true"])
+    check_data_parallel(cfg, 1)  # one process: Ray rollouts are fine
+    with pytest.raises(ValueError, match="rl.ray.enabled=false"):
+        check_data_parallel(cfg, 2)
+    cfg.rl.ray.enabled = False
+    check_data_parallel(cfg, 2)
+    with pytest.raises(ValueError, match="rl.minibatch_size 6 .* multiple of the 4 ranks"):
+        check_data_parallel(cfg, 4)
+
+
 def test_two_rank_data_parallel_rl_trains_exports_and_resumes_exactly(tmp_path):
     """torchrun, 2 ranks (gloo, ZeRO-2): each rank rolls out and trains on its half of the prompts.
     Rank 0's reward ties every group, so it drops them all and has no minibatch at all: it must

@@ -31,13 +31,7 @@ from .common import build_model, build_tokenizer
 def run_rl(cfg) -> bool:
     """Returns True when training finished (False when stopped by a signal or bad steps)."""
     rank, world = init_distributed()
-    if world > 1 and cfg.rl.ray.enabled:
-        raise ValueError(f"rl under torchrun ({world} ranks): each rank decodes its own prompts in-process; set "
-                         "rl.ray.enabled=false (Ray rollout workers serve a one-process learner)")
-    if world > 1 and cfg.rl.minibatch_size and (cfg.rl.minibatch_size % world or
-                                                cfg.rl.minibatch_size < world):
-        raise ValueError(f"rl.minibatch_size {cfg.rl.minibatch_size} (sequences per optimizer step over all ranks) "
-                         f"must be a multiple of the {world} ranks")
+    check_data_parallel(cfg, world)
     tokenizer = build_tokenizer(cfg.model)
     model = build_model(cfg.model, tokenizer, cfg.run.seed)
     train_rows, eval_rows = load_rl_rows(cfg)
@@ -67,6 +61,18 @@ def run_rl(cfg) -> bool:
     finally:
         rollouts.close()
         rewards.close()
+
+
+def check_data_parallel(cfg, world: int) -> None:
+    """Settings that cannot work with `world` data-parallel ranks."""
+    if world == 1:
+        return
+    if cfg.rl.ray.enabled:
+        raise ValueError(f"rl under torchrun ({world} ranks): each rank decodes its own prompts in-process; set "
+                         "rl.ray.enabled=false (Ray rollout workers serve a one-process learner)")
+    if cfg.rl.minibatch_size and cfg.rl.minibatch_size % world:
+        raise ValueError(f"rl.minibatch_size {cfg.rl.minibatch_size} (sequences per optimizer step over all ranks) "
+                         f"must be a multiple of the {world} ranks")
 
 
 # ---- data -----------------------------------------------------------------------------------------
@@ -281,4 +287,4 @@ def rl_eval_fn(cfg, tokenizer, rows: list[dict], rewards: RewardComputer, gen_le
     return eval_fn
 
 
-__all__ = ["load_heldout_rows", "load_rl_rows", "read_rows", "rl_eval_fn", "rl_step_fn", "run_rl"]
+__all__ = ["check_data_parallel", "load_heldout_rows", "load_rl_rows", "read_rows", "rl_eval_fn", "rl_step_fn", "run_rl"]

@@ -77,6 +77,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sbatch-option", action="append", default=[], metavar="OPT",
                    help="one more #SBATCH option, e.g. --sbatch-option=--exclusive (repeatable)")
     p.add_argument("--ray-wait", type=int, default=300, help="RL: seconds the Ray cluster may take to start")
+    p.add_argument("--rl-layout", choices=["ray", "data-parallel"], default="ray",
+                   help="RL: one learner with Ray rollout actors on every node (ray), or torchrun data "
+                        "parallelism, each rank rolling out its own prompts (data-parallel)")
     p.add_argument("--after", help="start only after job JOBID succeeded (--dependency=afterok:JOBID)")
     p.add_argument("--dry-run", action="store_true", help="print the script(s); write and submit nothing")
     return p
@@ -145,18 +148,21 @@ def _directives(opts) -> str:
 # ---- one stage -------------------------------------------------------------------------------------
 
 
-def load_stage(stage: str, config: str | None, overrides: list[str]):
+def load_stage(stage: str, config: str | None, overrides: list[str], rl_layout: str = "ray"):
     """The stage config as the job will run it."""
-    return for_slurm(stage, load_config(stage, config, overrides))
+    return for_slurm(stage, load_config(stage, config, overrides), rl_layout)
 
 
-def for_slurm(stage: str, cfg):
-    """RL joins the job's own Ray cluster; every job resumes from its own checkpoints."""
+def for_slurm(stage: str, cfg, rl_layout: str = "ray"):
+    """RL joins the job's own Ray cluster (or, data-parallel, rolls out in each rank); every job
+    resumes from its own checkpoints."""
     if cfg.run.resume != "auto":
         raise ConfigError(f"run.resume={cfg.run.resume}: a Slurm job always resumes with 'auto' (a requeued job "
                           "must continue from its own checkpoints); to start from other weights set model.init_from")
-    if stage == "rl":
+    if stage == "rl" and rl_layout == "ray":
         cfg.rl.ray.enabled, cfg.rl.ray.address = True, "auto"
+    elif stage == "rl":
+        cfg.rl.ray.enabled = False
     return cfg
 
 
@@ -187,7 +193,7 @@ def prepare(stage: str, cfg, opts) -> dict:
         "config_q": shlex.quote(str(config_path)),
         "script_q": shlex.quote(str(script_path)),
     }
-    if stage == "rl":
+    if stage == "rl" and opts.rl_layout == "ray":
         _check_ray_fits(cfg.rl.ray, opts)
         values.update(gpus_per_node=opts.gpus_per_node, ray_wait_s=opts.ray_wait)
         script = render("rl.sbatch.tmpl", values)
@@ -250,7 +256,7 @@ def _run(cmd: list[str]) -> subprocess.CompletedProcess:
 def _stage_jobs(opts) -> list[dict]:
     """The jobs to submit, in order, every config validated."""
     if opts.stage != "pipeline":
-        return [prepare(opts.stage, load_stage(opts.stage, opts.config, opts.overrides), opts)]
+        return [prepare(opts.stage, load_stage(opts.stage, opts.config, opts.overrides, opts.rl_layout), opts)]
     from .stages.pipeline import DONE, load_pipeline
 
     pipe = load_pipeline(opts.config, opts.overrides)
@@ -259,7 +265,7 @@ def _stage_jobs(opts) -> list[dict]:
         if (pipe.stage_dir(stage) / DONE).is_file():
             print(f"{stage}: finished earlier ({pipe.stage_dir(stage) / DONE}); not submitted")
             continue
-        jobs.append(prepare(stage, for_slurm(stage, pipe.configs[stage]), opts))
+        jobs.append(prepare(stage, for_slurm(stage, pipe.configs[stage], opts.rl_layout), opts))
     return jobs
 
 

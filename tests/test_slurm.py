@@ -130,6 +130,17 @@ def test_rl_script_starts_ray_head_then_workers_then_driver(tmp_path, nodes):
     assert cfg.rl.ray.enabled and cfg.rl.ray.address == "auto"
 
 
+def test_data_parallel_rl_script_runs_torchrun_without_ray(tmp_path):
+    run_dir = tmp_path / "rl"
+    script = dry_run(tmp_path, "rl", "--config", str(REPO / "configs/rl_tiny.yaml"), "--rl-layout", "data-parallel",
+                     "--nodes", "2", "--gpus-per-node", "8", f"run.out_dir={run_dir}")
+    assert "torch.distributed.run" in script and "NPROC_PER_NODE=8" in script and "ray_node" not in script
+    assert "ARGS=(rl --config" in script
+    bash_syntax_ok(tmp_path, script)
+    cfg = slurm.load_stage("rl", str(REPO / "configs/rl_tiny.yaml"), ["rl.ray.enabled=true"], "data-parallel")
+    assert not cfg.rl.ray.enabled  # each rank rolls out its own prompts
+
+
 def test_template_placeholders_are_strict():
     with pytest.raises(KeyError):
         slurm.ScriptTemplate("x={{missing}}").substitute({})
@@ -220,7 +231,7 @@ def jobs(tmp_path_factory):
     """Submit the pipeline and the to-be-preempted CPT copy; signal the copy mid-run."""
     require_slurm()
     root = tmp_path_factory.mktemp("slurm")
-    pipe, pre = root / "pipe", root / "pre"
+    pipe, pre, dp = root / "pipe", root / "pre", root / "dp"
     ids = {}
     try:
         ids["pipe"] = submitted(cli("submit", "pipeline", "--config", PIPELINE, *RESOURCES, f"out_dir={pipe}",
@@ -228,6 +239,9 @@ def jobs(tmp_path_factory):
         dependency = job_fields(ids["pipe"]["rl"]).get("Dependency")
         ids["pre"] = submitted(cli("submit", "pipeline", "--config", PIPELINE, *RESOURCES, f"out_dir={pre}",
                                    f"cpt.data.cache_dir={root}/cache_b", *CPT, "stages=[cpt]"))
+        ids["dp"] = submitted(cli("submit", "rl", "--config", str(REPO / "configs/rl_tiny.yaml"), "--rl-layout",
+                                  "data-parallel", *RESOURCES, f"run.out_dir={dp}", "model.init_from=",
+                                  *(item.removeprefix("rl.") for item in RL if "ray." not in item)))
         pre_id = ids["pre"]["cpt"]
         metrics = pre / "cpt" / "metrics.jsonl"
         deadline = time.time() + 600
@@ -235,7 +249,7 @@ def jobs(tmp_path_factory):
             assert time.time() < deadline and job_fields(pre_id).get("JobState") not in TERMINAL, logs(pre / "cpt")
             time.sleep(0.2)
         subprocess.run(["scancel", "--signal=USR1", "--batch", pre_id], check=True)
-        yield {"pipe": pipe, "pre": pre, "ids": ids, "dependency": dependency}
+        yield {"pipe": pipe, "pre": pre, "dp": dp, "ids": ids, "dependency": dependency}
     finally:
         for group in ids.values():
             sh("scancel", *group.values())
@@ -282,6 +296,16 @@ def test_pipeline_jobs_chain_with_afterok_and_rl_runs_on_ray(jobs):
     assert "Ray cluster up at" in out and "rollouts in Ray (1 workers)" in out, out
     rows = [json.loads(line) for line in cli("status", str(pipe), "--json").stdout.splitlines()]
     assert {(r["stage"], r["state"], r["hf"]) for r in rows} == {(s, "COMPLETED", True) for s in ("cpt", "rl")}
+
+
+@pytest.mark.slurm
+def test_data_parallel_rl_job_trains_on_two_ranks_and_exports(jobs):
+    run_dir = jobs["dp"]
+    wait_done(jobs["ids"]["dp"]["rl"], run_dir)
+    state = json.loads((run_dir / "checkpoints" / "step_000002" / "trainer_state.json").read_text())
+    assert (state["world_size"], state["step"]) == (2, 2)
+    assert (run_dir / "hf" / "config.json").is_file()
+    assert "enabled: false" in (run_dir / "slurm" / "rl.yaml").read_text()
 
 
 @pytest.mark.slurm

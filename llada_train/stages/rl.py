@@ -175,6 +175,17 @@ def _max_over_ranks(value: float) -> float:
     return t.item()
 
 
+def _mean_over_ranks(metrics: dict, world: int) -> dict:
+    """Each metric's mean over the ranks that report it (a rank without minibatches has no clip
+    fractions, so the key sets can differ: gathered as objects, not reduced as tensors)."""
+    if world == 1:
+        return metrics
+    gathered = [None] * world
+    dist.all_gather_object(gathered, metrics)
+    keys = sorted({k for m in gathered for k in m})
+    return {k: sum(m[k] for m in gathered if k in m) / sum(k in m for m in gathered) for k in keys}
+
+
 def _sum_over_ranks(*values: float) -> list[float]:
     t = torch.tensor(values, dtype=torch.float64)
     if dist.is_initialized():
@@ -250,7 +261,7 @@ def rl_step_fn(cfg, tokenizer, rows: list[dict], rollouts, rewards: RewardComput
             "bad_step": float(bool(bad)),
             "step_tokens": int(_sum_over_ranks(float(roll.pad_mask.sum()))[0]),
         })
-        return metrics
+        return _mean_over_ranks(metrics, world)
 
     return step_fn
 

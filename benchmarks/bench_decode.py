@@ -128,10 +128,10 @@ def tpf_ceiling(plen, lengths, block_length, editing) -> float:
     return float(lengths.sum() / forwards.sum())
 
 
-def task_rows(export, args):
+def task_rows(export, tok, args):
     """TPF and accuracy on held-out prompts of the task families the export's run trained on, EOS
     stop on, with the export's own gen_length and block_length."""
-    model, tok = LLaDA2MoeModelLM.from_pretrained(export).eval(), load_tokenizer(None)
+    model = LLaDA2MoeModelLM.from_pretrained(export).eval()
     run = yaml.safe_load((export.parent / "config.yaml").read_text())
     args = argparse.Namespace(**{**vars(args), **load_decode_defaults(export)})
     problems = make_rows(run["data"]["tasks"], args.task_prompts, split="eval", seed=0, kind="rl",
@@ -228,7 +228,8 @@ def main():
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     tok = load_tokenizer(None)
-    export = exports()[-1] if exports() else None  # the newest
+    found = exports()
+    export = found[-1] if found else None  # the newest
     tiny = LLaDA2MoeModelLM.from_pretrained(export) if export else random_model()
     tiny_weights = f"trained ({display(export)})" if export else "random"
     trained = export is not None and trained_on_tasks(export)
@@ -249,9 +250,9 @@ def main():
         if not (path / "config.json").exists() or not trained_on_tasks(path):
             raise ValueError(f"--task-model {path}: expected the hf/ export of a run trained on built-in task "
                              "families (config.json inside, the run's config.yaml with data.train: tasks beside it)")
-    task_models = {p.resolve(): p for p in [e for e in exports() if trained_on_tasks(e)] + args.task_model}
+    task_models = {p.resolve(): p for p in [e for e in found if trained_on_tasks(e)] + args.task_model}
     for path in task_models.values():
-        result["tasks"] += task_rows(path, args)
+        result["tasks"] += task_rows(path, tok, args)
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "bench_decode.json").write_text(json.dumps(result, indent=2) + "\n")
     (RESULTS / "bench_decode.md").write_text(markdown(result))

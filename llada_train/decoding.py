@@ -254,6 +254,10 @@ def _generate(model, input_ids, plen, *, gen_length, b, threshold, editing_thres
     cache_len, forwards = 0, 0
     first_block = int(start.min()) // b
 
+    def answered(hi):
+        """(Ba,) rows whose response holds an EOS left of column `hi`."""
+        return ((x[:, :hi] == eos) & response[:, :hi]).any(1)
+
     def sequences_now():
         full = out.clone()
         full[rows] = x.gather(1, resp_idx)
@@ -288,7 +292,7 @@ def _generate(model, input_ids, plen, *, gen_length, b, threshold, editing_thres
             else:
                 verifying = working & ~(x[:, k * b:hi] == mask_id).any(1)
                 if eos_early_stop:
-                    verifying &= ~((x[:, :hi] == eos) & response[:, :hi]).any(1)  # it stops after this block
+                    verifying &= ~answered(hi)  # it stops after this block
                 end = hi + b if draft_ahead and editing and hi < total and bool(verifying.any()) else hi
                 q0 = cache_len if use_cache else 0
                 commit = lo - cache_len if (use_cache and first_forward) else 0
@@ -323,7 +327,7 @@ def _generate(model, input_ids, plen, *, gen_length, b, threshold, editing_thres
             edits[rows] += delta.sum(1)
             denoise += (working & (n_masks > 0)).long()
             post += stepping.long()
-            if cycles is not None:
+            if cycles is not None and bool(stepping.any()):  # only a post-step that edited can close a cycle
                 final, extra, cycling = cycles.jump(x[:, lo:hi], post, stepping)
                 if len(cycling):
                     x[cycling, lo:hi] = final[cycling]
@@ -346,7 +350,7 @@ def _generate(model, input_ids, plen, *, gen_length, b, threshold, editing_thres
         last = k == n_blocks - 1
         stop = torch.full_like(done, last)
         if eos_early_stop and not last:
-            stop |= ((x[:, :hi] == eos) & response[:, :hi]).any(1)
+            stop |= answered(hi)
         if on_block is not None:
             on_block(k - first_block, sequences_now())
         if bool(stop.any()):

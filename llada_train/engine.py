@@ -62,6 +62,29 @@ def init_distributed() -> tuple[int, int]:
     return torch.distributed.get_rank(), torch.distributed.get_world_size()
 
 
+def reduce_over_ranks(*values: float, op: str = "sum") -> list[float]:
+    """`values` summed (or min / max) over all ranks; unchanged without torch.distributed."""
+    t = torch.tensor(values, dtype=torch.float64)
+    if torch.distributed.is_initialized():
+        ops = {"sum": torch.distributed.ReduceOp.SUM, "min": torch.distributed.ReduceOp.MIN,
+               "max": torch.distributed.ReduceOp.MAX}
+        torch.distributed.all_reduce(t, op=ops[op])
+    return t.tolist()
+
+
+def engine_step(engine, loss: torch.Tensor | None, *, void: bool = False) -> torch.Tensor:
+    """Backward + optimizer step. `loss` None or `void`: a zero loss, so every rank still joins the
+    step's collectives; `void` also sets the lr to 0 for it (the update is dropped). Returns the loss used."""
+    if loss is None or void:
+        loss = sum(p.sum() * 0.0 for p in engine.module.parameters() if p.requires_grad)
+    engine.backward(loss)
+    if void:
+        for group in engine.optimizer.param_groups:
+            group["lr"] = 0.0
+    engine.step()
+    return loss
+
+
 def lr_factor(step: int, optim, total_steps: int) -> float:
     """Linear warm-up, then cosine to min_lr_ratio, WSD (stable, then linear decay) or constant."""
     if step < optim.warmup_steps:

@@ -18,7 +18,7 @@ from tqdm import tqdm
 
 from . import checkpoint as ckpt_lib
 from .config import to_yaml
-from .engine import build_engine, init_distributed
+from .engine import build_engine, engine_step, init_distributed, reduce_over_ranks
 from .model import update_expert_bias
 
 
@@ -132,16 +132,10 @@ class Trainer:
         return torch.Generator().manual_seed(seed)
 
     def _all_ranks_true(self, flag: bool) -> bool:
-        t = torch.tensor(float(flag))
-        if dist.is_initialized():
-            dist.all_reduce(t, op=dist.ReduceOp.MIN)
-        return bool(t.item())
+        return bool(reduce_over_ranks(float(flag), op="min")[0])
 
     def _any_rank(self, flag: bool) -> bool:
-        t = torch.tensor(float(flag))
-        if dist.is_initialized():
-            dist.all_reduce(t, op=dist.ReduceOp.MAX)
-        return bool(t.item())
+        return bool(reduce_over_ranks(float(flag), op="max")[0])
 
     def train_step(self) -> dict:
         batch = self.batches.next()
@@ -156,13 +150,7 @@ class Trainer:
             part = {k: v[i] for k, v in micro.items()}
             loss, metrics = self.loss_fn(self.engine, part, self.step, self._generator(self.step, i))
             bad = bad or self._any_rank(not torch.isfinite(loss).item())
-            if bad:  # a zero loss keeps every rank's collectives in step; the update is voided below
-                loss = sum(p.sum() * 0.0 for p in self.engine.module.parameters() if p.requires_grad)
-            self.engine.backward(loss)
-            if bad:
-                for group in self.engine.optimizer.param_groups:
-                    group["lr"] = 0.0
-            self.engine.step()
+            loss = engine_step(self.engine, loss, void=bad)  # voided: a zero loss at lr 0 on every rank
             for k, v in {"loss": loss.detach(), **metrics}.items():
                 totals[k] = totals.get(k, 0.0) + float(v) / self.cfg.train.grad_accum
         if not bad:

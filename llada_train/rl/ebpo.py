@@ -382,13 +382,13 @@ def ebpo_update(model, step_fn: Callable[[torch.Tensor | None], None], batch: EB
     `steps_per_pass` (data parallelism: the most minibatches any rank has) pads each pass with
     `step_fn(None)` calls, so every rank takes part in every optimizer step."""
     history = []
-    own = len(batch.minibatch_bounds(cfg.minibatch_size)) if len(batch) else 0
-    for _ in range(cfg.updates_per_batch if (steps_per_pass or own) else 0):
-        parts = list(batch.minibatches(cfg.minibatch_size, generator)) if len(batch) else []
+    steps = steps_per_pass or len(batch.minibatch_bounds(cfg.minibatch_size))
+    for _ in range(cfg.updates_per_batch if steps else 0):
+        parts = list(batch.minibatches(cfg.minibatch_size, generator))
         for part in parts:
             loss, metrics = ebpo_minibatch_loss(model, part, cfg, mask_token_id=mask_token_id)
             step_fn(loss)
             history.append(metrics)
-        for _ in range((steps_per_pass or own) - len(parts)):
+        for _ in range(steps - len(parts)):
             step_fn(None)
     return history

@@ -19,7 +19,7 @@ from ..data.chat import MalformedRow, _iter_source, render_prompt
 from ..data.tasks import check, make_rows
 from ..data.text import BatchIterator
 from ..decoding import complete, generation_config_dict
-from ..engine import init_distributed
+from ..engine import engine_step, init_distributed, reduce_over_ranks
 from ..model import update_expert_bias
 from ..rl.ebpo import EBPOConfig, build_batch, ebpo_update
 from ..rl.rewards import RewardComputer, RewardSpec
@@ -168,13 +168,6 @@ def ebpo_config(cfg, world: int = 1) -> EBPOConfig:
                       block_size=cfg.diffusion.block_size, t_min=r.t_min)
 
 
-def _max_over_ranks(value: float) -> float:
-    t = torch.tensor(value, dtype=torch.float64)
-    if dist.is_initialized():
-        dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return t.item()
-
-
 def _mean_over_ranks(metrics: dict, world: int) -> dict:
     """Each metric's mean over the ranks that report it (a rank without minibatches has no clip
     fractions, so the key sets can differ: gathered as objects, not reduced as tensors)."""
@@ -184,13 +177,6 @@ def _mean_over_ranks(metrics: dict, world: int) -> dict:
     dist.all_gather_object(gathered, metrics)
     keys = sorted({k for m in gathered for k in m})
     return {k: sum(m[k] for m in gathered if k in m) / sum(k in m for m in gathered) for k in keys}
-
-
-def _sum_over_ranks(*values: float) -> list[float]:
-    t = torch.tensor(values, dtype=torch.float64)
-    if dist.is_initialized():
-        dist.all_reduce(t)
-    return t.tolist()
 
 
 def rl_step_fn(cfg, tokenizer, rows: list[dict], rollouts, rewards: RewardComputer, ref_model,
@@ -225,23 +211,16 @@ def rl_step_fn(cfg, tokenizer, rows: list[dict], rollouts, rewards: RewardComput
         def optimizer_step(loss):
             """`loss` None: this rank has no minibatch left in the pass but joins the step with a zero
             loss. A non-finite loss on any rank voids the step on all (lr 0, zero loss)."""
-            skip = _sum_over_ranks(float(loss is not None and not torch.isfinite(loss)))[0] > 0
+            skip = reduce_over_ranks(float(loss is not None and not torch.isfinite(loss)), op="max")[0] > 0
             if skip:
                 bad.append(True)
-            if loss is None or skip:
-                if world == 1:
-                    return
-                loss = sum(p.sum() * 0.0 for p in engine.module.parameters() if p.requires_grad)
-            engine.backward(loss)
-            if skip:
-                for group_ in engine.optimizer.param_groups:
-                    group_["lr"] = 0.0
-            engine.step()
+            if world > 1 or not skip:  # one process skips a bad step outright
+                engine_step(engine, loss, void=skip)
 
         steps_per_pass = None
         if world > 1:
-            own = len(ebpo_batch.minibatch_bounds(ecfg.minibatch_size)) if len(ebpo_batch) else 0
-            steps_per_pass = int(_max_over_ranks(own))
+            own = len(ebpo_batch.minibatch_bounds(ecfg.minibatch_size))
+            steps_per_pass = int(reduce_over_ranks(own, op="max")[0])
         history = ebpo_update(engine, optimizer_step, ebpo_batch, ecfg, generator=generator,
                               steps_per_pass=steps_per_pass)
         if not bad:
@@ -259,7 +238,7 @@ def rl_step_fn(cfg, tokenizer, rows: list[dict], rollouts, rewards: RewardComput
             "rollout/seconds": roll.seconds,
             "reward_seconds": reward_s,
             "bad_step": float(bool(bad)),
-            "step_tokens": int(_sum_over_ranks(float(roll.pad_mask.sum()))[0]),
+            "step_tokens": int(reduce_over_ranks(float(roll.pad_mask.sum()))[0]),
         })
         return _mean_over_ranks(metrics, world)
 
@@ -286,7 +265,7 @@ def rl_eval_fn(cfg, tokenizer, rows: list[dict], rewards: RewardComputer, gen_le
         checkable = [(r, t) for r, t in zip(mine, texts) if "task" in r and "answer" in r]
         scores = rewards.score([_prompt_text(r[field], tokenizer) for r in mine], texts,
                                {**_reward_columns(mine, field, 1), "completion_ids": done.token_ids}).total if done else []
-        n, tpf, n_checkable, right, reward = _sum_over_ranks(
+        n, tpf, n_checkable, right, reward = reduce_over_ranks(
             len(mine), sum(done.tokens_per_forward) if done else 0.0, len(checkable),
             sum(check(r["task"], str(r["answer"]), t) for r, t in checkable), sum(scores))
         metrics = {"tokens_per_forward": tpf / n}

@@ -1,20 +1,24 @@
 # make test / make demo each create .venv if missing and install the project into it.
-# GPU users: make TORCH_SPEC="torch==2.9.1 --index-url https://download.pytorch.org/whl/cu128" test
+# GPU users: make TORCH_SPEC="torch==2.9.1 --index-url https://download.pytorch.org/whl/cu128" TRITON_SPEC= test
+# (a CUDA torch brings the triton it was built with).
 PYTHON ?= python3
 VENV ?= .venv
 TORCH_SPEC ?= torch==2.13.0
+TRITON_SPEC ?= triton==3.9.0
+# The versions CI tested (everything but torch and triton, which follow TORCH_SPEC / TRITON_SPEC).
+CONSTRAINTS ?= constraints.txt
 PY := $(VENV)/bin/python
 PYTEST_ARGS ?=
 
-.PHONY: install test demo lint bench clean
+.PHONY: install test demo lint bench clean constraints
 
-$(VENV)/.installed: pyproject.toml
+$(VENV)/.installed: pyproject.toml $(CONSTRAINTS)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q pip==26.3
 	# Torch first, from the local CPU wheel unless a torch is already there:
 	# an unpinned torch pulled in by a dependency would be a multi-GB CUDA build.
-	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q $(TORCH_SPEC)
-	$(PY) -m pip install -q -e ".[dev]"
+	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q $(TORCH_SPEC) $(TRITON_SPEC)
+	$(PY) -m pip install -q -e ".[dev]" $(if $(CONSTRAINTS),-c $(CONSTRAINTS))
 	touch $@
 
 install: $(VENV)/.installed
@@ -30,6 +34,10 @@ lint: install
 
 bench: install
 	for b in benchmarks/bench_*.py; do $(PY) $$b || exit 1; done
+
+# After `make install CONSTRAINTS=` (newest versions) and a green `make test`: record them.
+constraints:
+	$(PY) -m pip freeze --exclude-editable | grep -v -i -E '^(torch|triton)==' > constraints.txt
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

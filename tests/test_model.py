@@ -184,7 +184,8 @@ def test_kv_cache_prefix_matches_full_forward(tiny_model):
             torch.testing.assert_close(step, full[:, lo:hi], atol=2e-5, rtol=1e-4)
         assert cache.get_seq_length() == x.shape[1]
         kept = tiny_model(x, attention_mask=block_causal_mask(x.shape[1], block), logits_to_keep=block + 1).logits
-        assert torch.equal(kept, full[:, -(block + 1):])  # logits of the last positions only, same values
+        # logits of the last positions only: a smaller matmul, so BLAS may round differently
+        torch.testing.assert_close(kept, full[:, -(block + 1):], atol=2e-5, rtol=1e-4)
 
 
 def test_config_errors_name_the_problem():

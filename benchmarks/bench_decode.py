@@ -5,7 +5,8 @@ draft-ahead vs a separate forward for each block's first step (side by side, sam
 Models: the tiny preset (the newest trained export under runs/*/hf or runs/*/*/hf when one exists,
 else random weights; the output says which) and a mid-size random config (hidden 512, 8 layers,
 16 experts top-4). Speed runs decode all `gen_length` tokens (no EOS stop) so both sides do the
-same work; the tiny model's cache speedup is also measured at larger batches (`--batch-sizes`). For each export under runs/ whose run trained on built-in task families (SFT, RL; plus
+same work; the tiny model's cache speedup is also measured at larger batches (`--batch-sizes`). For each
+export under runs/ whose run trained on built-in task families (SFT, RL; plus
 any `--task-model DIR`), TPF and exact-match accuracy are measured on held-out prompts of those
 families (read from the run's config.yaml), with EOS stop, i.e. counting only the answer's tokens,
 next to the TPF ceiling those answer lengths allow (see `tpf_ceiling`).
@@ -39,9 +40,19 @@ SETTINGS = {
     "threshold 0.95": DECODE_PRESETS["llada2.0"],
     "one token/step": {"threshold": 1.0, "editing_threshold": None},
 }
-MID = {"hidden_size": 512, "intermediate_size": 1536, "moe_intermediate_size": 256, "num_hidden_layers": 8,
-           "num_attention_heads": 8, "num_key_value_heads": 4, "head_dim": 64, "num_experts": 16, "num_experts_per_tok": 4,
-           "n_group": 4, "topk_group": 2}
+MID = {
+    "hidden_size": 512,
+    "intermediate_size": 1536,
+    "moe_intermediate_size": 256,
+    "num_hidden_layers": 8,
+    "num_attention_heads": 8,
+    "num_key_value_heads": 4,
+    "head_dim": 64,
+    "num_experts": 16,
+    "num_experts_per_tok": 4,
+    "n_group": 4,
+    "topk_group": 2,
+}
 
 
 def exports() -> list[Path]:
@@ -111,9 +122,16 @@ def batch_rows(model, tok, family, args):
             cpu = {use_cache: decode(model, ids, plen, setting, args, use_cache, eos_stop=False)[2]
                    for use_cache in (False, True)}
             tokens = args.gen_length * batch
-            rows.append({"batch": batch, "setting": setting, "tokens": tokens,
-                         "tokens_per_s_recompute": round(tokens / cpu[False], 1),
-                         "tokens_per_s_cached": round(tokens / cpu[True], 1), "cache_speedup": round(cpu[False] / cpu[True], 2)})
+            rows.append(
+                {
+                    "batch": batch,
+                    "setting": setting,
+                    "tokens": tokens,
+                    "tokens_per_s_recompute": round(tokens / cpu[False], 1),
+                    "tokens_per_s_cached": round(tokens / cpu[True], 1),
+                    "cache_speedup": round(cpu[False] / cpu[True], 2),
+                }
+            )
             print(json.dumps(rows[-1]), flush=True)
     return rows
 
@@ -141,8 +159,8 @@ def task_rows(export, tok, args):
     for setting in SETTINGS:
         out, _wall, cpu = decode(model, ids, plen, setting, args, use_cache=True, eos_stop=True)
         texts = [tok.decode(r[:n], skip_special_tokens=True) for r, n in
-                 zip(out.sequences[:, ids.shape[1]:].tolist(), out.lengths.tolist())]
-        correct = sum(check(p["task"], p["answer"], t) for p, t in zip(problems, texts))
+                 zip(out.sequences[:, ids.shape[1]:].tolist(), out.lengths.tolist(), strict=True)]
+        correct = sum(check(p["task"], p["answer"], t) for p, t in zip(problems, texts, strict=True))
         editing = SETTINGS[setting]["editing_threshold"] is not None
         rows.append({"model": display(export), "tasks": run["data"]["tasks"], "setting": setting,
                      "prompts": len(problems), "tokens": int(out.lengths.sum()),
@@ -186,15 +204,20 @@ def markdown(result) -> str:
         if cache:
             continue
         c = by_key[(model, setting, True)]
-        lines.append(f"| {model} | {r['weights']} | {setting} | {c['tokens_per_forward']:.2f} | "
-                     f"{fmt(c.get('tokens_per_forward_no_draft_ahead'))} | {c['nfe']} | {c['edits']} | "
-                     f"{r['tokens_per_s']:.1f} | {c['tokens_per_s']:.1f} | {c['tokens_per_s'] / r['tokens_per_s']:.2f}x |")
+        lines.append(
+            f"| {model} | {r['weights']} | {setting} | {c['tokens_per_forward']:.2f} | "
+            f"{fmt(c.get('tokens_per_forward_no_draft_ahead'))} | {c['nfe']} | {c['edits']} | "
+            f"{r['tokens_per_s']:.1f} | {c['tokens_per_s']:.1f} | {c['tokens_per_s'] / r['tokens_per_s']:.2f}x |"
+        )
     if result.get("batch"):
         lines += ["", (f"Tiny model ({result['tiny_weights']}), same decode, a batch of different prompts "
                   "per forward:"), "", "| batch | setting | tok/s recompute | tok/s cached | cache speedup |",
                   "|---|---|---|---|---|"]
-        lines += [f"| {r['batch']} | {r['setting']} | {r['tokens_per_s_recompute']:.1f} | {r['tokens_per_s_cached']:.1f} "
-                  f"| {r['cache_speedup']:.2f}x |" for r in result["batch"]]
+        lines += [
+            f"| {r['batch']} | {r['setting']} | {r['tokens_per_s_recompute']:.1f} | {r['tokens_per_s_cached']:.1f} "
+            f"| {r['cache_speedup']:.2f}x |"
+            for r in result["batch"]
+        ]
     if result["tasks"]:
         lines += ["", ("Held-out prompts of the families each trained model's run used, EOS stop, cached, the "
                   "export's own gen_length/block_length. TPF counts answer tokens up to and including EOS; the "

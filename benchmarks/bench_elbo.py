@@ -70,8 +70,10 @@ def bench(name, blocks, rows, steps, repeats, backward):
     resp[:, PROMPT:] = True
     t = stratified_timesteps(steps, rows, gen)
     noise = sample_noise_masks(resp, t, gen)
-    one_pass = lambda: block_elbo_terms(model, ids, resp, BLOCK, t, noise)
-    loop = lambda: per_block_loop(model, ids, resp, BLOCK, t, noise, cfg.mask_token_id)
+    def one_pass():
+        return block_elbo_terms(model, ids, resp, BLOCK, t, noise)
+    def loop():
+        return per_block_loop(model, ids, resp, BLOCK, t, noise, cfg.mask_token_id)
 
     def timed(fn):
         if backward:

@@ -58,7 +58,7 @@ def main():
                 out = step(executor)  # warm-up: actor start, weight load
                 reference = reference or out
                 same = torch.equal(out.input_ids, reference.input_ids) and out.completions == reference.completions
-                seconds = time_call(lambda: step(executor), warmup=0, repeats=repeats)  # noqa: B023
+                seconds = time_call(lambda executor=executor: step(executor), warmup=0, repeats=repeats)
             finally:
                 executor.close()
             tokens = int(out.lengths.sum())

@@ -70,8 +70,10 @@ class SectionTimer:
             if kind is None:
                 continue
             start = {}
-            begin = lambda *_, s=start: s.__setitem__("t", time.perf_counter())
-            end = lambda *_, s=start, k=kind: self._add(k, s)
+            def begin(*_, s=start):
+                return s.__setitem__("t", time.perf_counter())
+            def end(*_, s=start, k=kind):
+                return self._add(k, s)
             self.handles += [
                 module.register_forward_pre_hook(begin),
                 module.register_forward_hook(end),

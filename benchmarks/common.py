@@ -37,7 +37,8 @@ def write_results(name: str, rows: list[dict], notes: str = "") -> Path:
     payload = {"benchmark": name, "machine": machine(), "rows": rows, "notes": notes}
     (RESULTS / f"{name}.json").write_text(json.dumps(payload, indent=2))
     cols = list(rows[0])
-    fmt = lambda v: f"{v:.3g}" if isinstance(v, float) else str(v)
+    def fmt(v):
+        return f"{v:.3g}" if isinstance(v, float) else str(v)
     lines = [f"# {name}", "", f"Machine: {payload['machine']}", "", "| " + " | ".join(cols) + " |",
              "|" + "---|" * len(cols)]
     lines += ["| " + " | ".join(fmt(r[c]) for c in cols) + " |" for r in rows]

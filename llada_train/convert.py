@@ -117,7 +117,7 @@ class _ShardWriter:
             else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
         )
         weight_map = {}
-        for i, (name, keys) in enumerate(zip(names, self.shards)):
+        for i, (name, keys) in enumerate(zip(names, self.shards, strict=True)):
             (self.out / f"shard-{i}.tmp").rename(self.out / name)
             weight_map.update(dict.fromkeys(keys, name))
         if n > 1:

@@ -334,10 +334,7 @@ def _generate(model, input_ids, plen, *, gen_length, b, threshold, editing_thres
                     edits[rows[cycling]] += extra[cycling]
                     post[cycling] = max_post_steps
             masks_left = (x[:, k * b:hi] == mask_id).any(1)
-            if editing:
-                settled = (post >= max_post_steps) | (in_post & ~delta.any(1))
-            else:
-                settled = torch.ones_like(done)
+            settled = (post >= max_post_steps) | in_post & ~delta.any(1) if editing else torch.ones_like(done)
             done = done | (working & ~masks_left & settled)
             if ahead_v is not None and ahead_v.shape[1]:
                 clean = in_post & ~delta.any(1)  # nothing changed: the drafts of block k + 1 stay valid
@@ -448,7 +445,7 @@ def encode_prompts(tokenizer, prompts: list, *, chat: bool = True) -> tuple[torc
 def decode_responses(tokenizer, output: GenerateOutput, prompt_width: int, eos_token_id: int) -> list[str]:
     """Response texts: tokens before the first EOS, special tokens (role markers) dropped."""
     texts = []
-    for row, n in zip(output.sequences[:, prompt_width:].tolist(), output.lengths.tolist()):
+    for row, n in zip(output.sequences[:, prompt_width:].tolist(), output.lengths.tolist(), strict=True):
         row = row[:n]
         if row and row[-1] == eos_token_id:
             row = row[:-1]
@@ -477,7 +474,7 @@ def complete(model, tokenizer, prompts: list, *, mode: str = "Q", gen_length: in
                                  block_length=block_length, prompt_lengths=lengths.to(device), **overrides)
         done.texts += decode_responses(tokenizer, out, input_ids.shape[1], eos)
         done.token_ids += [[t for t in row[:n] if t != eos] for row, n in
-                           zip(out.sequences[:, input_ids.shape[1]:].tolist(), out.lengths.tolist())]
+                           zip(out.sequences[:, input_ids.shape[1]:].tolist(), out.lengths.tolist(), strict=True)]
         done.tokens_per_forward += out.tokens_per_forward.tolist()
     return done
 

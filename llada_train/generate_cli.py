@@ -92,7 +92,7 @@ def _read_prompts(path: Path) -> list[dict]:
         except json.JSONDecodeError as e:
             raise ValueError(f"{path}:{n}: not valid JSON ({e})") from e
         if not isinstance(row, dict) or not isinstance(row.get("prompt", row.get("messages")), (str, list)):
-            raise ValueError(f"{path}:{n}: each line needs a 'prompt' string or a 'messages' list")  # noqa: TRY004
+            raise ValueError(f"{path}:{n}: each line needs a 'prompt' string or a 'messages' list")
         rows.append(row)
     return rows
 
@@ -147,7 +147,7 @@ def _run_file(args, model, tok, params):
             input_ids, lengths = encode_prompts(tok, prompts, chat=args.chat)
             out = generate(model, input_ids.to(args.device), prompt_lengths=lengths.to(args.device), **params)
             texts = decode_responses(tok, out, input_ids.shape[1], params["eos_token_id"])
-            for r, (row, text) in enumerate(zip(batch, texts)):
+            for r, (row, text) in enumerate(zip(batch, texts, strict=True)):
                 sink.write(json.dumps({**row, "completion": text, "length": int(out.lengths[r]),
                                        "nfe": int(out.nfe[r]), "edits": int(out.edits[r]),
                                        "tokens_per_forward": round(float(out.tokens_per_forward[r]), 4)}) + "\n")

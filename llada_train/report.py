@@ -52,7 +52,7 @@ def score_model(model_dir: Path, rows: list[dict], prompt_field: str, mode: str)
         done = complete(model, tokenizer, [r[prompt_field] for r in rows], mode=mode, batch_size=32, **lengths)
     texts, tpf = done.texts, done.tokens_per_forward
     right = [check(r["task"], r["answer"], t) if "task" in r else t.strip() == str(r["answer"]).strip()
-             for r, t in zip(rows, texts)]
+             for r, t in zip(rows, texts, strict=True)]
     return {"accuracy": sum(right) / max(1, len(right)), "tpf": sum(tpf) / max(1, len(tpf)), "texts": texts,
             "right": right}
 
@@ -61,7 +61,7 @@ def _plot_losses(run_dir: Path, out: Path, stages: list[str]):
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, len(stages), figsize=(4.2 * len(stages), 3.4), squeeze=False)
-    for ax, stage in zip(axes[0], stages):
+    for ax, stage in zip(axes[0], stages, strict=True):
         records = read_metrics(run_dir / stage)
         for key, label in (("loss", "train"), ("eval/loss", "held-out")):
             x, y = series(records, key)

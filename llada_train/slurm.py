@@ -11,6 +11,7 @@ batch script, once every rank has exited, runs `scontrol requeue`.
 """
 
 import argparse
+import contextlib
 import json
 import os
 import re
@@ -128,11 +129,11 @@ def _seconds(limit: str) -> int | None:
     days, _, rest = limit.rpartition("-")
     parts = [int(x) for x in rest.split(":")]
     if days:  # D-HH[:MM[:SS]]
-        h, m, s = (parts + [0, 0])[:3]
+        h, m, s = ([*parts, 0, 0])[:3]
     elif len(parts) == 3:  # HH:MM:SS
         h, m, s = parts
     else:  # MM[:SS]
-        h, (m, s) = 0, (parts + [0])[:2]
+        h, (m, s) = 0, ([*parts, 0])[:2]
     return ((int(days or 0) * 24 + h) * 60 + m) * 60 + s
 
 
@@ -333,10 +334,8 @@ def run_progress(run_dir: Path) -> dict:
     metrics = run_dir / "metrics.jsonl"
     if metrics.is_file():
         for line in metrics.read_text().splitlines():
-            try:
+            with contextlib.suppress(json.JSONDecodeError):  # a line being written right now
                 out["step"] = json.loads(line).get("step", out["step"])
-            except json.JSONDecodeError:  # a line being written right now
-                pass
     latest = run_dir / "checkpoints" / "latest"
     if latest.is_file():
         out["checkpoint"] = latest.read_text().strip()

@@ -138,11 +138,22 @@ class Trainer:
         return bool(reduce_over_ranks(float(flag), op="max")[0])
 
     def train_step(self) -> dict:
+        """One step, from `step_fn` (a stage that owns its optimizer steps) or the micro-batch loop;
+        the skipped-step counters are kept here for both."""
         batch = self.batches.next()
         if self.step_fn is not None:
             metrics = self.step_fn(self.engine, batch, self.step)
-            self.bad_steps = self.bad_steps + 1 if metrics.get("bad_step") else 0
-            return metrics
+            bad = bool(metrics.get("bad_step"))
+        else:
+            metrics, bad = self._micro_batch_step(batch)
+        self.bad_steps = self.bad_steps + 1 if bad else 0
+        self.bad_steps_total += int(bad)
+        metrics["bad_step"] = float(bad)
+        metrics["bad_steps_total"] = self.bad_steps_total
+        return metrics
+
+    def _micro_batch_step(self, batch: dict) -> tuple[dict, bool]:
+        """grad_accum micro-batches and one optimizer step; a non-finite loss on any rank voids it."""
         micro = {k: v.chunk(self.cfg.train.grad_accum) for k, v in batch.items()}
         totals, bad = {}, False
         self.engine.train()
@@ -155,11 +166,7 @@ class Trainer:
                 totals[k] = totals.get(k, 0.0) + float(v) / self.cfg.train.grad_accum
         if not bad:
             update_expert_bias(self.engine.module, self.cfg.moe.bias_update_rate)
-        self.bad_steps = self.bad_steps + 1 if bad else 0
-        self.bad_steps_total += int(bad)
-        totals["bad_step"] = float(bad)
-        totals["bad_steps_total"] = self.bad_steps_total
-        return totals
+        return totals, bad
 
     def fit(self):
         self.setup()

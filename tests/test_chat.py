@@ -29,7 +29,8 @@ CHATML_TEMPLATE = (
 )
 # drops earlier assistant turns' content (like templates that strip reasoning): not prefix-stable
 UNSTABLE_TEMPLATE = (
-    "{%- for m in messages -%}{%- if m['role'] == 'assistant' and not loop.last -%}{{- '<role>assistant</role><|role_end|>' -}}"
+    "{%- for m in messages -%}{%- if m['role'] == 'assistant' and not loop.last -%}"
+    "{{- '<role>assistant</role><|role_end|>' -}}"
     "{%- else -%}{{- '<role>' + m['role'] + '</role>' + m['content'] + '<|role_end|>' -}}{%- endif -%}{%- endfor -%}"
     "{%- if add_generation_prompt -%}{{- '<role>assistant</role>' -}}{%- endif -%}"
 )
@@ -113,7 +114,7 @@ def test_multi_turn_supervises_only_assistant_turns(toks, name):
     ds = tokenize_chat(rows, tok, block_size=block, max_len=None)
     assert len(ds) == 40 and ds.stats.examples == 40
     eos = tok.eos_token_id
-    for row, ex in zip(rows, ds):
+    for row, ex in zip(rows, ds, strict=True):
         ids, resp, doc = ex["input_ids"].tolist(), ex["response_mask"].tolist(), ex["doc_ids"]
         rendered = tok.apply_chat_template(row["messages"], tokenize=False)
         assert tok.decode(tok.encode(rendered, add_special_tokens=False), skip_special_tokens=False) == rendered
@@ -164,7 +165,7 @@ def test_alpaca_rows(toks):
     assert rows[1]["messages"][0]["content"] == "say hi"
     assert rows[2]["messages"][0] == {"role": "system", "content": "be nice"} and rows[2]["id"] == 7
     ds = tokenize_chat(rows, tok, block_size=4, max_len=64)
-    for row, ex in zip(rows, ds):
+    for row, ex in zip(rows, ds, strict=True):
         response = ex["input_ids"][ex["response_mask"]].tolist()
         eos_free = [i for i in response if i != tok.eos_token_id]
         assert _decode(tok, eos_free) == row["messages"][-1]["content"] + "<|role_end|>"
@@ -185,16 +186,16 @@ def test_truncation_policies_are_counted(toks):
     dropped = tokenize_chat(rows, tok, block_size=block, max_len=max_len, truncate="drop")
     assert dropped.stats.dropped_too_long == sum(too_long) and dropped.stats.truncated == 0
     assert len(dropped) == len(rows) - sum(too_long)
-    kept = [ex for ex, long in zip(full, too_long) if not long]
-    assert all(torch.equal(a["input_ids"], b["input_ids"]) for a, b in zip(dropped, kept))
+    kept = [ex for ex, long in zip(full, too_long, strict=True) if not long]
+    assert all(torch.equal(a["input_ids"], b["input_ids"]) for a, b in zip(dropped, kept, strict=True))
 
     cut = tokenize_chat(rows, tok, block_size=block, max_len=max_len, truncate="truncate")
     prompt_lens = [int((~ex["response_mask"]).sum()) for ex in full]
-    no_response_left = [long and p >= max_len for long, p in zip(too_long, prompt_lens)]
+    no_response_left = [long and p >= max_len for long, p in zip(too_long, prompt_lens, strict=True)]
     assert cut.stats.dropped_too_long == sum(no_response_left)
     assert cut.stats.truncated == sum(too_long) - sum(no_response_left)
-    survivors = [ex for ex, gone in zip(full, no_response_left) if not gone]
-    for a, b in zip(cut, survivors):
+    survivors = [ex for ex, gone in zip(full, no_response_left, strict=True) if not gone]
+    for a, b in zip(cut, survivors, strict=True):
         assert torch.equal(a["input_ids"], b["input_ids"][:max_len]) and a["response_mask"].any()
     with pytest.raises(ValueError, match="multiple of block_size"):
         tokenize_chat(rows, tok, block_size=block, max_len=30)
@@ -237,7 +238,7 @@ def test_malformed_rows_are_counted_with_line_numbers(tmp_path, toks):
     ds = tokenize_chat(rows, toks["llada"], block_size=4, max_len=32, stats=stats)
     assert len(ds) == 3 and ds.stats is stats and stats.examples == 3
 
-    with pytest.raises(ValueError, match="nope.jsonl"):
+    with pytest.raises(ValueError, match=r"nope.jsonl"):
         load_chat_rows(str(tmp_path / "nope.jsonl"))
 
 

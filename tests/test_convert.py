@@ -182,7 +182,7 @@ def test_unsupported_sources_are_refused(tmp_path):
     )
     with pytest.raises(
         ValueError,
-        match="GPT2LMHeadModel.*supported: LlamaForCausalLM, Qwen2ForCausalLM, "
+        match=r"GPT2LMHeadModel.*supported: LlamaForCausalLM, Qwen2ForCausalLM, "
         "Qwen3ForCausalLM, BailingMoeV2ForCausalLM",
     ):
         convert_checkpoint(str(gpt2), str(tmp_path / "o1"))
@@ -355,7 +355,7 @@ def bailing_reference_logits(sd, c, ids):
                 allowed = [e for g in groups for e in range(g * per_group, (g + 1) * per_group)]
                 chosen = sorted(allowed, key=lambda e: -biased[e].item())[: c["num_experts_per_tok"]]
                 w = s[chosen] / s[chosen].sum() * c["routed_scaling_factor"]
-                for we, e in zip(w, chosen):
+                for we, e in zip(w, chosen, strict=True):
                     out[b, t] += we * swiglu(a[b, t], f"{p}mlp.experts.{e}.")
         x = x + out
     return rms(x, sd["model.norm.weight"], eps) @ sd["lm_head.weight"].T

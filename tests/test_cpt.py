@@ -96,18 +96,41 @@ def test_exact_resume_after_signal_matches_uninterrupted_run(tmp_path):
 
 def test_two_process_zero2_trains_checkpoints_and_resumes(tmp_path):
     run = tmp_path / "run"
-    base = ["-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()), "-m", "llada_train.cli",
-            *tiny_args(run, tmp_path / "cache", "engine.zero_stage=2", "train.save_every=3", "train.eval_every=100")]
+    base = [
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--master_port",
+        str(free_port()),
+        "-m",
+        "llada_train.cli",
+        *tiny_args(run, tmp_path / "cache", "engine.zero_stage=2", "train.save_every=3", "train.eval_every=100"),
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu"}
-    first = subprocess.run([sys.executable, *base, "train.steps=3"], check=False, cwd=REPO, env=env, capture_output=True,
-                           text=True, timeout=600)
+    first = subprocess.run(
+        [sys.executable, *base, "train.steps=3"],
+        check=False,
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert first.returncode == 0, first.stderr[-3000:]
     ckpt = run / "checkpoints" / "step_000003"
     assert ckpt_lib.verify_checkpoint(ckpt) is None
     # ZeRO-2 shards the optimizer state: one partition file per rank.
     assert len(list((ckpt / "engine").glob("*optim_states.pt"))) == 2
-    second = subprocess.run([sys.executable, *base, "train.steps=5"], check=False, cwd=REPO, env=env, capture_output=True,
-                            text=True, timeout=600)
+    second = subprocess.run(
+        [sys.executable, *base, "train.steps=5"],
+        check=False,
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert second.returncode == 0, second.stderr[-3000:]
     assert "resumed from" in second.stderr + second.stdout
     assert max(losses(run)) == 5
@@ -166,7 +189,7 @@ def test_config_errors_name_key_and_suggest():
         load_config("cpt", None, ["data.seq_len=30", "diffusion.block_size=8"])
     with pytest.raises(ConfigError, match=r"missing value for 'data.train'"):
         load_config("sft", None, [])
-    with pytest.raises(ConfigError, match="config file not found: nope.yaml"):
+    with pytest.raises(ConfigError, match=r"config file not found: nope.yaml"):
         load_config("cpt", "nope.yaml", [])
 
 
@@ -186,7 +209,7 @@ def test_cli_reports_bad_config_and_bad_data_path(tmp_path):
 def test_values_a_yaml_marks_required_must_be_given():
     """configs/convert_cpt.yaml marks `???` keys that have schema defaults; the default must not win."""
     path = str(REPO / "configs/convert_cpt.yaml")
-    with pytest.raises(ConfigError, match="missing value for 'model.init_from'"):
+    with pytest.raises(ConfigError, match=r"missing value for 'model.init_from'"):
         load_config("cpt", path)
     cfg = load_config("cpt", path, ["model.init_from=/models/x", "diffusion.mask_embed_noise_std=0.02"])
     assert (cfg.model.init_from, cfg.diffusion.mask_embed_noise_std) == ("/models/x", 0.02)

@@ -196,7 +196,7 @@ def test_gamma_only_fills_masks():
     history = {}
     for pos, seen in oracle.calls:  # uncached: every forward sees the whole prefix
         for r in range(2):
-            for i, t in zip(pos[r].tolist(), seen[r].tolist()):
+            for i, t in zip(pos[r].tolist(), seen[r].tolist(), strict=True):
                 if t != EOS:  # padding and the fixed tail of the last block
                     history.setdefault((r, i), []).append(t)
     for tokens in history.values():
@@ -322,8 +322,20 @@ def test_batched_cached_matches_reference(peaky_model, mbe_window, draft_ahead):
     assert cached.edits.sum() > 0 and (cached.nfe < G).any()  # the test exercises edits and parallelism
     saved = 0
     for r, prompt in enumerate(prompts):
-        ref = {flag: reference_decode(peaky_model, prompt, G=G, b=b, threshold=0.6, editing_threshold=0.7,
-                                      max_post_steps=4, mbe_window=mbe_window, draft_ahead=flag) for flag in (True, False)}
+        ref = {
+            flag: reference_decode(
+                peaky_model,
+                prompt,
+                G=G,
+                b=b,
+                threshold=0.6,
+                editing_threshold=0.7,
+                max_post_steps=4,
+                mbe_window=mbe_window,
+                draft_ahead=flag,
+            )
+            for flag in (True, False)
+        }
         response, nfe, edits = ref[draft_ahead]
         assert cached.sequences[r, ids.shape[1]:].tolist() == response == ref[not draft_ahead][0]
         assert (cached.nfe[r], cached.edits[r]) == (nfe, edits)
@@ -364,8 +376,18 @@ def test_mbe_without_editing_equals_plain(peaky_model):
 def test_sampling_is_reproducible_and_filtered(peaky_model):
     gen = torch.Generator().manual_seed(9)
     ids, plen = left_pad(random_prompts([5, 9], gen))
-    kw = {"gen_length": 16, "block_length": 8, "threshold": 0.5, "editing_threshold": 0.6, "temperature": 1.5, "top_k": 20,
-              "top_p": 0.95, "eos_token_id": EOS, "mask_token_id": MASK, "prompt_lengths": plen}
+    kw = {
+        "gen_length": 16,
+        "block_length": 8,
+        "threshold": 0.5,
+        "editing_threshold": 0.6,
+        "temperature": 1.5,
+        "top_k": 20,
+        "top_p": 0.95,
+        "eos_token_id": EOS,
+        "mask_token_id": MASK,
+        "prompt_lengths": plen,
+    }
     runs = [generate(peaky_model, ids, generator=torch.Generator().manual_seed(s), **kw).sequences for s in (1, 1, 2)]
     assert torch.equal(runs[0], runs[1]) and not torch.equal(runs[0], runs[2])
 
@@ -385,8 +407,14 @@ def test_modes_and_saved_defaults(tmp_path, peaky_model):
 
     GenerationConfig(**generation_config_dict("Q", gen_length=12, block_length=4)).save_pretrained(tmp_path)
     saved = load_decode_defaults(tmp_path)
-    assert saved == {"threshold": 0.7, "editing_threshold": 0.5, "max_post_steps": 16, "mbe_window": 0, "gen_length": 12,
-                         "block_length": 4}
+    assert saved == {
+        "threshold": 0.7,
+        "editing_threshold": 0.5,
+        "max_post_steps": 16,
+        "mbe_window": 0,
+        "gen_length": 12,
+        "block_length": 4,
+    }
     assert load_decode_defaults(tmp_path / "missing") == {}
     ids = torch.randint(2, V, (2, 5))
     out = generate_with_mode(peaky_model, ids, "Q", **saved)
@@ -433,7 +461,7 @@ def test_cli_writes_jsonl(tmp_path, peaky_model, capsys):
           "--mode", "S", "--gen-length", "8", "--block-length", "4", "--no-chat"])
     rows = [json.loads(line) for line in (tmp_path / "o.jsonl").read_text().splitlines()]
     assert [r["prompt"] for r in rows] == ["1+1=", "abc"]
-    assert all(isinstance(r["completion"], str) and 1 <= r["nfe"] and r["tokens_per_forward"] > 0 for r in rows)
+    assert all(isinstance(r["completion"], str) and r["nfe"] >= 1 and r["tokens_per_forward"] > 0 for r in rows)
     main(["--model", str(tmp_path / "m"), "--prompt", "hello", "--gen-length", "8", "--block-length", "4"])
     assert "nfe" in capsys.readouterr().err
     with pytest.raises(SystemExit):

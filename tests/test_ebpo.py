@@ -133,7 +133,7 @@ def test_ratio_one_and_reinforce_gradient_at_theta_old(tiny_model, level):
         objective = per_block[valid].mean()
     want = torch.autograd.grad(-objective, params, allow_unused=True)
     compared = 0
-    for g, w in zip(grads, want):
+    for g, w in zip(grads, want, strict=True):
         if w is None:
             assert g is None or torch.all(g == 0)
             continue
@@ -240,7 +240,7 @@ def test_advantages_by_hand(mode):
 def test_zero_variance_groups_and_bad_layout():
     rewards = torch.tensor([1.0, 0.0, 1.0, 1.0, 0.0, 0.0, 0.3, 0.3001])
     assert zero_variance_groups(rewards, 2).tolist() == [False, False, True, True, True, True, False, False]
-    with pytest.raises(ValueError, match="rl.group_size=3"):
+    with pytest.raises(ValueError, match=r"rl.group_size=3"):
         advantages(rewards, 3)
 
 
@@ -253,7 +253,7 @@ def test_k3_kl_formula_and_expectation():
     gen = torch.Generator().manual_seed(4)
     p = torch.rand(10, generator=gen, dtype=torch.float64).softmax(0)
     q = torch.rand(10, generator=gen, dtype=torch.float64).softmax(0)
-    kl = sum(pi * math.log(pi / qi) for pi, qi in zip(p.tolist(), q.tolist()))
+    kl = sum(pi * math.log(pi / qi) for pi, qi in zip(p.tolist(), q.tolist(), strict=True))
     assert (p * k3_kl(q.log() - p.log())).sum().item() == pytest.approx(kl, rel=1e-10)
     loss, metrics = ebpo_loss(torch.zeros(3), torch.ones(3), kl=torch.tensor([0.1, 0.2, 0.6]), beta=0.5)
     assert loss.item() == pytest.approx(-1.0 + 0.5 * 0.3) and metrics["kl"] == pytest.approx(0.3)

@@ -50,7 +50,7 @@ def naive_moe(block: LLaDA2MoeSparseMoeBlock, x: torch.Tensor, cfg) -> torch.Ten
         chosen = brute_force_topk((scores + bias).tolist(), cfg)
         weights = scores[chosen]
         weights = weights / weights.sum() * cfg.routed_scaling_factor
-        for w, e in zip(weights, chosen):
+        for w, e in zip(weights, chosen, strict=True):
             h = F.silu(experts.gate_proj[e] @ x[t]) * (experts.up_proj[e] @ x[t])
             out[t] += w * (experts.down_proj[e] @ h)
         out[t] += block.shared_experts(x[t:t + 1])[0]

@@ -209,7 +209,7 @@ def _kill_chain(tmp_path: Path, ref: Reference, seed: int):
     expect = ckpts / f"step_{hit - 4:06d}"
     assert ckpt_lib.find_resume_checkpoint(run, print) == expect
     assert_same_weights(expect, ref.ckpt(hit - 4))
-    with pytest.raises(ValueError, match="mp_rank_00_model_states.pt: checksum mismatch"):
+    with pytest.raises(ValueError, match=r"mp_rank_00_model_states.pt: checksum mismatch"):
         ckpt_lib.load_checkpoint(None, flipped.parents[1])  # an explicit --resume PATH is refused, not loaded
 
     # 2. Resume; SIGKILL at a random moment a few steps in.
@@ -321,9 +321,9 @@ def test_disk_full_on_one_rank_fails_the_save_on_all_ranks(tmp_path, ref):
 
 
 def test_on_save_error_is_validated():
-    with pytest.raises(ConfigError, match="train.on_save_error"):
+    with pytest.raises(ConfigError, match=r"train.on_save_error"):
         load_config("cpt", None, ["train.on_save_error=ignore"])
-    with pytest.raises(ConfigError, match="train.max_bad_steps"):
+    with pytest.raises(ConfigError, match=r"train.max_bad_steps"):
         load_config("cpt", None, ["train.max_bad_steps=0"])
 
 
@@ -419,7 +419,7 @@ def test_hostile_completions_through_the_reward_pool_score_zero(tmp_path, monkey
     finally:
         server.close()
         pool.close()
-    assert dict(zip(names, out.scores["code_exec"])) == {n: float(n.startswith("control")) for n in names}
+    assert dict(zip(names, out.scores["code_exec"], strict=True)) == {n: float(n.startswith("control")) for n in names}
     assert not out.errors  # contained inside the sandbox: the reward call itself succeeded
     assert not target.exists()
 

@@ -101,17 +101,29 @@ def test_resolve_module_and_file_specs(tmp_path, monkeypatch):
     assert resolve_reward("my_reward.py:length")(["p"], ["abc"]) == [3.0]  # relative to cwd
 
 
-@pytest.mark.parametrize("spec_fn, message", [
-    (lambda d: "no_colon_here", "expected 'module.path:function' or 'path/to/file.py:function'"),
-    (lambda d: "llada_train.rl.rewards:", "expected 'module.path:function'"),
-    (lambda d: "surely_missing_module_xyz:f", "cannot import module 'surely_missing_module_xyz' (ModuleNotFoundError"),
-    (lambda d: f"{d}/missing.py:f", f"file {'{d}'}/missing.py not found"),
-    (lambda d: "llada_train.rl.rewards:no_such_fn", "module 'llada_train.rl.rewards' has no attribute 'no_such_fn'"),
-    (lambda d: "tests.test_rewards:NOT_A_FUNCTION", "'NOT_A_FUNCTION' in module 'tests.test_rewards' is not callable (it is a int)"),
-    (lambda d: f"{d}/bad_syntax.py:f", "syntax error in {d}/bad_syntax.py:3"),
-    (lambda d: f"{d}/bad_import.py:f", "importing {d}/bad_import.py failed: ZeroDivisionError"),
-    (lambda d: f"{d}/ok.py:g", "file {d}/ok.py has no attribute 'g'"),
-])
+@pytest.mark.parametrize(
+    "spec_fn, message",
+    [
+        (lambda d: "no_colon_here", "expected 'module.path:function' or 'path/to/file.py:function'"),
+        (lambda d: "llada_train.rl.rewards:", "expected 'module.path:function'"),
+        (
+            lambda d: "surely_missing_module_xyz:f",
+            "cannot import module 'surely_missing_module_xyz' (ModuleNotFoundError",
+        ),
+        (lambda d: f"{d}/missing.py:f", f"file {'{d}'}/missing.py not found"),
+        (
+            lambda d: "llada_train.rl.rewards:no_such_fn",
+            "module 'llada_train.rl.rewards' has no attribute 'no_such_fn'",
+        ),
+        (
+            lambda d: "tests.test_rewards:NOT_A_FUNCTION",
+            "'NOT_A_FUNCTION' in module 'tests.test_rewards' is not callable (it is a int)",
+        ),
+        (lambda d: f"{d}/bad_syntax.py:f", "syntax error in {d}/bad_syntax.py:3"),
+        (lambda d: f"{d}/bad_import.py:f", "importing {d}/bad_import.py failed: ZeroDivisionError"),
+        (lambda d: f"{d}/ok.py:g", "file {d}/ok.py has no attribute 'g'"),
+    ],
+)
 def test_resolve_errors_name_the_spec_and_problem(tmp_path, spec_fn, message):
     (tmp_path / "bad_syntax.py").write_text("x = 1\n\ndef f(:\n    pass\n")
     (tmp_path / "bad_import.py").write_text("x = 1 / 0\n")

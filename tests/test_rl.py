@@ -174,15 +174,15 @@ def test_rollout_seeds_are_the_same_in_every_process():
 
 
 def test_rl_config_errors_name_the_key(tmp_path):
-    with pytest.raises(ConfigError, match="rl.group_size"):
+    with pytest.raises(ConfigError, match=r"rl.group_size"):
         load_config("rl", str(REPO / "configs/rl_tiny.yaml"), ["rl.group_size=1"])
-    with pytest.raises(ConfigError, match="rl.t_min"):
+    with pytest.raises(ConfigError, match=r"rl.t_min"):
         load_config("rl", str(REPO / "configs/rl_tiny.yaml"), ["rl.t_min=0"])
     with pytest.raises(ConfigError, match=r"rl.rewards\[0\].fn"):
         load_config("rl", str(REPO / "configs/rl_tiny.yaml"), ["rl.rewards=[{fn: no_colon}]"])
-    with pytest.raises(ConfigError, match="Did you mean 'rl.group_size'"):
+    with pytest.raises(ConfigError, match=r"Did you mean 'rl.group_size'"):
         load_config("rl", str(REPO / "configs/rl_tiny.yaml"), ["rl.group_sise=4"])
-    with pytest.raises(ConfigError, match="data.train"):
+    with pytest.raises(ConfigError, match=r"data.train"):
         load_config("rl", str(REPO / "configs/rl_tiny.yaml"), [f"data.train={tmp_path}/missing.jsonl"])
 
 
@@ -191,11 +191,11 @@ def test_data_parallel_layout_errors_name_the_key():
 
     cfg = load_config("rl", str(REPO / "configs/rl_tiny.yaml"), ["rl.minibatch_size=6", "rl.ray.enabled=true"])
     check_data_parallel(cfg, 1)  # one process: Ray rollouts are fine
-    with pytest.raises(ValueError, match="rl.ray.enabled=false"):
+    with pytest.raises(ValueError, match=r"rl.ray.enabled=false"):
         check_data_parallel(cfg, 2)
     cfg.rl.ray.enabled = False
     check_data_parallel(cfg, 2)
-    with pytest.raises(ValueError, match="rl.minibatch_size 6 .* multiple of the 4 ranks"):
+    with pytest.raises(ValueError, match=r"rl.minibatch_size 6 .* multiple of the 4 ranks"):
         check_data_parallel(cfg, 4)
 
 
@@ -236,7 +236,10 @@ def test_two_rank_data_parallel_rl_trains_exports_and_resumes_exactly(tmp_path):
     assert state["world_size"] == 2
 
     run(tmp_path / "split", 2)
-    after_2, after_3 = load_file(tmp_path / "split/hf/model.safetensors"), load_file(tmp_path / "full/hf/model.safetensors")
+    after_2, after_3 = (
+        load_file(tmp_path / "split/hf/model.safetensors"),
+        load_file(tmp_path / "full/hf/model.safetensors"),
+    )
     assert any(not torch.equal(after_2[k], after_3[k]) for k in after_3)  # rank 1's step 3 moved the weights
     resumed = run(tmp_path / "split", 3)
     timing = ("elapsed_s", "rollout/seconds", "rollout/tokens_per_s", "reward_seconds")
@@ -246,3 +249,34 @@ def test_two_rank_data_parallel_rl_trains_exports_and_resumes_exactly(tmp_path):
 
     assert comparable(next(r for r in resumed if r["step"] == 3 and "loss" in r)) == comparable(steps[-1])
     assert torch.equal(load_file(tmp_path / "split/hf/model.safetensors")["lm_head.weight"], after_3["lm_head.weight"])
+
+
+
+def test_step_fn_skipped_steps_are_counted(tmp_path):
+    """A stage that owns its optimizer steps (RL's step_fn) reports `bad_step`; the trainer counts
+    it like a micro-batch step: bad_steps_total in the metrics and in the checkpoint it resumes from."""
+    from llada_train.data.text import BatchIterator
+    from llada_train.engine import engine_step, init_distributed
+    from llada_train.model import LLaDA2MoeModelLM
+    from llada_train.trainer import BatchSource, Trainer
+
+    bad_at = {2, 3}
+
+    def step_fn(engine, batch, step):
+        loss = engine.module(batch["index"][:, None] + 2).logits.float().mean()
+        engine_step(engine, loss, void=step + 1 in bad_at)
+        return {"loss": loss.item(), "bad_step": float(step + 1 in bad_at)}
+
+    def trainer(steps):
+        cfg = load_config("rl", str(REPO / "configs/rl_tiny.yaml"),
+                          [f"run.out_dir={tmp_path}", f"train.steps={steps}", "train.batch_size=2",
+                           "train.log_every=1", "train.save_every=1", "train.export_hf=false"])
+        torch.manual_seed(0)
+        batches = BatchSource({"index": torch.arange(8)}, BatchIterator(8, 2, seed=0))
+        return Trainer(cfg, "rl", LLaDA2MoeModelLM(tiny_config()), None, batches, loss_fn=None, step_fn=step_fn)
+
+    init_distributed()
+    assert trainer(4).fit()
+    assert [r["bad_steps_total"] for r in _records(tmp_path)] == [0, 1, 2, 2]
+    assert trainer(5).fit()  # resumed from step 4: the total carries over
+    assert _records(tmp_path)[-1]["bad_steps_total"] == 2

@@ -33,7 +33,9 @@ def test_normal_run_stdout_stdin_exit_code():
                                                                                         False, None)
     r = run_python("import sys; sys.exit(3)")
     assert (r.ok, r.returncode, r.killed_reason) == (False, 3, None)
-    r = run_python("open('scratch.txt', 'w').write('x'); import os; print(os.listdir('.'), os.getcwd() == os.environ['HOME'])")
+    r = run_python(
+        "open('scratch.txt', 'w').write('x'); import os; print(os.listdir('.'), os.getcwd() == os.environ['HOME'])"
+    )
     assert r.ok and "'scratch.txt'" in r.stdout and "True" in r.stdout  # its own temp dir is writable
 
 
@@ -77,13 +79,16 @@ def test_writes_outside_the_temp_dir_are_refused(tmp_path):
     target = tmp_path / "escaped.txt"
     victim = tmp_path / "victim.txt"
     victim.write_text("keep")
-    for code in (f"open({str(target)!r}, 'w').write('x')",
-                 f"import os; os.close(os.open({str(target)!r}, os.O_WRONLY | os.O_CREAT))",
-                 f"import os; os.symlink({str(tmp_path)!r}, 'link'); open('link/escaped.txt', 'w')",
-                 f"import os; os.remove({str(victim)!r})",
-                 f"import shutil; shutil.rmtree({str(tmp_path)!r})",
-                 f"import os; fd = os.open({str(tmp_path)!r}, os.O_RDONLY); os.open('escaped.txt', os.O_WRONLY | os.O_CREAT, dir_fd=fd)",
-                 f"import os; os.chdir({str(tmp_path)!r})"):
+    for code in (
+        f"open({str(target)!r}, 'w').write('x')",
+        f"import os; os.close(os.open({str(target)!r}, os.O_WRONLY | os.O_CREAT))",
+        f"import os; os.symlink({str(tmp_path)!r}, 'link'); open('link/escaped.txt', 'w')",
+        f"import os; os.remove({str(victim)!r})",
+        f"import shutil; shutil.rmtree({str(tmp_path)!r})",
+        f"import os; fd = os.open({str(tmp_path)!r}, os.O_RDONLY); "
+        "os.open('escaped.txt', os.O_WRONLY | os.O_CREAT, dir_fd=fd)",
+        f"import os; os.chdir({str(tmp_path)!r})",
+    ):
         r = run_python(code)
         assert (r.ok, r.killed_reason) == (False, "policy"), (code, r)
         assert "[sandbox refused]" in r.stderr

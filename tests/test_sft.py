@@ -233,7 +233,7 @@ def test_config_and_data_errors_name_the_key(tmp_path):
     with pytest.raises(ConfigError, match=r"lora.target_modules"):
         apply_lora(LLaDA2MoeModelLM(tiny_config()), cfg.lora)
     cfg = load_config("sft", "configs/sft_tiny.yaml", [f"data.train={tmp_path}/missing.jsonl"])
-    with pytest.raises(ValueError, match="missing.jsonl"):
+    with pytest.raises(ValueError, match=r"missing.jsonl"):
         load_sft_splits(cfg)
     cfg = load_config("sft", "configs/sft_tiny.yaml", ["data.tasks=[nope]"])
     with pytest.raises(ConfigError, match=r"data.tasks.*nope"):

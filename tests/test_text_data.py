@@ -250,8 +250,8 @@ def test_batch_iterator_deterministic_and_seeded():
     a = _take(BatchIterator(100, 8, seed=5), 30)
     b = _take(BatchIterator(100, 8, seed=5), 30)
     c = _take(BatchIterator(100, 8, seed=6), 30)
-    assert all(torch.equal(x, y) for x, y in zip(a, b))
-    assert not all(torch.equal(x, y) for x, y in zip(a, c))
+    assert all(torch.equal(x, y) for x, y in zip(a, b, strict=True))
+    assert not all(torch.equal(x, y) for x, y in zip(a, c, strict=True))
 
 
 @pytest.mark.parametrize("world_size", [2, 4])
@@ -275,7 +275,7 @@ def test_resume_continues_exactly(n_first):
     resumed = BatchIterator(30, 6, seed=11, rank=1, world_size=2)
     resumed.load_state_dict(state)
     rest = _take(resumed, 20 - n_first)
-    assert all(torch.equal(x, y) for x, y in zip(straight[n_first:], rest))
+    assert all(torch.equal(x, y) for x, y in zip(straight[n_first:], rest, strict=True))
 
 
 def test_batch_iterator_errors():

@@ -84,7 +84,7 @@ def test_chat_template_renders_llada2_markup(tok):
     rng = random.Random(3)
     for _ in range(10):
         messages = [{"role": "system", "content": f"sys {rng.randint(0, 99)}"}] if rng.random() < 0.5 else []
-        for turn in range(rng.randint(1, 3)):
+        for _turn in range(rng.randint(1, 3)):
             messages.append({"role": "user", "content": f"{rng.randint(0, 999)}+{rng.randint(0, 999)}=?"})
             messages.append({"role": "assistant", "content": str(rng.randint(0, 2000))})
         gen = rng.random() < 0.5
@@ -119,5 +119,5 @@ def test_load_tokenizer_errors(tmp_path):
     assert "eos_token" not in json.loads(cfg.read_text())
     with pytest.raises(ValueError, match="has no eos token"):
         load_tokenizer(no_eos)
-    with pytest.raises(ValueError, match="could not load tokenizer .*nowhere"):
+    with pytest.raises(ValueError, match=r"could not load tokenizer .*nowhere"):
         load_tokenizer(str(tmp_path / "nowhere"))

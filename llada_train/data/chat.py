@@ -318,7 +318,7 @@ def tokenize_chat(rows: list[dict], tokenizer, *, block_size: int, max_len: int 
     for number, row in enumerate(rows, start=1):
         messages = row.get("messages") if isinstance(row, dict) else None
         if not isinstance(messages, list):
-            raise ValueError(f"row {number} has no 'messages' list; pass rows through load_chat_rows first")  # noqa: TRY004 (bad data is a ValueError here)
+            raise ValueError(f"row {number} has no 'messages' list; pass rows through load_chat_rows first")
         try:
             segmented.append(response_spans(messages, tokenizer))
         except MalformedRow as e:

@@ -179,7 +179,7 @@ def make_rows(tasks: list[str], n: int, *, split: str, seed: int, kind: str, **t
                              f"got {kw!r}")
     counts = [n // len(families) + (i < n % len(families)) for i in range(len(families))]
     rows = []
-    for family, count in zip(families, counts):
+    for family, count in zip(families, counts, strict=True):
         for problem, answer in _draw(family, count, split, seed, task_kwargs.get(family.name, {})):
             if kind == "sft":
                 messages = [{"role": "user", "content": problem}, {"role": "assistant", "content": answer}]
@@ -214,7 +214,7 @@ def main(argv: list[str] | None = None) -> None:
     try:
         options = json.loads(args.options)
     except json.JSONDecodeError as e:
-        raise SystemExit(f"--options is not valid JSON: {e}")
+        raise SystemExit(f"--options is not valid JSON: {e}") from None
     if not isinstance(options, dict):
         raise SystemExit(f"--options must be a JSON object mapping task -> options, got {args.options}")
     rows = make_rows([t.strip() for t in args.tasks.split(",") if t.strip()], args.n, split=args.split,

@@ -170,7 +170,7 @@ def _parquet_rows(path: Path, text_field: str) -> Iterator[tuple[object, str | N
 def _hf_rows(spec: str, text_field: str) -> Iterator[tuple[object, str | None]]:
     import datasets
 
-    name, config, split = (spec[3:].split(":") + [None, None])[:3]
+    name, config, split = ([*spec[3:].split(":"), None, None])[:3]
     try:
         ds = datasets.load_dataset(name, config or None, split=split or "train", streaming=True)
     except Exception as e:  # offline, unknown name, bad config: all user-facing
@@ -260,7 +260,7 @@ def pack_documents(
     rows = -(-total // seq_len)
     flat = np.full(rows * seq_len, eos_id, dtype=np.int64)
     ends = np.cumsum(lengths)
-    for t, end, n in zip(token_lists, ends.tolist(), lengths.tolist()):
+    for t, end, n in zip(token_lists, ends.tolist(), lengths.tolist(), strict=True):
         flat[end - n:end - 1] = t  # flat[end - 1] stays EOS
     doc = np.full(rows * seq_len, -1, dtype=np.int64)
     doc[:total] = np.repeat(np.arange(len(token_lists), dtype=np.int64), lengths)
@@ -390,7 +390,7 @@ def build_corpus(
             results = map(encoder, batches)
         try:
             for ids, hashes in results:
-                for toks, h in zip(ids, hashes):
+                for toks, h in zip(ids, hashes, strict=True):
                     if h < eval_fraction:
                         evals.append(toks)
                     else:

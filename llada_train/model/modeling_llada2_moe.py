@@ -57,7 +57,9 @@ def _as_bool_mask(attention_mask: torch.Tensor, q_len: int) -> torch.Tensor:
         )
         return mask | (~q_valid[:, None, :, None] & eye)
     if attention_mask.dim() != 4:
-        raise ValueError(f"attention_mask must be 2D (B, L) or 4D (B, 1, Q, K); got shape {tuple(attention_mask.shape)}")
+        raise ValueError(
+            f"attention_mask must be 2D (B, L) or 4D (B, 1, Q, K); got shape {tuple(attention_mask.shape)}"
+        )
     return attention_mask if attention_mask.dtype == torch.bool else attention_mask == 0
 
 
@@ -121,7 +123,7 @@ class LLaDA2MoeModel(LLaDA2MoePreTrainedModel):
 
 
 class LLaDA2MoeModelLM(LLaDA2MoePreTrainedModel, GenerationMixin):
-    _tied_weights_keys = {"lm_head.weight": "model.word_embeddings.weight"}  # noqa: RUF012
+    _tied_weights_keys = {"lm_head.weight": "model.word_embeddings.weight"}  # noqa: RUF012 (transformers class attribute)
 
     def __init__(self, config: LLaDA2MoeConfig):
         super().__init__(config)

@@ -36,6 +36,7 @@ from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from fractions import Fraction
+from functools import partial
 from pathlib import Path
 
 from llada_train.rl import sandbox
@@ -105,7 +106,7 @@ def _resolve(spec: str) -> Callable:
             raise ValueError(f"reward spec {spec!r}: {where} has no attribute {attr!r}")
         obj = getattr(obj, part)
     if not callable(obj):  # a config mistake, hence ValueError like the others
-        raise ValueError(  # noqa: TRY004
+        raise ValueError(
             f"reward spec {spec!r}: {attr!r} in {where} is not callable (it is a {type(obj).__name__})")
     return obj
 
@@ -158,7 +159,7 @@ async def _await(awaitable):
 
 
 def _as_scores(result, n: int, fn: str) -> Scores:
-    if isinstance(result, (str, bytes)) or not isinstance(result, Sequence) and not hasattr(result, "tolist"):
+    if isinstance(result, (str, bytes)) or (not isinstance(result, Sequence) and not hasattr(result, "tolist")):
         raise RewardError(f"reward {fn!r} returned {type(result).__name__}, expected a list of float | None")
     values = result.tolist() if hasattr(result, "tolist") else list(result)
     if len(values) != n:
@@ -274,7 +275,7 @@ def _worker_main() -> None:
                 reply = ("ok", None)
             else:
                 reply = ("ok", call_reward(fn, *args))
-        except BaseException as e:  # noqa: BLE001 - every failure goes back to the parent as text
+        except BaseException as e:
             reply = ("error", _describe(e))
         _send(proto_out, reply)
 
@@ -396,9 +397,9 @@ class RewardComputer:
         prompts, completions = list(prompts), list(completions)
         with ThreadPoolExecutor(len(self.specs)) as threads:
             futures = [threads.submit(run, s, prompts, completions, {**columns, **s.kwargs}) for s in self.specs]
-            outcomes = [self._outcome(s, f, n) for s, f in zip(self.specs, futures)]
-        scores = {s.name: o[0] for s, o in zip(self.specs, outcomes)}
-        errors = {s.name: o[1] for s, o in zip(self.specs, outcomes) if o[1] is not None}
+            outcomes = [self._outcome(s, f, n) for s, f in zip(self.specs, futures, strict=True)]
+        scores = {s.name: o[0] for s, o in zip(self.specs, outcomes, strict=True)}
+        errors = {s.name: o[1] for s, o in zip(self.specs, outcomes, strict=True) if o[1] is not None}
         total = []
         for i in range(n):
             applicable = [(s.weight, scores[s.name][i]) for s in self.specs if scores[s.name][i] is not None]
@@ -411,7 +412,7 @@ class RewardComputer:
         except TimeoutError as e:
             self.timeout_counts[spec.name] += 1
             msg = str(e) or f"timeout after {spec.timeout_s}s"
-        except Exception as e:  # noqa: BLE001 - a reward bug must not kill the run
+        except Exception as e:
             self.error_counts[spec.name] += 1
             msg = str(e) if isinstance(e, RewardError) else _describe(e)
         log.warning("reward %r failed, scoring %s for this batch: %s", spec.name, self.rewards_on_error, msg)
@@ -498,7 +499,7 @@ def math_answers_equal(pred: str, ref: str) -> bool:
 def math_answer(prompts: list[str], completions: list[str], *, answer: Sequence, **kwargs) -> Scores:
     """1.0 if the completion's final answer equals the row's `answer` (itself `####`/\\boxed-extracted), else 0.0."""
     out = []
-    for completion, ref in zip(completions, answer):
+    for completion, ref in zip(completions, answer, strict=True):
         if ref is None:
             out.append(None)
             continue
@@ -512,7 +513,7 @@ def math_answer(prompts: list[str], completions: list[str], *, answer: Sequence,
 
 def exact_match(prompts: list[str], completions: list[str], *, answer: Sequence, **kwargs) -> Scores:
     """1.0 if the stripped completion equals the stripped `answer`."""
-    return [None if a is None else float(c.strip() == str(a).strip()) for c, a in zip(completions, answer)]
+    return [None if a is None else float(c.strip() == str(a).strip()) for c, a in zip(completions, answer, strict=True)]
 
 
 DEFAULT_FORMAT_PATTERN = r"\\boxed\{.+\}|####\s*\S+"
@@ -547,7 +548,7 @@ def code_exec(prompts: list[str], completions: list[str], *, tests: Sequence, en
     code prompt. Programs run concurrently in `workers` sandboxes (default: CPU count).
     """
     jobs = {}
-    for i, (prompt, completion, test) in enumerate(zip(prompts, completions, tests)):
+    for i, (prompt, completion, test) in enumerate(zip(prompts, completions, tests, strict=True)):
         if test:
             program = (prompt if prepend_prompt else "") + extract_code(completion) + "\n\n" + test + "\n"
             if entry_point is not None and entry_point[i]:
@@ -555,6 +556,6 @@ def code_exec(prompts: list[str], completions: list[str], *, tests: Sequence, en
             jobs[i] = program
     n_workers = max(1, min(workers or os.cpu_count() or 1, len(jobs) or 1))
     with ThreadPoolExecutor(n_workers) as pool:
-        results = dict(zip(jobs, pool.map(
-            lambda code: sandbox.run_python(code, timeout_s=sandbox_timeout_s, memory_mb=memory_mb), jobs.values())))
+        run = partial(sandbox.run_python, timeout_s=sandbox_timeout_s, memory_mb=memory_mb)
+        results = dict(zip(jobs, pool.map(run, jobs.values()), strict=True))
     return [float(results[i].ok) if i in results else None for i in range(len(completions))]

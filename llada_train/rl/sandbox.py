@@ -22,6 +22,7 @@ allocations, fork bombs, stray writes, accidental network access) from hurting t
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import shutil
@@ -260,10 +261,8 @@ def terminate_group(pid: int, grace_s: float = 0.0) -> None:
     reaps `pid` afterwards (Popen.wait()).
     """
     if grace_s > 0:
-        try:
+        with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGTERM)
-        except ProcessLookupError:
-            pass
         _wait_no_reap(pid, grace_s)
     _kill_group(pid)
 
@@ -301,10 +300,8 @@ def _wait_no_reap(pid: int, timeout_s: float) -> bool:
 
 
 def _kill_group(pgid: int) -> None:
-    try:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
         os.killpg(pgid, signal.SIGKILL)
-    except (ProcessLookupError, PermissionError):
-        pass
 
 
 def _kill_strays(root: str) -> None:
@@ -316,10 +313,8 @@ def _kill_strays(root: str) -> None:
             except OSError:
                 continue
             if cwd == root or cwd.startswith(root + os.sep):
-                try:
+                with contextlib.suppress(OSError):
                     os.kill(int(d), signal.SIGKILL)
-                except OSError:
-                    pass
 
 
 def _user_task_count() -> int:

@@ -111,9 +111,9 @@ def read_rows(path: str, prompt_field: str) -> list[dict]:
     rows = []
     for line, raw in items:
         if isinstance(raw, MalformedRow):
-            raise ValueError(f"{source}:{line}: {raw}")  # noqa: TRY004 - bad user data, not a caller's type
+            raise ValueError(f"{source}:{line}: {raw}")
         if not isinstance(raw, dict) or not isinstance(raw.get(prompt_field), (str, list)):
-            raise ValueError(  # noqa: TRY004 - bad user dataf"{source}:{line}: expected an object with a {prompt_field!r} string (or chat "
+            raise ValueError(f"{source}:{line}: expected an object with a {prompt_field!r} string (or chat "
                              f"messages list); got keys {sorted(raw) if isinstance(raw, dict) else type(raw).__name__}"
                              " (set data.prompt_field to the prompt column)")
         rows.append(dict(raw))
@@ -262,9 +262,11 @@ def rl_eval_fn(cfg, tokenizer, rows: list[dict], rewards: RewardComputer, gen_le
         done = complete(model, tokenizer, [r[field] for r in mine], mode=cfg.rl.eval_mode, gen_length=gen_length,
                         block_length=cfg.diffusion.block_size, batch_size=bsz) if mine else None
         texts = done.texts if done else []
-        checkable = [(r, t) for r, t in zip(mine, texts) if "task" in r and "answer" in r]
-        scores = rewards.score([_prompt_text(r[field], tokenizer) for r in mine], texts,
-                               {**_reward_columns(mine, field, 1), "completion_ids": done.token_ids}).total if done else []
+        checkable = [(r, t) for r, t in zip(mine, texts, strict=True) if "task" in r and "answer" in r]
+        scores = []
+        if done:
+            columns = {**_reward_columns(mine, field, 1), "completion_ids": done.token_ids}
+            scores = rewards.score([_prompt_text(r[field], tokenizer) for r in mine], texts, columns).total
         n, tpf, n_checkable, right, reward = reduce_over_ranks(
             len(mine), sum(done.tokens_per_forward) if done else 0.0, len(checkable),
             sum(check(r["task"], str(r["answer"]), t) for r, t in checkable), sum(scores))
@@ -277,4 +279,12 @@ def rl_eval_fn(cfg, tokenizer, rows: list[dict], rewards: RewardComputer, gen_le
     return eval_fn
 
 
-__all__ = ["check_data_parallel", "load_heldout_rows", "load_rl_rows", "read_rows", "rl_eval_fn", "rl_step_fn", "run_rl"]
+__all__ = [
+    "check_data_parallel",
+    "load_heldout_rows",
+    "load_rl_rows",
+    "read_rows",
+    "rl_eval_fn",
+    "rl_step_fn",
+    "run_rl",
+]

@@ -201,7 +201,7 @@ def task_accuracy_fn(cfg, tokenizer, rows: list):
     def accuracy(model) -> dict:
         done = complete(model, tokenizer, prompts, mode=DECODE_MODE, gen_length=gen_length, block_length=block,
                         batch_size=len(prompts))
-        right = [check(row["task"], row["answer"], text) for row, text in zip(checkable, done.texts)]
+        right = [check(row["task"], row["answer"], text) for row, text in zip(checkable, done.texts, strict=True)]
         return {"accuracy": sum(right) / len(right),
                 "tokens_per_forward": sum(done.tokens_per_forward) / len(done.tokens_per_forward)}
 

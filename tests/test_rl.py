@@ -280,3 +280,15 @@ def test_step_fn_skipped_steps_are_counted(tmp_path):
     assert [r["bad_steps_total"] for r in _records(tmp_path)] == [0, 1, 2, 2]
     assert trainer(5).fit()  # resumed from step 4: the total carries over
     assert _records(tmp_path)[-1]["bad_steps_total"] == 2
+
+
+def test_rl_rows_errors_name_file_line_and_field(tmp_path):
+    from llada_train.stages.rl import read_rows
+
+    path = tmp_path / "rows.jsonl"
+    path.write_text('{"prompt": "2+2=", "answer": "4"}\n{"question": "3+3=", "answer": "6"}\n')
+    with pytest.raises(ValueError, match=r"rows\.jsonl:2: expected an object with a 'prompt' string") as err:
+        read_rows(str(path), "prompt")
+    assert "['answer', 'question']" in str(err.value) and "data.prompt_field" in str(err.value)
+    path.write_text('{"question": "3+3=", "answer": "6"}\n')
+    assert read_rows(str(path), "question") == [{"question": "3+3=", "answer": "6"}]

@@ -30,10 +30,8 @@ def brute_force_mask(seq_len, block_size, docs=None, valid=None):
             if docs is not None:
                 ok = ok and docs[qp] == docs[kp]
             if valid is not None:
-                if not valid[qp]:
-                    ok = q == k  # padding queries attend to themselves only
-                else:
-                    ok = ok and bool(valid[kp])
+                # padding queries attend to themselves only
+                ok = ok and bool(valid[kp]) if valid[qp] else q == k
             mask[q, k] = ok
     return mask
 

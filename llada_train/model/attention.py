@@ -1,8 +1,14 @@
 """Non-causal GQA attention with per-head QK RMSNorm and partial RoPE; `sdpa` and `flex` backends."""
 
+import logging
+
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from .masks import AttentionLayout, dense_mask_mod
+
+logger = logging.getLogger(__name__)
 
 
 class RMSNorm(nn.Module):
@@ -89,16 +95,104 @@ class BlockKVCache:
             self.values[layer] = self.values[layer][rows]
 
 
-def _flex_attention(q, k, v, mask, scale):
-    from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
+class _FlexRunner:
+    """`flex_attention` compiled once (dynamic shapes after the first recompile), eager only when
+    compiling fails (no C++ compiler, an unsupported platform): one warning, then eager for good."""
 
-    from .masks import dense_mask_mod
+    def __init__(self):
+        self.compiled = None
+        self.mode = "compiled"  # or "eager" once compiling failed
 
-    if not isinstance(mask, BlockMask):
-        b = mask.shape[0] if mask is not None else 1
-        mod = dense_mask_mod(mask) if mask is not None else (lambda b, h, qi, ki: qi >= 0)
-        mask = create_block_mask(mod, b, None, q.shape[-2], k.shape[-2], device=q.device, _compile=False)
-    return flex_attention(q, k, v, block_mask=mask, scale=scale, enable_gqa=True)
+    def __call__(self, q, k, v, block_mask, scale):
+        from torch.nn.attention.flex_attention import flex_attention
+
+        kwargs = {"block_mask": block_mask, "scale": scale, "enable_gqa": True}
+        if self.mode == "compiled":
+            if self.compiled is None:
+                self.compiled = torch.compile(flex_attention)
+            try:
+                return self.compiled(q, k, v, **kwargs)
+            except Exception as err:  # inductor/dynamo failures of any kind; eager re-raises real errors
+                self.mode = "eager"
+                reason = f"{type(err).__name__}: {str(err).splitlines()[0]}"
+                logger.warning("flex_attention could not be compiled on %s (%s); running it eager "
+                               "(dense scores, no tile skipping)", q.device, reason)
+        return flex_attention(q, k, v, **kwargs)
+
+
+FLEX = _FlexRunner()
+
+
+class _FlexWithDenseBackward(torch.autograd.Function):
+    """flex on CPU with gradients: torch has no flex backward on CPU (and compiled CPU flex returns
+    no log-sum-exp), so the forward runs the compiled block-sparse kernel and the backward
+    recomputes the softmax densely under the same `mask_mod` (the FlashAttention backward, untiled)."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, block_mask, scale):
+        out = FLEX(q.detach(), k.detach(), v.detach(), block_mask, scale)
+        ctx.save_for_backward(q, k, v, out)
+        ctx.block_mask, ctx.scale = block_mask, scale
+        return out
+
+    @staticmethod
+    def backward(ctx, d_out):
+        from torch.nn.attention.flex_attention import create_mask
+
+        q, k, v, out = ctx.saved_tensors
+        bsz, heads, q_len, _ = q.shape
+        groups = heads // k.shape[1]
+        k_rep, v_rep = k.repeat_interleave(groups, 1).float(), v.repeat_interleave(groups, 1).float()
+        bm = ctx.block_mask
+        mask = create_mask(bm.mask_mod, bm.shape[0], None, q_len, k.shape[-2], q.device)  # (B|1, 1, Q, K)
+        scores = (q.float() @ k_rep.transpose(-1, -2) * ctx.scale).masked_fill(~mask, float("-inf"))
+        probs = torch.softmax(scores, dim=-1)  # (B, H, Q, K)
+        d_out = d_out.float()
+        d_v = probs.transpose(-1, -2) @ d_out  # (B, H, K, D)
+        d_probs = d_out @ v_rep.transpose(-1, -2)  # (B, H, Q, K)
+        d_scores = probs * (d_probs - (d_out * out.float()).sum(-1, keepdim=True)) * ctx.scale
+        d_q = d_scores @ k_rep  # (B, H, Q, D)
+        d_k = d_scores.transpose(-1, -2) @ q.float()  # (B, H, K, D)
+
+        def per_kv_head(grad):  # (B, H, K, D) -> (B, Hkv, K, D): sum over the query heads of a group
+            return grad.view(bsz, heads // groups, groups, *grad.shape[2:]).sum(2)
+
+        return d_q.to(q.dtype), per_kv_head(d_k).to(k.dtype), per_kv_head(d_v).to(v.dtype), None, None
+
+
+def _dense_block_mask(mask: torch.Tensor | None, q_len: int, kv_len: int, device):
+    """A `BlockMask` from a dense boolean mask (or none): general, but every tile is evaluated."""
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    if mask is None:
+        return create_block_mask(lambda b, h, qi, ki: qi >= 0, None, None, q_len, kv_len, device=device,
+                                 _compile=False)
+    batch = mask.shape[0] if mask.shape[0] > 1 else None
+    return create_block_mask(dense_mask_mod(mask), batch, None, q_len, kv_len, device=device, _compile=False)
+
+
+def flex_attention_forward(q, k, v, mask, scale):
+    """q: (B, H, Q, D), k/v: (B, Hkv, K, D); `mask` an `AttentionLayout` (block-sparse), a dense
+    boolean (B|1, 1, Q, K) tensor or None. Returns (B, H, Q, D)."""
+    if isinstance(mask, AttentionLayout):
+        if (mask.q_len, mask.kv_len) != (q.shape[-2], k.shape[-2]):
+            raise ValueError(f"AttentionLayout is for {mask.q_len} queries x {mask.kv_len} keys, "
+                             f"got {q.shape[-2]} x {k.shape[-2]} (does the KV cache hold q_start positions?)")
+        block_mask = mask.block_mask(q.device)
+    else:
+        block_mask = _dense_block_mask(mask, q.shape[-2], k.shape[-2], q.device)
+    if q.device.type == "cpu" and torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)):
+        return _FlexWithDenseBackward.apply(q, k, v, block_mask, scale)
+    return FLEX(q, k, v, block_mask, scale)
+
+
+def attend(q, k, v, mask, scale, backend: str):
+    """Non-causal GQA attention through `backend`; `mask` as `flex_attention_forward` takes it."""
+    if backend == "flex":
+        return flex_attention_forward(q, k, v, mask, scale)
+    if isinstance(mask, AttentionLayout):
+        mask = mask.dense(q.device)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=True)
 
 
 class LLaDA2MoeAttention(nn.Module):
@@ -109,9 +203,8 @@ class LLaDA2MoeAttention(nn.Module):
         self.num_kv_heads = config.num_key_value_heads
         self.head_dim = config.head_dim
         self.backend = config.attn_backend
-        self.query_key_value = nn.Linear(
-            config.hidden_size, (self.num_heads + 2 * self.num_kv_heads) * self.head_dim, bias=config.use_qkv_bias
-        )
+        qkv_dim = (self.num_heads + 2 * self.num_kv_heads) * self.head_dim
+        self.query_key_value = nn.Linear(config.hidden_size, qkv_dim, bias=config.use_qkv_bias)
         self.dense = nn.Linear(self.num_heads * self.head_dim, config.hidden_size, bias=config.use_bias)
         if config.use_qk_norm:
             self.query_layernorm = RMSNorm(self.head_dim, config.rms_norm_eps)
@@ -129,10 +222,6 @@ class LLaDA2MoeAttention(nn.Module):
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         if cache is not None:
             k, v = cache.read_and_update(self.layer_idx, k, v, commit_len)
-        scale = self.head_dim**-0.5
-        if self.backend == "flex":
-            out = _flex_attention(q, k, v, mask, scale)
-        else:
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=True)
+        out = attend(q, k, v, mask, self.head_dim**-0.5, self.backend)  # (B, H, L, D)
         out = out.transpose(1, 2).reshape(bsz, seq, self.num_heads * self.head_dim)  # (B, L, H*D)
         return self.dense(out)

@@ -5,6 +5,10 @@ A query row that would attend to nothing (a padding position) attends to itself 
 stays finite; its output is never used.
 """
 
+import hashlib
+from collections import OrderedDict
+from dataclasses import dataclass, field, replace
+
 import torch
 
 
@@ -89,9 +93,18 @@ def block_causal_mask(
     return mask[:, None, q_start:]
 
 
+def _keep_mod(allowed, b, q_pos, k_pos, is_self, doc_ids, pad_mask):
+    """Intersect a `mask_mod` rule with documents and padding; a padding query attends to itself only."""
+    if doc_ids is not None:
+        allowed = allowed & (doc_ids[b, q_pos] == doc_ids[b, k_pos])
+    if pad_mask is not None:
+        q_ok = pad_mask[b, q_pos]
+        allowed = (allowed & q_ok & pad_mask[b, k_pos]) | (~q_ok & is_self)
+    return allowed
+
+
 def block_diffusion_mask_mod(seq_len: int, block_size: int, doc_ids=None, pad_mask=None):
     """flex-attention `mask_mod` equivalent to `block_diffusion_mask` (same rules, index math)."""
-    two_l = 2 * seq_len
 
     def mask_mod(b, h, q_idx, kv_idx):
         q_clean = q_idx >= seq_len
@@ -105,14 +118,19 @@ def block_diffusion_mask_mod(seq_len: int, block_size: int, doc_ids=None, pad_ma
             | (~q_clean & k_clean & (bk < bq))
             | (q_clean & k_clean & (bk <= bq))
         )
-        if doc_ids is not None:
-            allowed = allowed & (doc_ids[b, q_pos] == doc_ids[b, k_pos])
-        if pad_mask is not None:
-            q_ok = pad_mask[b, q_pos]
-            allowed = (allowed & q_ok & pad_mask[b, k_pos]) | (~q_ok & (q_idx == kv_idx))
-        return allowed
+        return _keep_mod(allowed, b, q_pos, k_pos, q_idx == kv_idx, doc_ids, pad_mask)
 
-    mask_mod.seq_len = two_l
+    return mask_mod
+
+
+def block_causal_mask_mod(seq_len: int, block_size: int, doc_ids=None, pad_mask=None, q_start: int = 0):
+    """flex-attention `mask_mod` equivalent to `block_causal_mask` (query i is position q_start + i)."""
+
+    def mask_mod(b, h, q_idx, kv_idx):
+        q_pos = q_idx + q_start
+        allowed = kv_idx // block_size <= q_pos // block_size
+        return _keep_mod(allowed, b, q_pos, kv_idx, q_pos == kv_idx, doc_ids, pad_mask)
+
     return mask_mod
 
 
@@ -124,3 +142,108 @@ def dense_mask_mod(mask: torch.Tensor):
         return mask[b if batched else 0, 0, q_idx, kv_idx]
 
     return mask_mod
+
+
+_LAYOUT_KINDS = ("diffusion", "block_causal")
+
+
+@dataclass(eq=False)
+class AttentionLayout:
+    """The structure of a §3 mask, passed as `attention_mask` instead of a dense tensor.
+
+    `flex` turns it into a block-sparse `BlockMask` (a `mask_mod` over indices, so masked tiles are
+    skipped); `sdpa` into the dense boolean mask. Both are built once per forward (the layers share
+    this object) and BlockMasks are also cached across forwards per shape and ids content.
+    kind "diffusion": the `[x_t ; x_0]` training layout, Q = K = 2L. kind "block_causal": decoding
+    and inference, queries `q_start..seq_len-1` (the uncached tail), keys `0..seq_len-1`.
+    """
+
+    kind: str
+    seq_len: int
+    block_size: int
+    doc_ids: torch.Tensor | None = None  # (B, L) document index of each position
+    pad_mask: torch.Tensor | None = None  # (B, L) True = real token
+    q_start: int = 0
+    _dense: torch.Tensor | None = field(default=None, init=False, repr=False)
+    _block_mask: object = field(default=None, init=False, repr=False)
+
+    def __post_init__(self):
+        if self.kind not in _LAYOUT_KINDS:
+            raise ValueError(f"AttentionLayout.kind must be one of {_LAYOUT_KINDS}, got {self.kind!r}")
+        if self.kind == "diffusion" and self.seq_len % self.block_size:
+            raise ValueError(f"seq_len {self.seq_len} is not a multiple of block_size {self.block_size}")
+        if self.kind == "diffusion" and self.q_start:
+            raise ValueError("q_start applies to block_causal layouts only (the training layout is uncached)")
+        if not 0 <= self.q_start < self.seq_len:
+            raise ValueError(f"q_start {self.q_start} must lie in [0, seq_len={self.seq_len})")
+        for name in ("doc_ids", "pad_mask"):
+            ids = getattr(self, name)
+            if ids is not None and (ids.dim() != 2 or ids.shape[1] != self.seq_len):
+                shape = tuple(ids.shape)
+                raise ValueError(f"AttentionLayout.{name} must be (B, {self.seq_len}), got {shape}")
+        if self.pad_mask is not None:
+            self.pad_mask = self.pad_mask.bool()
+
+    @property
+    def q_len(self) -> int:
+        return 2 * self.seq_len if self.kind == "diffusion" else self.seq_len - self.q_start
+
+    @property
+    def kv_len(self) -> int:
+        return 2 * self.seq_len if self.kind == "diffusion" else self.seq_len
+
+    @property
+    def batch(self) -> int | None:
+        """Rows of the ids tensors, or None when one mask serves the whole batch."""
+        ids = self.doc_ids if self.doc_ids is not None else self.pad_mask
+        return None if ids is None else ids.shape[0]
+
+    def mask_mod(self):
+        if self.kind == "diffusion":
+            return block_diffusion_mask_mod(self.seq_len, self.block_size, self.doc_ids, self.pad_mask)
+        return block_causal_mask_mod(self.seq_len, self.block_size, self.doc_ids, self.pad_mask, self.q_start)
+
+    def dense(self, device=None) -> torch.Tensor:
+        """The boolean mask (B or 1, 1, Q, K), True = attend, as `block_diffusion_mask` builds it."""
+        if self._dense is None:
+            args = (self.seq_len, self.block_size, self.doc_ids, self.pad_mask)
+            if self.kind == "diffusion":
+                self._dense = block_diffusion_mask(*args, device=device)
+            else:
+                self._dense = block_causal_mask(*args, q_start=self.q_start, device=device)
+        return self._dense.to(device) if device is not None else self._dense
+
+    def block_mask(self, device):
+        """The flex `BlockMask` on `device`, from the LRU cache when this shape and ids were seen."""
+        if self._block_mask is None:
+            key = self._cache_key(device)
+            cached = _BLOCK_MASKS.pop(key, None)
+            self._block_mask = cached if cached is not None else self._create_block_mask(device)
+            _BLOCK_MASKS[key] = self._block_mask
+            while len(_BLOCK_MASKS) > _BLOCK_MASK_CACHE_SIZE:
+                _BLOCK_MASKS.pop(next(iter(_BLOCK_MASKS)))
+        return self._block_mask
+
+    def _create_block_mask(self, device):
+        from torch.nn.attention.flex_attention import create_block_mask
+
+        ids = [t.to(device) if t is not None else None for t in (self.doc_ids, self.pad_mask)]
+        on_device = replace(self, doc_ids=ids[0], pad_mask=ids[1])
+        # compiling the mask construction pays off on GPUs; on CPU the vmap'd dense build is cheap
+        return create_block_mask(on_device.mask_mod(), self.batch, None, self.q_len, self.kv_len,
+                                 device=device, _compile=torch.device(device).type == "cuda")
+
+    def _cache_key(self, device) -> tuple:
+        content = [_content_digest(t) for t in (self.doc_ids, self.pad_mask)]
+        return (self.kind, self.seq_len, self.block_size, self.q_start, str(device), self.batch, *content)
+
+
+_BLOCK_MASK_CACHE_SIZE = 32
+_BLOCK_MASKS: OrderedDict = OrderedDict()
+
+
+def _content_digest(ids: torch.Tensor | None) -> str | None:
+    """A key for an ids tensor's values (one host copy of a (B, L) tensor per forward)."""
+    if ids is None:
+        return None
+    return hashlib.blake2b(ids.detach().to("cpu", torch.int64).numpy().tobytes(), digest_size=16).hexdigest()

@@ -137,6 +137,7 @@ class PrecisionConfig:
     fp4: str = "none"  # none | ufp4 | nvfp4
     fp4_block: int = 16  # elements per 4-bit scale block
     rht_dim: int = 16  # randomized Hadamard transform size (16, 32, 64, 128)
+    scale_rounding: str = "nearest"  # E4M3 block scales of RTNE operands: nearest | up (docs/fp4.md)
     bf16_first_layers: int = 0  # keep the first N decoder layers in high precision
     bf16_last_layers: int = 0  # keep the last N decoder layers in high precision
 
@@ -399,6 +400,7 @@ def validate(cfg) -> None:
     _check(e.zero_stage in (0, 1, 2, 3), "engine.zero_stage", "must be 0, 1, 2 or 3")
     _check(e.precision in ("fp32", "bf16"), "engine.precision", "use fp32 or bf16")
     _check(cfg.precision.fp4 in ("none", "ufp4", "nvfp4"), "precision.fp4", "use none, ufp4 or nvfp4")
+    _check(cfg.precision.scale_rounding in ("nearest", "up"), "precision.scale_rounding", "use nearest or up")
     _check(cfg.model.attn_backend in ("sdpa", "flex"), "model.attn_backend", "use sdpa or flex")
     t = cfg.train
     _check(t.steps > 0, "train.steps", "must be positive")

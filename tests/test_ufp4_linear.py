@@ -42,7 +42,7 @@ def test_quantization_disabled_equals_nn_linear_exactly():
     off = FP4Recipe("none", rht_fprop=False, rht_dgrad=False, rht_wgrad=False)
     ref = _run(lambda x, w, b: nn.functional.linear(x, w, b), x, w, b, dy)
     got = _run(lambda x, w, b: ufp4_linear(x, w, b, off), x, w, b, dy)
-    for r, g in zip(ref, got):
+    for r, g in zip(ref, got, strict=True):
         assert torch.equal(r, g)
 
 
@@ -51,7 +51,7 @@ def test_rht_cancels_with_identity_quantizer():
     ref = _run(lambda x, w, b: nn.functional.linear(x, w, b), x, w, b, dy)
     for d in (16, 64):
         got = _run(lambda x, w, b, d=d: ufp4_linear(x, w, b, FP4Recipe("none", rht_dim=d)), x, w, b, dy)
-        for r, g in zip(ref, got):
+        for r, g in zip(ref, got, strict=True):
             assert torch.allclose(r, g, atol=1e-4, rtol=1e-5)
 
 
@@ -61,7 +61,7 @@ def _emulate(recipe, x, w, b, dy, seed):
         return quantize_dequantize(t, fmt=recipe.fmt, block_size=recipe.block_size, impl="torch",
                                    rht_dim=recipe.rht_dim if use_rht else None, rht_seed=recipe.rht_seed,
                                    rounding="rtne" if sr_seed is None else "sr", seed=sr_seed,
-                                   block_2d=block_2d).double()
+                                   block_2d=block_2d, scale_rounding=recipe.scale_rounding).double()
 
     x2, dy2 = x.reshape(-1, x.shape[-1]), dy.reshape(-1, dy.shape[-1])
     sr = recipe.sr_grad
@@ -72,16 +72,17 @@ def _emulate(recipe, x, w, b, dy, seed):
     return y.reshape(*x.shape[:-1], -1), dx.reshape(x.shape), dw, dy2.double().sum(0)
 
 
-@pytest.mark.parametrize("recipe", [UFP4, NVFP4, FP4Recipe("int4", rht_dim=32, block_size=32)],
-                         ids=["ufp4", "nvfp4", "int4-32"])
+@pytest.mark.parametrize("recipe", [UFP4, NVFP4, FP4Recipe("int4", rht_dim=32, block_size=32),
+                                    FP4Recipe.from_config("nvfp4", scale_rounding="up")],
+                         ids=["ufp4", "nvfp4", "int4-32", "nvfp4-scale-up"])
 def test_forward_backward_equal_float64_emulation(recipe):
     x, w, b, dy = _inputs(2, shape=(2, 37, 48), out=40)
     got = _run(lambda x, w, b: ufp4_linear(x, w, b, recipe, seed=99), x, w, b, dy)
     ref = _emulate(recipe, x, w, b, dy, 99)
-    for r, g in zip(ref, got):
+    for r, g in zip(ref, got, strict=True):
         assert torch.allclose(g.double(), r, atol=1e-5 * r.abs().max().item(), rtol=1e-5)
     exact = _run(lambda x, w, b: nn.functional.linear(x, w, b), x, w, b, dy)
-    for e, g in zip(exact[:3], got[:3]):
+    for e, g in zip(exact[:3], got[:3], strict=True):
         rel = ((g - e).norm() / e.norm()).item()
         assert 0.01 < rel < 0.4  # really quantized, and still close
 
@@ -148,11 +149,16 @@ def test_apply_fp4_swaps_only_eligible_gemms(tiny_model):
     assert dict(model.named_parameters()).keys() == params.keys()
     assert all(p is params[k] for k, p in model.named_parameters())  # optimizer references stay valid
 
-    everything = apply_fp4(type(model)(model.config), "nvfp4")
+    fresh = type(model)(model.config)
+    everything = apply_fp4(fresh, "nvfp4", scale_rounding="up")
     assert any(s.startswith("model.layers.0.mlp.gate_proj") for s in everything)  # dense first layer
+    assert fresh.model.layers[1].attention.dense.recipe.scale_rounding == "up"
+    assert model.model.layers[1].attention.dense.recipe.scale_rounding == "nearest"  # the default
     assert apply_fp4(model, "none") == []
-    with pytest.raises(ValueError, match="precision.fp4"):
+    with pytest.raises(ValueError, match=r"precision.fp4"):
         apply_fp4(model, "fp4")
+    with pytest.raises(ValueError, match=r"precision.scale_rounding"):
+        apply_fp4(model, "ufp4", scale_rounding="down")
 
 
 def test_tiny_model_trains_in_ufp4():
@@ -174,3 +180,12 @@ def test_tiny_model_trains_in_ufp4():
         losses.append(loss.item())
     assert all(torch.isfinite(torch.tensor(losses)))
     assert losses[-1] < losses[0] - 0.5
+
+
+def test_precision_scale_rounding_config_key():
+    from llada_train.config import ConfigError, load_config
+
+    assert load_config("cpt", None, []).precision.scale_rounding == "nearest"
+    assert load_config("cpt", None, ["precision.scale_rounding=up"]).precision.scale_rounding == "up"
+    with pytest.raises(ConfigError, match=r"precision.scale_rounding.*nearest or up"):
+        load_config("cpt", None, ["precision.scale_rounding=down"])

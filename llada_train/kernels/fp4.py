@@ -4,12 +4,24 @@ A tensor is quantized along one dim (the GEMM's reduction dim) in blocks of `blo
 (or `block_size`² tiles for 2-D weight blocks) with two-level scales, as NVFP4:
 
     tensor scale  s_t = 2^ceil(log2(amax(x) / (grid_max · 448)))         FP32, a power of two
-    block scale   s_b = ceil_E4M3(block_amax / (grid_max · s_t))         E4M3, ≤ 448
-    element       q   = round(x / (s_b · s_t)) on the grid               4-bit code
+    block scale   s_b = round_E4M3(block_amax / (grid_max · s_t))        E4M3, ≤ 448
+    element       q   = round(x / (s_b · s_t)) on the grid, clamped      4-bit code
     value             = (q · s_b) · s_t
 
-The block scale is rounded *up* to E4M3, so every block's amax lands at or just below the grid max
-and nothing is ever clipped: stochastic rounding stays unbiased. The tensor scale is a power of two
+How the block scale is rounded to E4M3 (`scale_rounding`) is a choice with a measurable bias:
+
+    nearest  RTNE to E4M3 (default). The block amax lands within a factor 1 ± 1/16 of the grid
+             max; above it the value saturates at the grid max, which RTNE would pick anyway (the
+             overshoot stays under half the grid's last step: 1/14 of the max for E1M2, 1/6 for
+             E2M1), so only blocks with E4M3 subnormal scales (~2^-15 below the tensor amax) clip.
+             Unbiased on Gaussian blocks (E1M2 ⟨q,x⟩/⟨x,x⟩ ≈ 1.0003, docs/fp4.md).
+    up       the smallest E4M3 ≥ the exact scale: nothing ever clips, but every block is squeezed
+             into [grid_max/1.125, grid_max], which expands RTNE values by ~0.5% on both grids.
+
+Stochastic rounding always uses `up`, whatever `scale_rounding` says: SR is unbiased only for
+values inside the grid, and a block scale rounded down could push the amax past the grid max,
+where SR would clip. (The smallest scale that never clips is exactly `up`, the lowest-variance
+unbiased choice.) The tensor scale is a power of two
 (NVFP4 uses amax/2688 itself; the E4M3 range is wide enough to give up that one binade), so scale
 products are exact and values on the grid survive quantization unchanged. q · s_b is exact in bf16
 (≤ 7 significant bits), so a GEMM can run on it and apply the tensor scales in its epilogue.
@@ -39,6 +51,7 @@ if triton is not None:
 
 E4M3_MAX = 448.0
 ROUNDINGS = ("rtne", "sr")
+SCALE_ROUNDINGS = ("nearest", "up")
 
 
 @dataclass(frozen=True)
@@ -114,29 +127,31 @@ def sr_uniforms(seed: int, offset: int, m: int, kp: int, device=None) -> torch.T
     return philox_uniform(seed, counters).reshape(m, kp)
 
 
-def e4m3_ceil(v: torch.Tensor) -> torch.Tensor:
-    """Smallest E4M3 value ≥ v for fp32 v ≥ 0, saturating at 448 (exactly representable result)."""
+def e4m3_round(v: torch.Tensor, up: bool) -> torch.Tensor:
+    """v: fp32 ≥ 0 -> E4M3 value, saturating at 448: the smallest ≥ v if `up`, else the nearest
+    (ties to even mantissa)."""
     exp = ((v.view(torch.int32) >> 23) & 0xFF) - 127
     exp = exp.clamp(min=-6)  # below 2^-6 the E4M3 step is the subnormal 2^-9
     step = ((exp - 3 + 127) << 23).view(torch.float32)
     inv_step = ((127 - (exp - 3)) << 23).view(torch.float32)
-    return torch.clamp(torch.ceil(v * inv_step) * step, max=E4M3_MAX)
+    y = v * inv_step  # exact: mantissa steps of 2^(exp-3)
+    if up:
+        k = torch.ceil(y)
+    else:
+        f = torch.floor(y)
+        r = y - f
+        k = f + ((r > 0.5) | ((r == 0.5) & ((f.to(torch.int32) & 1) == 1))).float()
+    return torch.clamp(k * step, max=E4M3_MAX)
 
 
 def round_to_grid(v: torch.Tensor, grid: Grid, rounding: str, u: torch.Tensor | None):
     """v: fp32 in [-grid_max, grid_max] -> (signed grid value, magnitude index 0..7 int32)."""
     a = v.abs()
-    if grid.step:
-        step = torch.full_like(a, grid.step)
-    else:
-        step = torch.where(a < 2.0, 0.5, torch.where(a < 4.0, 1.0, 2.0))
+    step = torch.full_like(a, grid.step) if grid.step else torch.where(a < 2.0, 0.5, torch.where(a < 4.0, 1.0, 2.0))
     y = a * (1.0 / step)  # exact: step is a power of two
     f = torch.floor(y)
     r = y - f
-    if rounding == "rtne":
-        up = (r > 0.5) | ((r == 0.5) & ((f.to(torch.int32) & 1) == 1))
-    else:
-        up = u < r
+    up = (r > 0.5) | (r == 0.5) & (f.to(torch.int32) & 1 == 1) if rounding == "rtne" else u < r
     q = torch.clamp((f + up.float()) * step, max=grid.grid_max)
     if grid.step:
         idx = (q * (1.0 / grid.step)).to(torch.int32)
@@ -171,7 +186,7 @@ def tensor_scale(amax: torch.Tensor, grid: Grid) -> torch.Tensor:
     return torch.where(amax > 0, torch.ldexp(torch.ones_like(ratio), exp), 1.0)
 
 
-def _quantize_torch(x2, k, kp, grid, block_size, signs, rounding, seed, offset, block_2d):
+def _quantize_torch(x2, k, kp, grid, block_size, signs, rounding, seed, offset, block_2d, scale_up):
     """x2: (M, K) -> (signed grid values (M, Kp), block scales fp32 (Mb, Kp/B), s_t, codes (M, Kp) uint8)."""
     m = x2.shape[0]
     x = F.pad(x2.float(), (0, kp - k))
@@ -183,11 +198,11 @@ def _quantize_torch(x2, k, kp, grid, block_size, signs, rounding, seed, offset, 
         mp = -(-m // block_size) * block_size
         tiles = F.pad(x, (0, 0, 0, mp - m)).abs().reshape(mp // block_size, block_size, nb, block_size)
         bamax = tiles.amax(dim=(1, 3))  # (Mb, nb)
-        s_b = e4m3_ceil(bamax / (grid.grid_max * s_t))
+        s_b = e4m3_round(bamax / (grid.grid_max * s_t), scale_up)
         elem_scale = s_b.repeat_interleave(block_size, 0)[:m]  # (M, nb)
     else:
         bamax = x.abs().reshape(m, nb, block_size).amax(-1)
-        s_b = e4m3_ceil(bamax / (grid.grid_max * s_t))
+        s_b = e4m3_round(bamax / (grid.grid_max * s_t), scale_up)
         elem_scale = s_b
     scale = (elem_scale * s_t)[:, :, None]  # (M, nb, 1)
     xb = x.reshape(m, nb, block_size)
@@ -204,8 +219,10 @@ def _quantize_torch(x2, k, kp, grid, block_size, signs, rounding, seed, offset, 
 # public API
 
 
-def _check(fmt, block_size, rht_dim, rounding, seed, offset, block_2d, x):
+def _check(fmt, block_size, rht_dim, rounding, seed, offset, block_2d, x, scale_rounding):
     grid = get_grid(fmt)
+    if scale_rounding not in SCALE_ROUNDINGS:
+        raise ValueError(f"scale_rounding must be one of {SCALE_ROUNDINGS}, got {scale_rounding!r}")
     if block_size not in (8, 16, 32, 64, 128):
         raise ValueError(f"block_size must be a power of two in 8..128, got {block_size!r}")
     if rht_dim is not None:
@@ -221,9 +238,10 @@ def _check(fmt, block_size, rht_dim, rounding, seed, offset, block_2d, x):
     return grid
 
 
-def _run(x, fmt, block_size, rht_dim, rounding, seed, offset, rht_seed, dim, block_2d, impl, pack):
+def _run(x, fmt, block_size, rht_dim, rounding, seed, offset, rht_seed, dim, block_2d, impl, pack, scale_rounding):
     """Shared driver. pack=False -> (q·s_b (M, Kp) fp32, s_t); pack=True -> (codes, scale bits, s_t)."""
-    grid = _check(fmt, block_size, rht_dim, rounding, seed, offset, block_2d, x)
+    grid = _check(fmt, block_size, rht_dim, rounding, seed, offset, block_2d, x, scale_rounding)
+    scale_up = rounding == "sr" or scale_rounding == "up"  # SR never clips (module docstring)
     impl = resolve_impl(impl, x)
     if block_2d:
         dim = dim % 2
@@ -232,7 +250,8 @@ def _run(x, fmt, block_size, rht_dim, rounding, seed, offset, rht_seed, dim, blo
     signs = rht_signs(rht_dim, rht_seed, x.device) if rht_dim else None
     m = x2.shape[0]
     if impl == "torch":
-        q, s_b, s_t, codes = _quantize_torch(x2, k, kp, grid, block_size, signs, rounding, seed, offset, block_2d)
+        q, s_b, s_t, codes = _quantize_torch(x2, k, kp, grid, block_size, signs, rounding, seed, offset, block_2d,
+                                             scale_up)
         if pack:
             packed = codes.reshape(m, kp // 2, 2)
             packed = packed[..., 0] | (packed[..., 1] << 4)
@@ -240,28 +259,34 @@ def _run(x, fmt, block_size, rht_dim, rounding, seed, offset, rht_seed, dim, blo
         nb = kp // block_size
         elem_scale = s_b.repeat_interleave(block_size, 0)[:m] if block_2d else s_b
         return (q.reshape(m, nb, block_size) * elem_scale[:, :, None]).reshape(m, kp), s_t
-    return _quantize_triton(x2, k, kp, grid, block_size, rht_dim, signs, rounding, seed, offset, block_2d, pack)
+    return _quantize_triton(x2, k, kp, grid, block_size, rht_dim, signs, rounding, seed, offset, block_2d, pack,
+                            scale_up)
 
 
 def quantize_dequantize(x: torch.Tensor, *, fmt: str, block_size: int = 16, rht_dim: int | None = None,
                         rounding: str = "rtne", seed: int | None = None, offset: int = 0, rht_seed: int = 0,
-                        dim: int = -1, block_2d: bool = False, impl: str = "auto") -> torch.Tensor:
+                        dim: int = -1, block_2d: bool = False, impl: str = "auto",
+                        scale_rounding: str = "nearest") -> torch.Tensor:
     """Fake-quantize x along `dim`: the value each element takes after 4-bit quantization, x.dtype.
 
     Without RHT the shape is x's; with `rht_dim` the result is in the rotated basis and `dim` is
     zero-padded to a multiple of max(block_size, rht_dim). SR element i of the (rows, padded dim)
-    layout uses Philox counter `offset + i`.
+    layout uses Philox counter `offset + i`. `scale_rounding` (nearest | up) rounds the E4M3 block
+    scales of RTNE operands; SR always rounds them up (module docstring).
     """
     v, s_t = block_scaled(x, fmt=fmt, block_size=block_size, rht_dim=rht_dim, rounding=rounding, seed=seed,
-                          offset=offset, rht_seed=rht_seed, dim=dim, block_2d=block_2d, impl=impl)
+                          offset=offset, rht_seed=rht_seed, dim=dim, block_2d=block_2d, impl=impl,
+                          scale_rounding=scale_rounding)
     return (v * s_t).to(x.dtype)
 
 
 def block_scaled(x: torch.Tensor, *, fmt: str, block_size: int = 16, rht_dim: int | None = None,
                  rounding: str = "rtne", seed: int | None = None, offset: int = 0, rht_seed: int = 0,
-                 dim: int = -1, block_2d: bool = False, impl: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
+                 dim: int = -1, block_2d: bool = False, impl: str = "auto",
+                 scale_rounding: str = "nearest") -> tuple[torch.Tensor, torch.Tensor]:
     """As quantize_dequantize but split: (q·s_b fp32, exact in bf16; tensor scale s_t) with value = q·s_b·s_t."""
-    v, s_t = _run(x, fmt, block_size, rht_dim, rounding, seed, offset, rht_seed, dim, block_2d, impl, False)
+    v, s_t = _run(x, fmt, block_size, rht_dim, rounding, seed, offset, rht_seed, dim, block_2d, impl, False,
+                  scale_rounding)
     if block_2d:
         dim = dim % 2
     lead = x.movedim(dim, -1).shape[:-1]
@@ -272,9 +297,11 @@ def block_scaled(x: torch.Tensor, *, fmt: str, block_size: int = 16, rht_dim: in
 
 def quantize(x: torch.Tensor, *, fmt: str, block_size: int = 16, rht_dim: int | None = None,
              rounding: str = "rtne", seed: int | None = None, offset: int = 0, rht_seed: int = 0,
-             dim: int = -1, block_2d: bool = False, impl: str = "auto") -> QuantizedFP4:
+             dim: int = -1, block_2d: bool = False, impl: str = "auto",
+             scale_rounding: str = "nearest") -> QuantizedFP4:
     """Packed 4-bit codes + E4M3 block scales + FP32 tensor scale; `dim` is moved last and padded."""
-    codes, s_b, s_t = _run(x, fmt, block_size, rht_dim, rounding, seed, offset, rht_seed, dim, block_2d, impl, True)
+    codes, s_b, s_t = _run(x, fmt, block_size, rht_dim, rounding, seed, offset, rht_seed, dim, block_2d, impl, True,
+                           scale_rounding)
     lead = x.movedim(dim % x.dim() if block_2d else dim, -1).shape[:-1]
     if not block_2d:
         s_b = s_b.reshape(*lead, s_b.shape[-1])
@@ -298,7 +325,7 @@ def dequantize(q: QuantizedFP4, *, fmt: str, block_size: int = 16, block_2d: boo
 # Triton
 
 
-def _quantize_triton(x2, k, kp, grid, block_size, rht_dim, signs, rounding, seed, offset, block_2d, pack):
+def _quantize_triton(x2, k, kp, grid, block_size, rht_dim, signs, rounding, seed, offset, block_2d, pack, scale_up):
     m = x2.shape[0]
     dev = x2.device
     bk = max(block_size, rht_dim or 1)
@@ -325,7 +352,7 @@ def _quantize_triton(x2, k, kp, grid, block_size, rht_dim, signs, rounding, seed
         _quantize_kernel[grid_shape](
             x2, signs, rscale, s_t, out, scales, m, k, kp, x2.stride(0), x2.stride(1), seed or 0, offset,
             B=block_size, BLOCK_2D=block_2d, FMT=grid.code, GRID_MAX=grid.grid_max, SR=rounding == "sr",
-            PACK=pack, **common)
+            PACK=pack, SCALE_UP=scale_up, **common)
     if pack:
         return out, scales.view(torch.float8_e4m3fn), s_t
     return out, s_t
@@ -372,12 +399,18 @@ if triton is not None:
         tl.store(partial_ptr + pid_m * tl.num_programs(1) + pid_k, tl.reduce(tl.reduce(tl.abs(x), 1, _max2), 0, _max2))
 
     @triton.jit
-    def _e4m3_ceil(v):
-        """(smallest E4M3 ≥ v saturated at 448, its 8-bit encoding) for fp32 v ≥ 0."""
+    def _e4m3_round(v, UP: tl.constexpr):
+        """(e4m3_round(v, UP), its 8-bit encoding) for fp32 v ≥ 0."""
         exp = tl.maximum(((v.to(tl.int32, bitcast=True) >> 23) & 0xFF) - 127, -6)
         step = ((exp - 3 + 127) << 23).to(tl.float32, bitcast=True)
         inv_step = ((127 - (exp - 3)) << 23).to(tl.float32, bitcast=True)
-        k = tl.ceil(v * inv_step)  # 0..16: mantissa steps of 2^(exp-3)
+        y = v * inv_step
+        if UP:
+            k = tl.ceil(y)  # 0..16: mantissa steps of 2^(exp-3)
+        else:
+            f = tl.floor(y)
+            r = y - f
+            k = f + ((r > 0.5) | ((r == 0.5) & ((f.to(tl.int32) & 1) == 1))).to(tl.float32)
         ki = k.to(tl.int32)
         bits = tl.where(ki >= 16, (exp + 8) << 3, tl.where(ki >= 8, ((exp + 7) << 3) | (ki - 8), ki))
         val = k * step
@@ -388,7 +421,7 @@ if triton is not None:
     def _quantize_kernel(x_ptr, signs_ptr, rscale, st_ptr, out_ptr, scales_ptr, M, K, Kp, stride_m, stride_k,
                          seed, offset, BM: tl.constexpr, BK: tl.constexpr, D: tl.constexpr, LOG2D: tl.constexpr,
                          B: tl.constexpr, BLOCK_2D: tl.constexpr, FMT: tl.constexpr, GRID_MAX: tl.constexpr,
-                         SR: tl.constexpr, PACK: tl.constexpr):
+                         SR: tl.constexpr, PACK: tl.constexpr, SCALE_UP: tl.constexpr):
         NB: tl.constexpr = BK // B
         pid_m, pid_k = tl.program_id(0), tl.program_id(1)
         rows = pid_m * BM + tl.arange(0, BM)
@@ -400,7 +433,7 @@ if triton is not None:
         bamax = tl.reduce(tl.abs(x), 2, _max2)  # (BM, NB)
         if BLOCK_2D:
             bamax = tl.broadcast_to(tl.reduce(bamax, 0, _max2)[None, :], (BM, NB))
-        s_b, s_bits = _e4m3_ceil(tl.math.div_rn(bamax, GRID_MAX * s_t))
+        s_b, s_bits = _e4m3_round(tl.math.div_rn(bamax, GRID_MAX * s_t), SCALE_UP)
         scale = (s_b * s_t)[:, :, None]
         v = tl.where(scale > 0, tl.math.div_rn(x, tl.where(scale > 0, scale, 1.0)), 0.0)  # (BM, NB, B)
 
@@ -431,10 +464,7 @@ if triton is not None:
         row_ok = rows < M
         if PACK:
             neg = (v < 0) & (idx > 0)
-            if FMT == 1:
-                code = tl.where(neg, 16 - idx, idx)
-            else:
-                code = idx | (neg.to(tl.int32) << 3)
+            code = tl.where(neg, 16 - idx, idx) if FMT == 1 else idx | neg.to(tl.int32) << 3
             lo, hi = tl.split(tl.reshape(code, (BM, BK // 2, 2)))
             packed = (lo | (hi << 4)).to(tl.uint8)
             pcols = pid_k * (BK // 2) + tl.arange(0, BK // 2)

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .fp4 import FORMATS, block_scaled
+from .fp4 import FORMATS, SCALE_ROUNDINGS, block_scaled
 from .hadamard import RHT_DIMS, rht
 
 
@@ -34,6 +34,7 @@ class FP4Recipe:
     sr_grad: bool = True  # stochastic rounding on dY (dgrad and wgrad); X and W are always RTNE
     weight_block_2d: bool = False  # block_size² weight tiles: W and Wᵀ quantize identically (NVFP4)
     rht_seed: int = 0  # random signs of H, shared by both operands of each GEMM
+    scale_rounding: str = "nearest"  # E4M3 block scales of X and W (fp4.py); SR'd dY always rounds up
 
     def __post_init__(self):
         if self.fmt != "none" and self.fmt not in FORMATS:
@@ -42,16 +43,21 @@ class FP4Recipe:
             raise ValueError(f"precision.rht_dim must be one of {RHT_DIMS}, got {self.rht_dim!r}")
         if self.block_size not in (8, 16, 32, 64, 128):
             raise ValueError(f"precision.fp4_block must be a power of two in 8..128, got {self.block_size!r}")
+        if self.scale_rounding not in SCALE_ROUNDINGS:
+            raise ValueError(f"precision.scale_rounding must be one of {SCALE_ROUNDINGS}, "
+                             f"got {self.scale_rounding!r}")
 
     @classmethod
-    def from_config(cls, fp4: str, fp4_block: int = 16, rht_dim: int = 16) -> "FP4Recipe | None":
+    def from_config(cls, fp4: str, fp4_block: int = 16, rht_dim: int = 16,
+                    scale_rounding: str = "nearest") -> "FP4Recipe | None":
         """The recipe for config `precision.fp4` (none | ufp4 | nvfp4); None means full precision."""
         if fp4 == "none":
             return None
         if fp4 == "ufp4":
-            return cls("e1m2", fp4_block, rht_dim)
+            return cls("e1m2", fp4_block, rht_dim, scale_rounding=scale_rounding)
         if fp4 == "nvfp4":
-            return cls("e2m1", fp4_block, rht_dim, rht_fprop=False, rht_dgrad=False, weight_block_2d=True)
+            return cls("e2m1", fp4_block, rht_dim, rht_fprop=False, rht_dgrad=False, weight_block_2d=True,
+                       scale_rounding=scale_rounding)
         raise ValueError(f"precision.fp4 must be one of none, ufp4, nvfp4; got {fp4!r}")
 
 
@@ -70,7 +76,8 @@ def _qmm(a: torch.Tensor, b: torch.Tensor, recipe: FP4Recipe, *, use_rht: bool, 
         if d:
             a, b = rht(a.float(), d, seed=recipe.rht_seed), rht(b.float(), d, seed=recipe.rht_seed)
         return a.float() @ b.float().t()
-    kw = {"fmt": recipe.fmt, "block_size": recipe.block_size, "rht_dim": d, "rht_seed": recipe.rht_seed}
+    kw = {"fmt": recipe.fmt, "block_size": recipe.block_size, "rht_dim": d, "rht_seed": recipe.rht_seed,
+          "scale_rounding": recipe.scale_rounding}
     qa, sa = block_scaled(a, rounding="sr" if sr_seed is not None else "rtne", seed=sr_seed, **kw)
     qb, sb = block_scaled(b, block_2d=b_block_2d and b.dim() == 2, **kw)
     # q·s_b is exact in bf16/fp16, so low-precision inputs run the GEMM there (fp32 accumulation).
@@ -165,17 +172,20 @@ class FP4Linear(nn.Linear):
 
 
 def apply_fp4(model: nn.Module, fmt: str, *, block: int = 16, rht_dim: int = 16, bf16_first_layers: int = 0,
-              bf16_last_layers: int = 0) -> list[str]:
+              bf16_last_layers: int = 0, scale_rounding: str = "nearest") -> list[str]:
     """Swap the eligible GEMMs of `model.model.layers[i]` to 4-bit (`fmt` = precision.fp4); returns their names.
 
     Eligible: every nn.Linear under `.attention` and `.mlp` (dense MLPs and shared experts) and the
     fused routed experts' `matmul`. Kept in high precision: the router (`mlp.gate`), embeddings,
     lm_head, norms, and the first `bf16_first_layers` / last `bf16_last_layers` layers.
     """
-    recipe = FP4Recipe.from_config(fmt, block, rht_dim)
+    recipe = FP4Recipe.from_config(fmt, block, rht_dim, scale_rounding)
     if recipe is None:
         return []
-    for key, n in (("precision.bf16_first_layers", bf16_first_layers), ("precision.bf16_last_layers", bf16_last_layers)):
+    for key, n in (
+        ("precision.bf16_first_layers", bf16_first_layers),
+        ("precision.bf16_last_layers", bf16_last_layers),
+    ):
         if not isinstance(n, int) or n < 0:
             raise ValueError(f"{key} must be a non-negative int, got {n!r}")
     layers = getattr(getattr(model, "model", None), "layers", None)

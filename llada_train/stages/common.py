@@ -41,7 +41,8 @@ def build_model(mcfg, tokenizer, seed: int, precision=None) -> LLaDA2MoeModelLM:
         model.model.gradient_checkpointing = True
     if precision is not None:
         apply_fp4(model, precision.fp4, block=precision.fp4_block, rht_dim=precision.rht_dim,
-                  bf16_first_layers=precision.bf16_first_layers, bf16_last_layers=precision.bf16_last_layers)
+                  bf16_first_layers=precision.bf16_first_layers, bf16_last_layers=precision.bf16_last_layers,
+                  scale_rounding=precision.scale_rounding)
     return model
 
 

@@ -119,6 +119,22 @@ def test_expert_bias_update_follows_load():
     assert block.expert_load.sum() == 0
 
 
+# The keys of the released LLaDA2.x config.json that a consumer reads (DESIGN §2 plus those the
+# upstream configuration class takes), and the ones whose upstream defaults differ from this model.
+RELEASED_CONFIG_KEYS = {
+    "vocab_size", "hidden_size", "intermediate_size", "moe_intermediate_size", "num_hidden_layers",
+    "num_attention_heads", "num_key_value_heads", "head_dim", "hidden_act", "num_experts", "num_experts_per_tok",
+    "num_shared_experts", "first_k_dense_replace", "n_group", "topk_group", "routed_scaling_factor",
+    "score_function", "norm_topk_prob", "moe_router_enable_expert_bias", "router_dtype", "rope_theta",
+    "partial_rotary_factor", "rotary_dim", "rms_norm_eps", "use_qk_norm", "use_bias", "use_qkv_bias",
+    "tie_word_embeddings", "max_position_embeddings", "initializer_range", "pad_token_id", "eos_token_id",
+    "embedding_dropout", "attention_dropout", "output_dropout", "norm_head", "use_cache", "use_sliding_window",
+    "sliding_window", "max_window_layers", "output_router_logits", "model_type", "architectures",
+}
+UPSTREAM_DEFAULTS = ("embedding_dropout", "attention_dropout", "output_dropout", "use_bias", "use_qkv_bias",
+                     "num_key_value_heads", "norm_head", "tie_word_embeddings", "use_sliding_window")
+
+
 def test_save_load_round_trip_is_bit_exact_with_released_names(tmp_path, tiny_model):
     tiny_model.model.layers[1].mlp.gate.expert_bias.normal_()
     tiny_model.save_pretrained(tmp_path)
@@ -139,7 +155,14 @@ def test_save_load_round_trip_is_bit_exact_with_released_names(tmp_path, tiny_mo
             expected |= {f"{p}.mlp.experts.{e}.{n}.weight" for e in range(cfg.num_experts) for n in projs}
             expected |= {f"{p}.mlp.shared_experts.{n}.weight" for n in projs}
     assert keys == expected
-    assert json.loads((tmp_path / "config.json").read_text())["model_type"] == "llada2_moe"
+    written = json.loads((tmp_path / "config.json").read_text())
+    assert written["model_type"] == "llada2_moe"
+    assert RELEASED_CONFIG_KEYS <= written.keys(), sorted(RELEASED_CONFIG_KEYS - written.keys())
+    # the upstream modeling code's defaults differ here: 0.1 dropouts, use_bias True, no KV heads
+    assert {k: written[k] for k in UPSTREAM_DEFAULTS} == {
+        "embedding_dropout": 0.0, "attention_dropout": 0.0, "output_dropout": 0.0, "use_bias": False,
+        "use_qkv_bias": False, "num_key_value_heads": cfg.num_key_value_heads, "norm_head": False,
+        "tie_word_embeddings": False, "use_sliding_window": False}
 
     loaded = AutoModelForCausalLM.from_pretrained(tmp_path)
     assert type(loaded) is LLaDA2MoeModelLM

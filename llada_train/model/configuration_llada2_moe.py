@@ -1,4 +1,8 @@
-"""LLaDA2-MoE configuration: the released `config.json` keys, defaults = LLaDA2.0-mini."""
+"""LLaDA2-MoE configuration: the released `config.json` keys, defaults = LLaDA2.0-mini.
+
+Every key the released config.json carries is written, including those this model has no use for
+(dropouts, sliding window, norm_head): the upstream modeling code defaults its dropouts to 0.1 and
+`use_bias` to True, so an export that left them out would train differently there."""
 
 from transformers import PretrainedConfig
 
@@ -43,6 +47,15 @@ class LLaDA2MoeConfig(PretrainedConfig):
         eos_token_id=156892,
         mask_token_id=156895,
         attn_backend="sdpa",
+        embedding_dropout=0.0,
+        attention_dropout=0.0,
+        output_dropout=0.0,
+        norm_head=False,
+        use_cache=True,
+        use_sliding_window=False,
+        sliding_window=4096,
+        max_window_layers=None,
+        output_router_logits=False,
         **kwargs,
     ):
         self.vocab_size = vocab_size
@@ -76,6 +89,16 @@ class LLaDA2MoeConfig(PretrainedConfig):
         self.initializer_range = initializer_range
         self.mask_token_id = mask_token_id
         self.attn_backend = attn_backend
+        # released keys this model does not act on (no dropout, full attention, plain lm_head)
+        self.embedding_dropout = embedding_dropout
+        self.attention_dropout = attention_dropout
+        self.output_dropout = output_dropout
+        self.norm_head = norm_head
+        self.use_cache = use_cache
+        self.use_sliding_window = use_sliding_window
+        self.sliding_window = sliding_window
+        self.max_window_layers = num_hidden_layers if max_window_layers is None else max_window_layers
+        self.output_router_logits = output_router_logits
         super().__init__(
             pad_token_id=pad_token_id,
             eos_token_id=eos_token_id,

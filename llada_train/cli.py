@@ -64,22 +64,19 @@ def run_stage(stage: str, argv: list[str]) -> int:
     return 0 if finished else 3
 
 
-def _export(argv: list[str]) -> int:
+def export_main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="llada-train export")
     parser.add_argument("run_dir")
     args = parser.parse_args(argv)
     from .stages.export import export_run
 
-    try:
-        out = export_run(args.run_dir)
-    except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    print(out)
+    print(export_run(args.run_dir))
     return 0
 
 
 def _delegate(module: str, func: str, argv: list[str]) -> int:
+    """Run a tool's main. A user mistake (a ValueError: bad path, value or file) is one `error:`
+    line and exit code 2, as for the training stages."""
     import importlib
 
     try:
@@ -87,10 +84,15 @@ def _delegate(module: str, func: str, argv: list[str]) -> int:
     except ImportError as e:
         print(f"error: this command is not available in this build ({e})", file=sys.stderr)
         return 2
-    return getattr(mod, func)(argv) or 0
+    try:
+        return getattr(mod, func)(argv) or 0
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
 
 
 COMMANDS = {
+    "export": ("cli", "export_main"),
     "generate": ("generate_cli", "main"),
     "convert": ("convert", "main"),
     "submit": ("slurm", "main_submit"),
@@ -108,8 +110,6 @@ def main(argv: list[str] | None = None) -> int:
     command, rest = argv[0], argv[1:]
     if command in ("cpt", "sft", "rl", "pipeline"):
         return run_stage(command, rest)
-    if command == "export":
-        return _export(rest)
     if command in COMMANDS:
         return _delegate(*COMMANDS[command], rest)
     print(f"error: unknown command '{command}'\n\n{USAGE}", file=sys.stderr)

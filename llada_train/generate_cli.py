@@ -104,6 +104,9 @@ def _load(args):
 
     from .data.tokenizer import load_tokenizer
 
+    if not (Path(args.model) / "config.json").is_file():
+        raise ValueError(f"--model {args.model}: not a model directory (no config.json); pass an export such as "
+                         "runs/demo/rl/hf or a downloaded LLaDA2.x checkpoint")
     model = AutoModelForCausalLM.from_pretrained(args.model).to(args.device).eval()
     name = args.tokenizer or (args.model if (Path(args.model) / "tokenizer.json").exists() else None)
     return model, load_tokenizer(name)

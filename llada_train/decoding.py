@@ -40,7 +40,7 @@ from pathlib import Path
 import torch
 
 from .model.attention import BlockKVCache
-from .model.masks import block_causal_mask
+from .model.masks import AttentionLayout
 
 DECODE_PRESETS = {
     # Speedy: aggressive drafting, every disagreement the model has with its draft is edited.
@@ -298,7 +298,7 @@ def _generate(model, input_ids, plen, *, gen_length, b, threshold, editing_thres
                 commit = lo - cache_len if (use_cache and first_forward) else 0
                 logits = model(
                     input_ids=x[:, q0:end], position_ids=position_ids[:, q0:end],
-                    attention_mask=block_causal_mask(end, b, pad_mask=valid[:, :end], q_start=q0),  # (Ba, 1, Q, end)
+                    attention_mask=AttentionLayout("block_causal", end, b, pad_mask=valid[:, :end], q_start=q0),
                     past_key_values=cache, use_cache=commit > 0, commit_len=commit, logits_to_keep=end - lo,
                 ).logits  # (Ba, end - lo, V)
                 forwards += 1

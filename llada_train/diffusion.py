@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from .config import DiffusionConfig
-from .model.masks import block_causal_mask, block_diffusion_mask
+from .model.masks import AttentionLayout
 
 
 @dataclass
@@ -80,13 +80,14 @@ def _replace(batch: NoisedBatch, **changes) -> NoisedBatch:
 
 
 def model_inputs(batch: NoisedBatch, block_size: int) -> dict:
-    """`[x_t ; x_0]` with the §3 mask; when one block covers the sequence, x_t alone (plain MDM)."""
+    """`[x_t ; x_0]` with the §3 mask (as an `AttentionLayout`: flex makes it block-sparse, sdpa dense);
+    when one block covers the sequence, x_t alone (plain MDM)."""
     bsz, seq_len = batch.xt.shape
     pos = torch.arange(seq_len)[None].expand(bsz, -1)
     if block_size >= seq_len:
-        mask = block_causal_mask(seq_len, seq_len, doc_ids=batch.doc_ids, pad_mask=batch.pad_mask)
+        mask = AttentionLayout("block_causal", seq_len, seq_len, doc_ids=batch.doc_ids, pad_mask=batch.pad_mask)
         return {"input_ids": batch.xt, "position_ids": pos, "attention_mask": mask}
-    mask = block_diffusion_mask(seq_len, block_size, doc_ids=batch.doc_ids, pad_mask=batch.pad_mask)
+    mask = AttentionLayout("diffusion", seq_len, block_size, doc_ids=batch.doc_ids, pad_mask=batch.pad_mask)
     return {"input_ids": torch.cat([batch.xt, batch.x0], 1), "position_ids": torch.cat([pos, pos], 1),
             "attention_mask": mask}
 

@@ -205,13 +205,15 @@ class AttentionLayout:
 
     def dense(self, device=None) -> torch.Tensor:
         """The boolean mask (B or 1, 1, Q, K), True = attend, as `block_diffusion_mask` builds it."""
-        if self._dense is None:
-            args = (self.seq_len, self.block_size, self.doc_ids, self.pad_mask)
+        device = torch.device(device) if device is not None else self._ids_device()
+        if self._dense is None or self._dense.device != device:
+            on = self._on(device)
+            args = (on.seq_len, on.block_size, on.doc_ids, on.pad_mask)
             if self.kind == "diffusion":
                 self._dense = block_diffusion_mask(*args, device=device)
             else:
                 self._dense = block_causal_mask(*args, q_start=self.q_start, device=device)
-        return self._dense.to(device) if device is not None else self._dense
+        return self._dense
 
     def block_mask(self, device):
         """The flex `BlockMask` on `device`, from the LRU cache when this shape and ids were seen."""
@@ -227,11 +229,18 @@ class AttentionLayout:
     def _create_block_mask(self, device):
         from torch.nn.attention.flex_attention import create_block_mask
 
-        ids = [t.to(device) if t is not None else None for t in (self.doc_ids, self.pad_mask)]
-        on_device = replace(self, doc_ids=ids[0], pad_mask=ids[1])
         # compiling the mask construction pays off on GPUs; on CPU the vmap'd dense build is cheap
-        return create_block_mask(on_device.mask_mod(), self.batch, None, self.q_len, self.kv_len,
+        return create_block_mask(self._on(device).mask_mod(), self.batch, None, self.q_len, self.kv_len,
                                  device=device, _compile=torch.device(device).type == "cuda")
+
+    def _on(self, device) -> "AttentionLayout":
+        """This layout with its ids tensors on `device`."""
+        ids = [t.to(device) if t is not None else None for t in (self.doc_ids, self.pad_mask)]
+        return replace(self, doc_ids=ids[0], pad_mask=ids[1])
+
+    def _ids_device(self) -> torch.device:
+        ids = self.doc_ids if self.doc_ids is not None else self.pad_mask
+        return ids.device if ids is not None else torch.device("cpu")
 
     def _cache_key(self, device) -> tuple:
         content = [_content_digest(t) for t in (self.doc_ids, self.pad_mask)]

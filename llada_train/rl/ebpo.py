@@ -8,7 +8,9 @@ sees only itself and the clean blocks before it, exactly the block's conditional
 score θ and θ_old, so their noise cancels in the ratio.
 
 The stage loop (`stages/rl.py`) owns rollouts and optimizer steps; this module gives it
-`build_batch` (advantages, masks, θ_old terms), `ebpo_minibatch_loss` and `ebpo_update`.
+`build_batch` (advantages, masks, θ_old terms), `ebpo_minibatch_loss` and `ebpo_update`. The parts
+every likelihood estimator shares (`kept_rows`, `RowBatch`, `score_in_chunks`, `policy_update`) also
+serve d1's estimator (`rl/diffu_grpo.py`, `rl.estimator: diffu_grpo`).
 """
 
 from collections.abc import Callable, Iterator
@@ -17,9 +19,10 @@ from dataclasses import dataclass, fields
 import torch
 import torch.nn.functional as F
 
-from llada_train.model.masks import block_diffusion_mask
+from llada_train.model.masks import AttentionLayout
 
 RATIO_LEVELS = ("sequence", "block")
+ESTIMATORS = ("ebpo", "diffu_grpo")  # likelihood estimate in the ratio: EBPO's block ELBO | d1's one-step
 ADVANTAGES = ("group", "loo", "none")
 T_MIN = 1e-3  # smallest noise level: keeps the 1/t weight finite
 LOG_RATIO_CLAMP = 20.0  # exp() guard; |log ρ| beyond it is a diverged update anyway
@@ -41,6 +44,8 @@ class EBPOConfig:
     beta: float = 0.0  # weight of the k3 KL to a frozen reference (0 = no reference model)
     block_size: int = 32  # diffusion block size of the ELBO (the model's decoding block)
     t_min: float = T_MIN  # smallest noise level; caps the 1/t weight of short responses' few masked tokens
+    estimator: str = "ebpo"  # "ebpo" | "diffu_grpo" (d1; num_timesteps, ratio_level and t_min unused)
+    p_mask_prompt: float = 0.15  # diffu_grpo: probability of masking each prompt token (d1's recipe)
 
     def __post_init__(self):
         def bad(key, must):
@@ -48,6 +53,10 @@ class EBPOConfig:
 
         if self.advantage not in ADVANTAGES:
             bad("advantage", f"must be one of {ADVANTAGES}")
+        if self.estimator not in ESTIMATORS:
+            bad("estimator", f"must be one of {ESTIMATORS}")
+        if not 0.0 <= self.p_mask_prompt < 1.0:
+            bad("p_mask_prompt", "must be in [0, 1)")
         if self.ratio_level not in RATIO_LEVELS:
             bad("ratio_level", f"must be one of {RATIO_LEVELS}")
         min_group = 1 if self.advantage == "none" else 2
@@ -155,7 +164,7 @@ def block_elbo_terms(model, input_ids: torch.Tensor, response_mask: torch.Tensor
     z = torch.cat([noisy, clean], dim=1)  # (BN, 2L)
     position_ids = torch.arange(padded, device=z.device).repeat(2)[None].expand(bsz * steps, -1)  # (BN, 2L)
     rows_pad = None if pad_mask is None else pad_mask.bool().repeat_interleave(steps, dim=0)  # (BN, L)
-    attn = block_diffusion_mask(padded, block_size, pad_mask=rows_pad, device=z.device)  # (BN|1, 1, 2L, 2L)
+    attn = AttentionLayout("diffusion", padded, block_size, pad_mask=rows_pad)  # (BN|1, 1, 2L, 2L) when dense
     logits = model(input_ids=z, attention_mask=attn, position_ids=position_ids).logits[:, :padded]  # (BN, L, V)
     logp = _masked_logprobs(logits, clean, noise)  # (BN, L)
     per_block = logp.view(bsz, steps, padded // block_size, block_size).sum(-1)  # (B, N, nb)
@@ -270,8 +279,31 @@ def zero_variance_groups(rewards: torch.Tensor, group_size: int, atol: float = 0
 # ----------------------------------------------------------------------------- batches, updates
 
 
+class RowBatch:
+    """Tensor fields whose first dimension is the batch row (a dataclass subclass): row selection and
+    shuffled minibatches, shared by the estimators' batches."""
+
+    def __len__(self) -> int:
+        return self.input_ids.shape[0]
+
+    def select(self, rows):
+        return type(self)(**{f.name: None if getattr(self, f.name) is None else getattr(self, f.name)[rows]
+                             for f in fields(self)})
+
+    def minibatch_bounds(self, size: int | None) -> list[tuple[int, int]]:
+        """(start, end) of each minibatch of `size` sequences (the last may be smaller); None = one."""
+        size = size or max(len(self), 1)
+        return [(start, min(start + size, len(self))) for start in range(0, len(self), size)]
+
+    def minibatches(self, size: int | None, generator: torch.Generator | None = None) -> Iterator:
+        """Shuffled minibatches (`minibatch_bounds`)."""
+        order = torch.randperm(len(self), generator=generator).to(self.input_ids.device)
+        for start, end in self.minibatch_bounds(size):
+            yield self.select(order[start:end])
+
+
 @dataclass
-class EBPOBatch:
+class EBPOBatch(RowBatch):
     """One rollout batch, fixed before the updates: the same t and masks score θ_old, θ and π_ref."""
 
     input_ids: torch.Tensor  # (B, L) prompt + response
@@ -283,43 +315,49 @@ class EBPOBatch:
     pad_mask: torch.Tensor | None = None  # (B, L) True = real token
     ref_terms: torch.Tensor | None = None  # (B, N, nb) ℓ_ref, only when beta > 0
 
-    def __len__(self) -> int:
-        return self.input_ids.shape[0]
-
-    def select(self, rows: torch.Tensor) -> "EBPOBatch":
-        return EBPOBatch(**{f.name: None if getattr(self, f.name) is None else getattr(self, f.name)[rows]
-                            for f in fields(self)})
-
-    def minibatch_bounds(self, size: int | None) -> list[tuple[int, int]]:
-        """(start, end) of each minibatch of `size` sequences (the last may be smaller); None = one."""
-        size = size or max(len(self), 1)
-        return [(start, min(start + size, len(self))) for start in range(0, len(self), size)]
-
-    def minibatches(self, size: int | None, generator: torch.Generator | None = None) -> Iterator["EBPOBatch"]:
-        """Shuffled minibatches (`minibatch_bounds`)."""
-        order = torch.randperm(len(self), generator=generator).to(self.input_ids.device)
-        for start, end in self.minibatch_bounds(size):
-            yield self.select(order[start:end])
-
 
 @torch.no_grad()
-def _terms_in_chunks(model, batch: EBPOBatch, cfg: EBPOConfig, mask_token_id: int | None) -> torch.Tensor:
-    """ℓ for the whole batch without grad, `minibatch_size` rows per forward, model in eval mode."""
+def score_in_chunks(model, batch: RowBatch, chunk: int | None, score: Callable, empty_shape: tuple) -> torch.Tensor:
+    """`score(part)` over the whole batch without grad, `chunk` rows per forward (None = all), model in
+    eval mode; a batch without rows (every group dropped) gives zeros of `empty_shape`."""
     was_training = model.training
     model.eval()  # no expert-load accounting or dropout on scoring passes
     try:
-        chunks = []
-        step = cfg.minibatch_size or max(len(batch), 1)
-        for start in range(0, len(batch), step):
-            part = batch.select(slice(start, start + step))
-            chunks.append(block_elbo_terms(model, part.input_ids, part.response_mask, cfg.block_size, part.t,
-                                           part.noise_mask, pad_mask=part.pad_mask, mask_token_id=mask_token_id))
-        if not chunks:  # every group was dropped (zero variance): no rows to score
-            nb = num_blocks(batch.input_ids.shape[1], cfg.block_size)
-            return torch.zeros(0, cfg.num_timesteps, nb, device=batch.input_ids.device)
-        return torch.cat(chunks)
+        step = chunk or max(len(batch), 1)
+        chunks = [score(batch.select(slice(start, start + step))) for start in range(0, len(batch), step)]
+        return torch.cat(chunks) if chunks else torch.zeros(empty_shape, device=batch.input_ids.device)
     finally:
         model.train(was_training)
+
+
+def _terms_in_chunks(model, batch: EBPOBatch, cfg: EBPOConfig, mask_token_id: int | None) -> torch.Tensor:
+    """ℓ for the whole batch without grad, `minibatch_size` rows per forward."""
+    def score(part):
+        return block_elbo_terms(model, part.input_ids, part.response_mask, cfg.block_size, part.t,
+                                part.noise_mask, pad_mask=part.pad_mask, mask_token_id=mask_token_id)
+
+    empty = (0, cfg.num_timesteps, num_blocks(batch.input_ids.shape[1], cfg.block_size))
+    return score_in_chunks(model, batch, cfg.minibatch_size, score, empty)
+
+
+def kept_rows(input_ids: torch.Tensor, response_mask: torch.Tensor, rewards: torch.Tensor, cfg: EBPOConfig,
+              pad_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None,
+                                                            torch.Tensor, dict]:
+    """Advantages and zero-variance filtering, shared by the estimators: the kept rows' input_ids,
+    scored mask (response ∩ real tokens), pad_mask and advantages, and the batch's metrics."""
+    adv = advantages(rewards.float(), cfg.group_size, cfg.advantage).to(input_ids.device)
+    keep = torch.ones(len(rewards), dtype=torch.bool)
+    if cfg.drop_zero_variance_groups:
+        keep = ~zero_variance_groups(rewards, cfg.group_size)
+    r = rewards.double()
+    metrics = {"reward_mean": r.mean().item(), "reward_std": r.std(unbiased=False).item(),
+               "kept_frac": keep.double().mean().item()}
+    rows = keep.nonzero().squeeze(1).to(input_ids.device)
+    input_ids, response_mask = input_ids[rows], response_mask.bool()[rows]
+    pad_mask = None if pad_mask is None else pad_mask.bool()[rows]
+    scored = response_mask if pad_mask is None else response_mask & pad_mask
+    metrics["response_tokens"] = scored.sum().item()
+    return input_ids, scored, pad_mask, adv[rows], metrics
 
 
 def build_batch(model, input_ids: torch.Tensor, response_mask: torch.Tensor, rewards: torch.Tensor,
@@ -333,24 +371,13 @@ def build_batch(model, input_ids: torch.Tensor, response_mask: torch.Tensor, rew
     """
     if cfg.beta > 0 and ref_model is None:
         raise ValueError(f"rl.beta = {cfg.beta}: a KL penalty needs a reference model (pass ref_model)")
-    adv = advantages(rewards.float(), cfg.group_size, cfg.advantage).to(input_ids.device)
-    keep = torch.ones(len(rewards), dtype=torch.bool)
-    if cfg.drop_zero_variance_groups:
-        keep = ~zero_variance_groups(rewards, cfg.group_size)
-    r = rewards.double()
-    metrics = {"reward_mean": r.mean().item(), "reward_std": r.std(unbiased=False).item(),
-               "kept_frac": keep.double().mean().item()}
-    rows = keep.nonzero().squeeze(1).to(input_ids.device)
-    input_ids, response_mask = input_ids[rows], response_mask.bool()[rows]
-    pad_mask = None if pad_mask is None else pad_mask.bool()[rows]
-    t = stratified_timesteps(cfg.num_timesteps, len(rows), generator, device=input_ids.device, t_min=cfg.t_min)
-    scored = response_mask if pad_mask is None else response_mask & pad_mask
+    input_ids, scored, pad_mask, adv, metrics = kept_rows(input_ids, response_mask, rewards, cfg, pad_mask)
+    t = stratified_timesteps(cfg.num_timesteps, len(adv), generator, device=input_ids.device, t_min=cfg.t_min)
     batch = EBPOBatch(input_ids, scored, t, sample_noise_masks(scored, t, generator),
-                      old_terms=torch.empty(0), advantages=adv[rows], pad_mask=pad_mask)
+                      old_terms=torch.empty(0), advantages=adv, pad_mask=pad_mask)
     batch.old_terms = _terms_in_chunks(model, batch, cfg, mask_token_id)
     if cfg.beta > 0:
         batch.ref_terms = _terms_in_chunks(ref_model, batch, cfg, mask_token_id)
-    metrics["response_tokens"] = scored.sum().item()
     return batch, metrics
 
 
@@ -373,22 +400,33 @@ def ebpo_minibatch_loss(model, batch: EBPOBatch, cfg: EBPOConfig, *,
                      kl=kl, beta=cfg.beta)
 
 
-def ebpo_update(model, step_fn: Callable[[torch.Tensor | None], None], batch: EBPOBatch, cfg: EBPOConfig, *,
-                generator: torch.Generator | None = None, mask_token_id: int | None = None,
-                steps_per_pass: int | None = None) -> list[dict]:
-    """μ = updates_per_batch shuffled passes over the batch; `step_fn(loss)` does backward + step
-    (e.g. `engine.backward(loss); engine.step()`). Returns the metrics of every minibatch.
+def policy_update(step_fn: Callable[[torch.Tensor | None], None], batch: RowBatch, cfg: EBPOConfig,
+                  loss_fn: Callable[[RowBatch, int], tuple[torch.Tensor, dict]], *,
+                  generator: torch.Generator | None = None, steps_per_pass: int | None = None) -> list[dict]:
+    """μ = updates_per_batch shuffled passes over the batch; `loss_fn(minibatch, pass_index)` gives the
+    loss, `step_fn(loss)` does backward + step (e.g. `engine.backward(loss); engine.step()`). Returns
+    the metrics of every minibatch.
 
     `steps_per_pass` (data parallelism: the most minibatches any rank has) pads each pass with
     `step_fn(None)` calls, so every rank takes part in every optimizer step."""
     history = []
     steps = steps_per_pass or len(batch.minibatch_bounds(cfg.minibatch_size))
-    for _ in range(cfg.updates_per_batch if steps else 0):
+    for update_pass in range(cfg.updates_per_batch if steps else 0):
         parts = list(batch.minibatches(cfg.minibatch_size, generator))
         for part in parts:
-            loss, metrics = ebpo_minibatch_loss(model, part, cfg, mask_token_id=mask_token_id)
+            loss, metrics = loss_fn(part, update_pass)
             step_fn(loss)
             history.append(metrics)
         for _ in range(steps - len(parts)):
             step_fn(None)
     return history
+
+
+def ebpo_update(model, step_fn: Callable[[torch.Tensor | None], None], batch: EBPOBatch, cfg: EBPOConfig, *,
+                generator: torch.Generator | None = None, mask_token_id: int | None = None,
+                steps_per_pass: int | None = None) -> list[dict]:
+    """`policy_update` with the EBPO loss (the batch's masks are the same in every pass)."""
+    def loss_fn(part, _update_pass):
+        return ebpo_minibatch_loss(model, part, cfg, mask_token_id=mask_token_id)
+
+    return policy_update(step_fn, batch, cfg, loss_fn, generator=generator, steps_per_pass=steps_per_pass)

@@ -234,7 +234,9 @@ class RLAlgoConfig:
     t_min: float = 0.001  # smallest noise level (1/t weights at most 1/t_min)
     eps_low: float = 0.2  # clip ratio below 1 - eps_low
     eps_high: float = 0.28  # clip ratio above 1 + eps_high
-    ratio_level: str = "sequence"  # sequence | block
+    ratio_level: str = "sequence"  # sequence | block (EBPO; unused by diffu_grpo, as num_timesteps and t_min)
+    estimator: str = "ebpo"  # likelihood in the ratio: ebpo (block ELBO) | diffu_grpo (d1, rl/diffu_grpo.py)
+    p_mask_prompt: float = 0.15  # diffu_grpo: probability of masking each prompt token (d1's recipe)
     advantage: str = "group"  # group | loo | none
     drop_zero_variance: bool = True  # drop groups whose rewards are all equal
     kl_beta: float = 0.0  # k3 KL to the frozen initial model (0 = no reference model)
@@ -446,6 +448,8 @@ def _validate_rl(cfg) -> None:
     _check(r.eps_high >= 0, "rl.eps_high", "must be >= 0")
     _check(r.kl_beta >= 0, "rl.kl_beta", "must be >= 0 (0 disables the KL term)")
     _check(0 < r.t_min < 1, "rl.t_min", "must be in (0, 1)")
+    _check(r.estimator in ("ebpo", "diffu_grpo"), "rl.estimator", "use ebpo or diffu_grpo")
+    _check(0 <= r.p_mask_prompt < 1, "rl.p_mask_prompt", "must be in [0, 1)")
     for key in ("decode_mode", "eval_mode"):
         _check(getattr(r, key) in ("S", "Q", "llada2.0"), f"rl.{key}", "use S, Q or llada2.0")
     _check(r.gen_length >= 0, "rl.gen_length", "must be >= 0 (0 = from the longest train answer)")

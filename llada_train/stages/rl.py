@@ -21,6 +21,7 @@ from ..data.text import BatchIterator
 from ..decoding import complete, generation_config_dict
 from ..engine import engine_step, init_distributed, reduce_over_ranks
 from ..model import update_expert_bias
+from ..rl.diffu_grpo import build_diffu_grpo_batch, diffu_grpo_update
 from ..rl.ebpo import EBPOConfig, build_batch, ebpo_update
 from ..rl.rewards import RewardComputer, RewardSpec
 from ..rl.rollout import build_rollouts, ray_reward_executor, rollout_step, stable_seed
@@ -165,7 +166,12 @@ def ebpo_config(cfg, world: int = 1) -> EBPOConfig:
                       minibatch_size=r.minibatch_size // world if r.minibatch_size else None,
                       ratio_level=r.ratio_level, advantage=r.advantage,
                       drop_zero_variance_groups=r.drop_zero_variance, beta=r.kl_beta,
-                      block_size=cfg.diffusion.block_size, t_min=r.t_min)
+                      block_size=cfg.diffusion.block_size, t_min=r.t_min, estimator=r.estimator,
+                      p_mask_prompt=r.p_mask_prompt)
+
+
+# rl.estimator -> (rollout batch with θ_old scores, μ passes of minibatch updates); same signatures
+ESTIMATOR_STEPS = {"ebpo": (build_batch, ebpo_update), "diffu_grpo": (build_diffu_grpo_batch, diffu_grpo_update)}
 
 
 def _mean_over_ranks(metrics: dict, world: int) -> dict:
@@ -185,6 +191,7 @@ def rl_step_fn(cfg, tokenizer, rows: list[dict], rollouts, rewards: RewardComput
     parallelism each rank rolls out, scores and trains on its own prompts (its own rollout and
     mask seeds); DeepSpeed averages the gradients, and every rank takes the same optimizer steps."""
     ecfg = ebpo_config(cfg, world)
+    build, update = ESTIMATOR_STEPS[ecfg.estimator]
     group = cfg.rl.group_size
     field = cfg.data.prompt_field
     seed = cfg.run.seed if world == 1 else stable_seed(cfg.run.seed, "rank", rank)
@@ -202,9 +209,8 @@ def rl_step_fn(cfg, tokenizer, rows: list[dict], rollouts, rewards: RewardComput
         scored = rewards.score(prompts, roll.completions, columns)
         reward_s = time.perf_counter() - start
         generator = torch.Generator().manual_seed(stable_seed(seed, step, "ebpo"))
-        ebpo_batch, batch_metrics = build_batch(engine, roll.input_ids, roll.response_mask,
-                                                torch.tensor(scored.total), ecfg, pad_mask=roll.pad_mask,
-                                                ref_model=ref_model, generator=generator)
+        ebpo_batch, batch_metrics = build(engine, roll.input_ids, roll.response_mask, torch.tensor(scored.total),
+                                          ecfg, pad_mask=roll.pad_mask, ref_model=ref_model, generator=generator)
         engine.train()
         bad = []
 
@@ -221,8 +227,7 @@ def rl_step_fn(cfg, tokenizer, rows: list[dict], rollouts, rewards: RewardComput
         if world > 1:
             own = len(ebpo_batch.minibatch_bounds(ecfg.minibatch_size))
             steps_per_pass = int(reduce_over_ranks(own, op="max")[0])
-        history = ebpo_update(engine, optimizer_step, ebpo_batch, ecfg, generator=generator,
-                              steps_per_pass=steps_per_pass)
+        history = update(engine, optimizer_step, ebpo_batch, ecfg, generator=generator, steps_per_pass=steps_per_pass)
         if not bad:
             update_expert_bias(model, cfg.moe.bias_update_rate)
         metrics = {k: v for k, v in scored.metrics.items()}

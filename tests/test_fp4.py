@@ -2,6 +2,7 @@ import os
 
 os.environ.setdefault("TRITON_INTERPRET", "1")  # Triton kernels run in its interpreter on CPU
 
+import json
 import math
 
 import pytest
@@ -245,18 +246,49 @@ def test_user_errors_name_the_argument():
         quantize_dequantize(x, fmt="e1m2", scale_rounding="down")
 
 
-def test_fp4_analysis_writes_table_plots_and_json(tmp_path, monkeypatch):
+def test_fp4_analysis_writes_table_plots_and_json(tmp_path, monkeypatch, capsys):
     from llada_train.kernels import analysis
 
-    monkeypatch.setattr(analysis, "CONFIGS", [("e1m2", 16, "sr"), ("e2m1", None, "rtne")])
+    monkeypatch.setattr(analysis, "CONFIGS", [("e1m2", 16, "sr", "up"), ("e1m2", None, "rtne", "nearest"),
+                                              ("e2m1", None, "rtne", "nearest"), ("e2m1", None, "rtne", "up")])
     monkeypatch.setattr(analysis, "GAUSSIAN_SHAPE", (256, 512))
     monkeypatch.setattr(analysis, "CAPTURE_SHAPE", (2, 64))
-    result = analysis.main(["--out-dir", str(tmp_path), "--seed", "1"])
-    assert {p.name for p in tmp_path.iterdir()} >= {"fp4_analysis.md", "fp4_analysis.json", "fp4_shrinkage.png"}
+    monkeypatch.setattr(analysis, "DEFAULT_MODEL_DIR", str(tmp_path / "no_export"))
+    assert analysis.main(["--out-dir", str(tmp_path / "out"), "--seed", "1"]) == 0
+    result = json.loads((tmp_path / "out" / "fp4_analysis.json").read_text())
+    printed = capsys.readouterr().out
+    assert "no HF export at" in printed and "RANDOM-INIT" in printed  # says where the tensors come from
+    assert "| E4M3, round to nearest (default) | - |" in printed
+    files = {p.name for p in (tmp_path / "out").iterdir()}
+    assert files >= {"fp4_analysis.md", "fp4_analysis.json", "fp4_shrinkage.png"}
     rows = result["rows"]
     assert {r["source"] for r in rows} == {"gaussian", "activations", "weights", "gradients"}
     for r in rows:
         assert 0.9 < r["shrinkage"] < 1.1 and 0 < r["rel_mse"] < 0.1 and 0 < r["bucket_use"] <= 1
     sr = [r for r in rows if r["rounding"] == "sr"]
     assert all(abs(r["shrinkage"] - 1) < 0.01 for r in sr)  # SR is unbiased on real tensors too
-    assert result["gaussian_exact_scale_rtne"]["e2m1"]["shrinkage"] < 1  # the paper's shrinkage bias
+    gauss = {(r["fmt"], r["scale"], r["rht"]): r for r in rows if r["source"] == "gaussian"}
+    assert gauss["e2m1", "exact", 0]["shrinkage"] < 0.998  # the paper's shrinkage bias
+    assert gauss["e1m2", "nearest", 0]["shrinkage"] < gauss["e2m1", "up", 0]["shrinkage"]
+    assert result["ordering"]["exact"] == {"e2m1_shrinks": True, "e1m2_unbiased": True, "e1m2_lower_error": True}
+    assert result["kurtosis"]["gaussian"]["raw"] == pytest.approx(3 * 16 / 18, abs=0.05)  # E[m4/m2²], n = 16
+
+
+def test_exact_scale_reference_is_a_nearest_grid_quantizer():
+    from llada_train.kernels.analysis import exact_scale_quantize
+
+    x = torch.randn(8, 40, generator=torch.Generator().manual_seed(3))
+    for fmt in ("e1m2", "e2m1"):
+        q, codes = exact_scale_quantize(x, fmt)
+        blocks = torch.nn.functional.pad(x.double(), (0, 8)).reshape(-1, 16)
+        scale = blocks.abs().amax(1, keepdim=True) / FORMATS[fmt].grid_max
+        grid = _signed_grid(fmt)
+        brute = grid[(blocks[..., None] / scale[..., None] - grid).abs().argmin(-1)] * scale  # (N, 16)
+        assert torch.allclose(q, brute.reshape(8, 48)[:, :40], rtol=0, atol=1e-12)
+        assert torch.equal(dequantize_codes(codes, fmt) * scale, brute)
+
+
+def dequantize_codes(codes, fmt):
+    from llada_train.kernels.fp4 import decode
+
+    return decode(codes.to(torch.uint8), FORMATS[fmt]).double()

@@ -115,8 +115,9 @@ def test_clipped_per_token_loss_matches_a_naive_loop(tiny_model):
     ref = copy.deepcopy(model).eval()
     ids, resp, rewards, cfg, gen = _setup(model, beta=0.05)
     batch, _ = build_diffu_grpo_batch(model, ids, resp, rewards, cfg, ref_model=ref, generator=gen)
-    batch.old_logps = batch.old_logps + torch.randn(batch.old_logps.shape, generator=gen) * 0.4 * resp[:, None]
-    batch.ref_logps = batch.ref_logps + torch.randn(batch.ref_logps.shape, generator=gen) * 0.3 * resp[:, None]
+    scored = resp[:, None].expand_as(batch.old_logps)
+    batch.old_logps = batch.old_logps + torch.randn(scored.shape, generator=gen) * 0.4 * scored
+    batch.ref_logps = batch.ref_logps + torch.randn(scored.shape, generator=gen) * 0.3 * scored
     for k in range(2):
         loss, metrics = diffu_grpo_minibatch_loss(model, batch, cfg, k)
         with torch.no_grad():
@@ -136,8 +137,8 @@ def test_clipped_per_token_loss_matches_a_naive_loop(tiny_model):
                 high += ratio > 1 + cfg.eps_high and a > 0
         assert loss.item() == pytest.approx((total + cfg.beta * kl_total) / count, rel=1e-5)
         assert metrics["kl"] == pytest.approx(kl_total / count, rel=1e-5)
-        assert metrics["clip_frac_low"] == pytest.approx(low / count) and metrics["clip_frac_high"] == pytest.approx(
-            high / count)
+        assert metrics["clip_frac_low"] == pytest.approx(low / count)
+        assert metrics["clip_frac_high"] == pytest.approx(high / count)
         assert low + high > 0 and low + high < count  # both regimes occur
 
 
@@ -201,8 +202,9 @@ def test_update_moves_policy_towards_the_better_completion(tiny_model):
 
 
 def test_rl_cli_with_diffu_grpo_runs_and_logs(tmp_path):
-    args = ["rl", "--config", str(REPO / "configs/rl_tiny.yaml"), "model.init_from=", f"run.out_dir={tmp_path}",
-            "train.steps=2", "train.batch_size=2", "rl.group_size=4", "rl.minibatch_size=4", "rl.updates_per_batch=2",
+    args = ["rl", "--config", str(REPO / "configs/rl_tiny.yaml"), "model.init_from=",
+            f"run.out_dir={tmp_path}", "train.steps=2", "train.batch_size=2", "rl.group_size=4",
+            "rl.minibatch_size=4", "rl.updates_per_batch=2",
             "data.num_train=16", "data.num_eval=4", "train.eval_every=100", "train.save_every=100",
             "train.log_every=1", "rl.estimator=diffu_grpo", "rl.kl_beta=0.01", "rl.temperature=1.0",
             "rl.drop_zero_variance=false"]

@@ -81,17 +81,16 @@ def completion_token_logprobs(model, input_ids: torch.Tensor, response_mask: tor
     passes = prompt_noise.shape[1]
     if response_mask.shape != input_ids.shape or prompt_noise.shape != (bsz, passes, length):
         raise ValueError(f"completion_token_logprobs: shapes disagree: input_ids {tuple(input_ids.shape)}, "
-                         f"response_mask {tuple(response_mask.shape)}, prompt_noise {tuple(prompt_noise.shape)} "
-                         "(expected (B, L), (B, L), (B, K, L))")
+                         f"response_mask {tuple(response_mask.shape)}, prompt_noise "
+                         f"{tuple(prompt_noise.shape)} (expected (B, L), (B, L), (B, K, L))")
     if mask_token_id is None:
         mask_token_id = _mask_token_id(model)
     real = torch.ones_like(response_mask, dtype=torch.bool) if pad_mask is None else pad_mask.bool()
     scored = response_mask.bool() & real  # (B, L)
     perturbed = prompt_noise & (real & ~scored)[:, None]  # (B, K, L) only prompt tokens
     pad = (-length) % block_size
-    input_ids, scored, real = (F.pad(x, (0, pad), value=v) for x, v in ((input_ids, mask_token_id), (scored, False),
-                                                                         (real, False)))
-    perturbed = F.pad(perturbed, (0, pad), value=False)
+    input_ids = F.pad(input_ids, (0, pad), value=mask_token_id)
+    scored, real, perturbed = (F.pad(x, (0, pad), value=False) for x in (scored, real, perturbed))
     padded = length + pad
     clean = input_ids[:, None].expand(bsz, passes, padded).reshape(bsz * passes, padded)  # (BK, L)
     scored = scored.repeat_interleave(passes, dim=0)  # (BK, L)
@@ -99,12 +98,12 @@ def completion_token_logprobs(model, input_ids: torch.Tensor, response_mask: tor
     z = torch.cat([torch.where(scored, mask_token_id, context), context], dim=1)  # (BK, 2L)
     position_ids = torch.arange(padded, device=z.device).repeat(2)[None].expand(bsz * passes, -1)  # (BK, 2L)
     attn = AttentionLayout("diffusion", padded, block_size, pad_mask=real.repeat_interleave(passes, dim=0))
-    logits = model(input_ids=z, attention_mask=attn, position_ids=position_ids).logits[:, :padded]  # (BK, L, V)
+    logits = model(input_ids=z, attention_mask=attn, position_ids=position_ids).logits[:, :padded]  # (BK,L,V)
     logp = _masked_logprobs(logits, clean, scored)  # (BK, L)
     return logp.view(bsz, passes, padded)[..., :length]
 
 
-def _logps_in_chunks(model, batch: DiffuGRPOBatch, cfg: EBPOConfig, mask_token_id: int | None) -> torch.Tensor:
+def _logps_in_chunks(model, batch: DiffuGRPOBatch, cfg: EBPOConfig, mask_token_id: int | None):
     """Every pass's per-token log-probs for the whole batch without grad: one forward per pass and
     `minibatch_size` rows, the shapes of the update's forwards (so θ = θ_old gives ratios of exactly 1)."""
     def score(part):
@@ -127,7 +126,8 @@ def build_diffu_grpo_batch(model, input_ids: torch.Tensor, response_mask: torch.
     input_ids, scored, pad_mask, adv, metrics = kept_rows(input_ids, response_mask, rewards, cfg, pad_mask)
     prompt = ~scored if pad_mask is None else pad_mask & ~scored  # (B, L)
     noise = sample_prompt_masks(prompt, cfg.updates_per_batch, cfg.p_mask_prompt, generator)
-    batch = DiffuGRPOBatch(input_ids, scored, noise, old_logps=torch.empty(0), advantages=adv, pad_mask=pad_mask)
+    batch = DiffuGRPOBatch(input_ids, scored, noise, old_logps=torch.empty(0), advantages=adv,
+                           pad_mask=pad_mask)
     batch.old_logps = _logps_in_chunks(model, batch, cfg, mask_token_id)
     if cfg.beta > 0:
         batch.ref_logps = _logps_in_chunks(ref_model, batch, cfg, mask_token_id)

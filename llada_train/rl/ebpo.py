@@ -317,7 +317,8 @@ class EBPOBatch(RowBatch):
 
 
 @torch.no_grad()
-def score_in_chunks(model, batch: RowBatch, chunk: int | None, score: Callable, empty_shape: tuple) -> torch.Tensor:
+def score_in_chunks(model, batch: RowBatch, chunk: int | None, score: Callable,
+                    empty_shape: tuple) -> torch.Tensor:
     """`score(part)` over the whole batch without grad, `chunk` rows per forward (None = all), model in
     eval mode; a batch without rows (every group dropped) gives zeros of `empty_shape`."""
     was_training = model.training

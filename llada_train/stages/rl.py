@@ -29,8 +29,9 @@ from ..trainer import BatchSource, Trainer
 from .common import build_model, build_tokenizer
 
 
-def run_rl(cfg) -> bool:
-    """Returns True when training finished (False when stopped by a signal or bad steps)."""
+def run_rl(cfg, eval_fn=None) -> bool:
+    """Returns True when training finished (False when stopped by a signal or bad steps). `eval_fn`
+    `(engine, step) -> metrics` replaces the held-out evaluation (benchmarks/bench_rl_estimators.py)."""
     rank, world = init_distributed()
     check_data_parallel(cfg, world)
     tokenizer = build_tokenizer(cfg.model)
@@ -51,7 +52,8 @@ def run_rl(cfg) -> bool:
         iterator = BatchIterator(len(train_rows), cfg.train.batch_size, seed=cfg.run.seed, rank=rank, world_size=world)
         batches = BatchSource({"index": torch.arange(len(train_rows))}, iterator)
         step_fn = rl_step_fn(cfg, tokenizer, train_rows, rollouts, rewards, ref_model, rank, world)
-        eval_fn = rl_eval_fn(cfg, tokenizer, eval_rows, rewards, gen_length, rank, world) if eval_rows else None
+        if eval_fn is None and eval_rows:
+            eval_fn = rl_eval_fn(cfg, tokenizer, eval_rows, rewards, gen_length, rank, world)
         trainer = Trainer(cfg, "rl", model, tokenizer, batches, loss_fn=None, eval_fn=eval_fn,
                           generation_config=generation_config_dict(cfg.rl.eval_mode, gen_length=gen_length,
                                                                    block_length=cfg.diffusion.block_size),
@@ -171,7 +173,8 @@ def ebpo_config(cfg, world: int = 1) -> EBPOConfig:
 
 
 # rl.estimator -> (rollout batch with θ_old scores, μ passes of minibatch updates); same signatures
-ESTIMATOR_STEPS = {"ebpo": (build_batch, ebpo_update), "diffu_grpo": (build_diffu_grpo_batch, diffu_grpo_update)}
+ESTIMATOR_STEPS = {"ebpo": (build_batch, ebpo_update),
+                   "diffu_grpo": (build_diffu_grpo_batch, diffu_grpo_update)}
 
 
 def _mean_over_ranks(metrics: dict, world: int) -> dict:
@@ -209,8 +212,9 @@ def rl_step_fn(cfg, tokenizer, rows: list[dict], rollouts, rewards: RewardComput
         scored = rewards.score(prompts, roll.completions, columns)
         reward_s = time.perf_counter() - start
         generator = torch.Generator().manual_seed(stable_seed(seed, step, "ebpo"))
-        ebpo_batch, batch_metrics = build(engine, roll.input_ids, roll.response_mask, torch.tensor(scored.total),
-                                          ecfg, pad_mask=roll.pad_mask, ref_model=ref_model, generator=generator)
+        ebpo_batch, batch_metrics = build(engine, roll.input_ids, roll.response_mask,
+                                          torch.tensor(scored.total), ecfg, pad_mask=roll.pad_mask,
+                                          ref_model=ref_model, generator=generator)
         engine.train()
         bad = []
 
@@ -227,7 +231,8 @@ def rl_step_fn(cfg, tokenizer, rows: list[dict], rollouts, rewards: RewardComput
         if world > 1:
             own = len(ebpo_batch.minibatch_bounds(ecfg.minibatch_size))
             steps_per_pass = int(reduce_over_ranks(own, op="max")[0])
-        history = update(engine, optimizer_step, ebpo_batch, ecfg, generator=generator, steps_per_pass=steps_per_pass)
+        history = update(engine, optimizer_step, ebpo_batch, ecfg, generator=generator,
+                         steps_per_pass=steps_per_pass)
         if not bad:
             update_expert_bias(model, cfg.moe.bias_update_rate)
         metrics = {k: v for k, v in scored.metrics.items()}

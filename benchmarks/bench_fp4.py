@@ -83,6 +83,7 @@ def main() -> None:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     note = ("CUDA: torch reference vs fused Triton kernel." if device == "cuda" else
             "No CUDA: only the torch reference quantizer is timed (Triton would run in its interpreter).")
+    note += " Median of 5 interleaved rounds."
     result = {"device": torch.cuda.get_device_name() if device == "cuda" else platform.processor() or "cpu",
               "torch_threads": torch.get_num_threads(), "note": note, "quantizer": bench_quantizer(device),
               "linear": bench_linear(device)}

@@ -127,6 +127,11 @@ def sr_uniforms(seed: int, offset: int, m: int, kp: int, device=None) -> torch.T
     return philox_uniform(seed, counters).reshape(m, kp)
 
 
+def rtne_rounds_up(f: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
+    """Round to nearest, ties to even, of f + r (f an integer, 0 ≤ r < 1): whether it goes up to f + 1."""
+    return (r > 0.5) | ((r == 0.5) & ((f.to(torch.int32) & 1) == 1))
+
+
 def e4m3_round(v: torch.Tensor, up: bool) -> torch.Tensor:
     """v: fp32 ≥ 0 -> E4M3 value, saturating at 448: the smallest ≥ v if `up`, else the nearest
     (ties to even mantissa)."""
@@ -139,8 +144,7 @@ def e4m3_round(v: torch.Tensor, up: bool) -> torch.Tensor:
         k = torch.ceil(y)
     else:
         f = torch.floor(y)
-        r = y - f
-        k = f + ((r > 0.5) | ((r == 0.5) & ((f.to(torch.int32) & 1) == 1))).float()
+        k = f + rtne_rounds_up(f, y - f).float()
     return torch.clamp(k * step, max=E4M3_MAX)
 
 
@@ -151,7 +155,7 @@ def round_to_grid(v: torch.Tensor, grid: Grid, rounding: str, u: torch.Tensor | 
     y = a * (1.0 / step)  # exact: step is a power of two
     f = torch.floor(y)
     r = y - f
-    up = (r > 0.5) | (r == 0.5) & (f.to(torch.int32) & 1 == 1) if rounding == "rtne" else u < r
+    up = rtne_rounds_up(f, r) if rounding == "rtne" else u < r
     q = torch.clamp((f + up.float()) * step, max=grid.grid_max)
     if grid.step:
         idx = (q * (1.0 / grid.step)).to(torch.int32)
@@ -399,6 +403,11 @@ if triton is not None:
         tl.store(partial_ptr + pid_m * tl.num_programs(1) + pid_k, tl.reduce(tl.reduce(tl.abs(x), 1, _max2), 0, _max2))
 
     @triton.jit
+    def _rtne_rounds_up(f, r):
+        """rtne_rounds_up above."""
+        return (r > 0.5) | ((r == 0.5) & ((f.to(tl.int32) & 1) == 1))
+
+    @triton.jit
     def _e4m3_round(v, UP: tl.constexpr):
         """(e4m3_round(v, UP), its 8-bit encoding) for fp32 v ≥ 0."""
         exp = tl.maximum(((v.to(tl.int32, bitcast=True) >> 23) & 0xFF) - 127, -6)
@@ -409,8 +418,7 @@ if triton is not None:
             k = tl.ceil(y)  # 0..16: mantissa steps of 2^(exp-3)
         else:
             f = tl.floor(y)
-            r = y - f
-            k = f + ((r > 0.5) | ((r == 0.5) & ((f.to(tl.int32) & 1) == 1))).to(tl.float32)
+            k = f + _rtne_rounds_up(f, y - f).to(tl.float32)
         ki = k.to(tl.int32)
         bits = tl.where(ki >= 16, (exp + 8) << 3, tl.where(ki >= 8, ((exp + 7) << 3) | (ki - 8), ki))
         val = k * step
@@ -453,7 +461,7 @@ if triton is not None:
             u = tl.reshape(_philox_uniform4(seed, counters), (BM, NB, B))
             up = u < r
         else:
-            up = (r > 0.5) | ((r == 0.5) & ((f.to(tl.int32) & 1) == 1))
+            up = _rtne_rounds_up(f, r)
         q = tl.minimum((f + up.to(tl.float32)) * step, GRID_MAX)
         if FMT == 2:
             idx = tl.where(q <= 2.0, q * 2.0, tl.where(q == 3.0, 5.0, tl.where(q == 4.0, 6.0, 7.0))).to(tl.int32)

@@ -1,0 +1,313 @@
+"""RL likelihood estimators side by side from ONE SFT export (DESIGN §14): EBPO vs d1's diffu-GRPO.
+
+Arms: no RL (the SFT start), `rl.estimator=diffu_grpo`, EBPO with the sequence ratio and N = 1, 2, 4
+noise levels, EBPO with the block ratio (N = 2). Every arm starts from the same export with the same
+RL config and `run.seed`, so it sees the same prompts in the same order with the same rollout and
+mask seeds, and gets the same rollout budget (train.steps x train.batch_size x rl.group_size
+completions); only the likelihood estimate in the clipped ratio differs. Arms run one after the other
+in this process (interleaving would not change what an arm computes, only make the wall-clock
+columns share the load differently; the load average is recorded).
+
+Measured per arm, every --eval-every RL steps: greedy held-out accuracy per family (rl.eval_mode, the
+RL stage's own held-out rows, decoded as its evaluation does), against RL step and against training
+wall-clock (evaluation time excluded), with 95% Wilson intervals, and the final gain over the start
+with a paired 95% interval (same prompts). For the start: pass@1 and pass@8 from 8 completions per
+held-out prompt sampled with the rollout decoder (what RL can convert into greedy accuracy).
+The step-0 evaluation is computed once and shared by the arms (same weights, greedy decoding).
+
+Families and their options are read from the SFT run's config.yaml (the directory above --sft).
+Run: OMP_NUM_THREADS=1 python benchmarks/bench_rl_estimators.py [--sft runs/reasoning/sft/hf] [--quick]
+Writes benchmarks/results/bench_rl_estimators.{json,md,png} (--quick: bench_rl_estimators_quick.*).
+"""
+
+import argparse
+import json
+import math
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import yaml
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchmarks.common import RESULTS, write_results
+from llada_train.config import load_config
+from llada_train.data.tasks import check
+from llada_train.data.tokenizer import load_tokenizer
+from llada_train.decoding import complete
+from llada_train.model import LLaDA2MoeModelLM
+from llada_train.rl.rollout import LocalRollouts, rollout_step
+from llada_train.stages.rl import load_rl_rows, response_budget, rollout_decode_params, run_rl
+
+ARMS = {  # name -> RL overrides
+    "diffu_grpo": ["rl.estimator=diffu_grpo"],
+    "ebpo seq N=1": ["rl.estimator=ebpo", "rl.ratio_level=sequence", "rl.num_timesteps=1"],
+    "ebpo seq N=2": ["rl.estimator=ebpo", "rl.ratio_level=sequence", "rl.num_timesteps=2"],
+    "ebpo seq N=4": ["rl.estimator=ebpo", "rl.ratio_level=sequence", "rl.num_timesteps=4"],
+    "ebpo block N=2": ["rl.estimator=ebpo", "rl.ratio_level=block", "rl.num_timesteps=2"],
+}
+START = "no RL (SFT start)"
+Z95 = 1.959964
+
+
+# ---- statistics -----------------------------------------------------------------------------------
+
+
+def wilson(k: float, n: int) -> tuple[float, float]:
+    """95% Wilson interval of a proportion k/n."""
+    if n == 0:
+        return (0.0, 1.0)
+    p = k / n
+    centre = (p + Z95**2 / (2 * n)) / (1 + Z95**2 / n)
+    half = Z95 * math.sqrt(p * (1 - p) / n + Z95**2 / (4 * n * n)) / (1 + Z95**2 / n)
+    return (max(0.0, centre - half), min(1.0, centre + half))
+
+
+def mean_interval(values: list[float]) -> tuple[float, float, float]:
+    """Mean and normal 95% interval of per-prompt values (paired differences, per-prompt pass@1)."""
+    n = len(values)
+    mean = sum(values) / max(n, 1)
+    var = sum((v - mean) ** 2 for v in values) / max(n - 1, 1)
+    half = Z95 * math.sqrt(var / max(n, 1))
+    return mean, mean - half, mean + half
+
+
+# ---- held-out evaluation --------------------------------------------------------------------------
+
+
+def correct(row: dict, text: str) -> bool:
+    return bool(check(row["task"], str(row["answer"]), text))
+
+
+class HeldoutEval:
+    """Trainer `eval_fn` for every arm: per-family greedy accuracy, with the time spent here kept out
+    of the arm's training wall-clock. The step-0 result is computed once and shared."""
+
+    def __init__(self, cfg, tokenizer, rows: list[dict], gen_length: int, batch_size: int):
+        self.cfg, self.tokenizer, self.rows = cfg, tokenizer, rows
+        self.gen_length, self.batch_size = gen_length, batch_size
+        self.families = sorted({r["task"] for r in rows})
+        self.start: dict | None = None
+        self.records: list[dict] = []
+        self.arm = ""
+
+    def begin(self, arm: str):
+        self.arm, self.clock_start, self.eval_seconds = arm, None, 0.0
+
+    def decode(self, model) -> list[bool]:
+        field = self.cfg.data.prompt_field
+        done = complete(model, self.tokenizer, [r[field] for r in self.rows], mode=self.cfg.rl.eval_mode,
+                        gen_length=self.gen_length, block_length=self.cfg.diffusion.block_size,
+                        batch_size=self.batch_size)
+        return [correct(r, t) for r, t in zip(self.rows, done.texts, strict=True)]
+
+    def __call__(self, engine, step: int) -> dict:
+        now = time.perf_counter()
+        if self.clock_start is None:
+            self.clock_start = now
+        train_seconds = now - self.clock_start - self.eval_seconds
+        if step == 0 and self.start is not None:
+            hits = self.start["hits"]
+        else:
+            hits = self.decode(engine.module if hasattr(engine, "module") else engine)
+            if step == 0:
+                self.start = {"hits": hits, "seconds": time.perf_counter() - now}
+        self.eval_seconds += time.perf_counter() - now
+        record = {"arm": self.arm, "step": step, "train_seconds": round(train_seconds, 2), "hits": hits,
+                  **self.per_family(hits)}
+        self.records.append(record)
+        print(f"[bench] {self.arm} step {step} train {train_seconds:.0f}s: "
+              + ", ".join(f"{f} {record[f]['accuracy']:.3f}" for f in self.families), flush=True)
+        return {f"accuracy/{f}": record[f]["accuracy"] for f in self.families}
+
+    def per_family(self, hits: list[bool]) -> dict:
+        out = {}
+        for family in self.families:
+            picked = [h for r, h in zip(self.rows, hits, strict=True) if r["task"] == family]
+            k, n = sum(picked), len(picked)
+            lo, hi = wilson(k, n)
+            out[family] = {"accuracy": k / max(n, 1), "ci95": [lo, hi], "n": n}
+        return out
+
+
+def pass_at_k(cfg, tokenizer, model, rows: list[dict], gen_length: int, k: int) -> dict:
+    """pass@1 (mean over the k samples) and pass@k (any of them) per family, k completions per
+    prompt sampled with the rollout decoder settings (rl.decode_mode, rl.temperature, ...)."""
+    field = cfg.data.prompt_field
+    executor = LocalRollouts(model, rollout_decode_params(cfg, gen_length))
+    executor.publish(model)
+    roll = rollout_step(executor, tokenizer, [r[field] for r in rows], group_size=k,
+                        prompts_per_chunk=cfg.rl.prompts_per_chunk, seed=cfg.run.seed, step=-1,
+                        eos_token_id=model.config.eos_token_id, block_length=cfg.diffusion.block_size)
+    hits = [correct(rows[i // k], text) for i, text in enumerate(roll.completions)]
+    out = {}
+    for family in sorted({r["task"] for r in rows}):
+        per_prompt = [hits[i * k:(i + 1) * k] for i, r in enumerate(rows) if r["task"] == family]
+        p1, lo1, hi1 = mean_interval([sum(h) / k for h in per_prompt])
+        anyk = sum(any(h) for h in per_prompt)
+        n = len(per_prompt)
+        out[family] = {"n": n, "pass@1": p1, "pass@1_ci95": [lo1, hi1], f"pass@{k}": anyk / n,
+                       f"pass@{k}_ci95": list(wilson(anyk, n))}
+    return out
+
+
+# ---- arms -----------------------------------------------------------------------------------------
+
+
+def base_overrides(args, sft_cfg: dict) -> list[str]:
+    data, families = sft_cfg["data"], sft_cfg["data"]["tasks"]
+    return [f"model.init_from={args.sft}", f"data.tasks={json.dumps(families)}",
+            f"data.task_options={json.dumps(data.get('task_options') or {})}",
+            f"diffusion.block_size={sft_cfg['diffusion']['block_size']}", "data.train=tasks",
+            f"data.num_eval={args.heldout * len(families)}", f"train.steps={args.steps}",
+            f"train.eval_every={args.eval_every}", f"train.save_every={args.steps}", "train.log_every=1",
+            "train.export_hf=false", "rl.ray.enabled=false", *args.set]
+
+
+def run_arm(name: str, overrides: list[str], args, evaluator: HeldoutEval, work: Path) -> list[dict]:
+    """One RL run; returns its metrics.jsonl training records."""
+    out = work / name.replace(" ", "_").replace("=", "")
+    cfg = load_config("rl", args.rl_config, [*overrides, *ARMS[name], f"run.out_dir={out}"])
+    evaluator.begin(name)
+    if not run_rl(cfg, eval_fn=evaluator):
+        raise RuntimeError(f"arm {name!r} stopped early; see {out}/metrics.jsonl")
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def summary_rows(evaluator: HeldoutEval, train_logs: dict) -> list[dict]:
+    """The table: per arm and family, the final accuracy with its interval and the paired gain."""
+    start = evaluator.start["hits"]
+    rows = []
+    for arm in [START, *train_logs]:
+        final = {"hits": start, "step": 0, "train_seconds": 0.0}
+        if arm != START:
+            final = [r for r in evaluator.records if r["arm"] == arm][-1]
+        hits, log = final["hits"], train_logs.get(arm, [])
+        for family in evaluator.families:
+            diffs = [h - s for r, h, s in zip(evaluator.rows, hits, start, strict=True)
+                     if r["task"] == family]
+            gain, glo, ghi = mean_interval(diffs)
+            acc = evaluator.per_family(hits)[family]
+            rows.append({"arm": arm, "family": family, "n": acc["n"], "accuracy": acc["accuracy"],
+                         "acc_ci95": f"[{acc['ci95'][0]:.3f}, {acc['ci95'][1]:.3f}]",
+                         "gain": gain, "gain_ci95": f"[{glo:+.3f}, {ghi:+.3f}]",
+                         "rl_steps": final["step"], "train_s": final["train_seconds"],
+                         "reward_last5": mean_interval([r["reward_mean"] for r in log[-5:]])[0]})
+    return rows
+
+
+def plot(evaluator: HeldoutEval, path: Path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fams = evaluator.families
+    fig, axes = plt.subplots(len(fams), 2, figsize=(11, 3.6 * len(fams)), squeeze=False)
+    arms = list(dict.fromkeys(r["arm"] for r in evaluator.records))
+    for row, family in enumerate(fams):
+        for arm in arms:
+            recs = [r for r in evaluator.records if r["arm"] == arm]
+            acc = [r[family]["accuracy"] for r in recs]
+            err = [[a - r[family]["ci95"][0] for a, r in zip(acc, recs, strict=True)],
+                   [r[family]["ci95"][1] - a for a, r in zip(acc, recs, strict=True)]]
+            for col, xs in enumerate(([r["step"] for r in recs], [r["train_seconds"] for r in recs])):
+                axes[row][col].errorbar(xs, acc, yerr=err, marker="o", capsize=3, label=arm)
+        axes[row][0].set(xlabel="RL step", ylabel=f"{family} held-out accuracy")
+        axes[row][1].set(xlabel="training wall-clock (s, evaluation excluded)")
+        axes[row][0].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+# ---- main -----------------------------------------------------------------------------------------
+
+
+def parse_args():
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--sft", default="runs/reasoning/sft/hf",
+                   help="SFT export; its run's config.yaml names the families")
+    p.add_argument("--rl-config", default=None,
+                   help="RL stage YAML (default: configs/rl_reasoning.yaml if present, else rl_tiny.yaml)")
+    p.add_argument("--steps", type=int, default=20, help="RL steps per arm")
+    p.add_argument("--eval-every", type=int, default=10)
+    p.add_argument("--heldout", type=int, default=300, help="held-out problems per family")
+    p.add_argument("--pass-k", type=int, default=8)
+    p.add_argument("--pass-prompts", type=int, default=150, help="held-out prompts per family for pass@k")
+    p.add_argument("--eval-batch", type=int, default=64, help="prompts per greedy decode call")
+    p.add_argument("--arms", default=",".join(ARMS), help="comma-separated subset of: " + ", ".join(ARMS))
+    p.add_argument("--set", action="append", default=[], help="extra RL override key=value (repeatable)")
+    p.add_argument("--quick", action="store_true", help="smoke run: 2 steps, 16 held-out per family, 2 arms")
+    args = p.parse_args()
+    if args.quick:
+        args.steps, args.eval_every, args.heldout, args.pass_prompts = 2, 2, 16, 8
+        args.arms = "diffu_grpo,ebpo seq N=2"
+    if args.rl_config is None:
+        reasoning = Path("configs/rl_reasoning.yaml")
+        args.rl_config = str(reasoning if reasoning.is_file() else Path("configs/rl_tiny.yaml"))
+    unknown = [a for a in args.arms.split(",") if a not in ARMS]
+    if unknown:
+        p.error(f"--arms: unknown {unknown}; choose from {list(ARMS)}")
+    return args
+
+
+def main():
+    args = parse_args()
+    sft_config = Path(args.sft).parent / "config.yaml"
+    if not (Path(args.sft) / "config.json").is_file() or not sft_config.is_file():
+        raise SystemExit(f"--sft {args.sft}: expected an SFT export (config.json) inside a run directory "
+                         f"with config.yaml ({sft_config}); run `llada-train sft` or the reasoning pipeline")
+    sft_cfg = yaml.safe_load(sft_config.read_text())
+    overrides = base_overrides(args, sft_cfg)
+    cfg = load_config("rl", args.rl_config, overrides)
+    tokenizer = load_tokenizer(args.sft)
+    train_rows, heldout = load_rl_rows(cfg)
+    gen_length = response_budget(cfg, tokenizer, train_rows)
+    evaluator = HeldoutEval(cfg, tokenizer, heldout, gen_length, args.eval_batch)
+    load = [os.getloadavg()[0]]
+    started = time.perf_counter()
+
+    model = LLaDA2MoeModelLM.from_pretrained(args.sft).eval()
+    by_family = {f: [r for r in heldout if r["task"] == f] for f in evaluator.families}
+    pass_rows = [r for rows in by_family.values() for r in rows[:args.pass_prompts]]
+    with torch.no_grad():
+        passk = pass_at_k(cfg, tokenizer, model, pass_rows, gen_length, args.pass_k)
+    print(f"[bench] pass@k of the start: {json.dumps(passk)}", flush=True)
+    del model
+
+    train_logs = {}
+    with tempfile.TemporaryDirectory(prefix="bench_rl_estimators_") as work:
+        for name in args.arms.split(","):
+            records = run_arm(name, overrides, args, evaluator, Path(work))
+            train_logs[name] = [r for r in records if "loss" in r]
+            load.append(os.getloadavg()[0])
+    rows = summary_rows(evaluator, train_logs)
+    name = "bench_rl_estimators" + ("_quick" if args.quick else "")
+    budget = cfg.train.batch_size * cfg.rl.group_size
+    options = sft_cfg["data"].get("task_options")
+    notes = (f"SFT export {args.sft} (families {evaluator.families}, options {options}); RL config "
+             f"{args.rl_config} + {overrides[3:]}; {args.steps} RL steps per arm, {cfg.train.batch_size} "
+             f"prompts x G={cfg.rl.group_size} = {budget} rollouts per step, seed {cfg.run.seed}, gen_length "
+             f"{gen_length}, rollouts {cfg.rl.decode_mode} at temperature {cfg.rl.temperature}; held-out "
+             f"accuracy greedy ({cfg.rl.eval_mode}) on the RL held-out rows, 95% Wilson intervals; gain = "
+             "paired mean difference vs the start on the same prompts with a normal 95% interval; train_s = "
+             "training wall-clock of the arm (evaluation excluded); arms sequential in one process; load "
+             "average "
+             f"{' -> '.join(f'{x:.1f}' for x in load)} on {os.cpu_count()} cores; total "
+             f"{time.perf_counter() - started:.0f} s. pass@1/pass@{args.pass_k} of the start ({args.pass_k} "
+             f"sampled completions per prompt, first {args.pass_prompts} held-out prompts per family): "
+             f"{json.dumps(passk)}")
+    write_results(name, rows, notes)
+    payload = json.loads((RESULTS / f"{name}.json").read_text())
+    payload.update({"pass_at_k": passk, "curves": [{k: v for k, v in r.items() if k != "hits"}
+                                                   for r in evaluator.records],
+                    "train_logs": train_logs, "command": " ".join(sys.argv)})
+    (RESULTS / f"{name}.json").write_text(json.dumps(payload, indent=2))
+    plot(evaluator, RESULTS / f"{name}.png")
+
+
+if __name__ == "__main__":
+    main()

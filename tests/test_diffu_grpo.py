@@ -187,8 +187,8 @@ def test_update_moves_policy_towards_the_better_completion(tiny_model):
     batch, info = build_diffu_grpo_batch(model, ids, resp, rewards, cfg, generator=gen)
     assert len(batch) == 4 and info["kept_frac"] == pytest.approx(4 / 6)
     opt = torch.optim.SGD(model.parameters(), lr=0.05)
-    history = diffu_grpo_update(model, lambda loss: (opt.zero_grad(), loss.backward(), opt.step()), batch, cfg,
-                                generator=gen)
+    history = diffu_grpo_update(
+        model, lambda loss: (opt.zero_grad(), loss.backward(), opt.step()), batch, cfg, generator=gen)
     assert len(history) == 4 and all(math.isfinite(m["loss"]) for m in history)
     with torch.no_grad():
         logp = completion_token_logprobs(model, batch.input_ids, batch.response_mask, 4, batch.prompt_noise)

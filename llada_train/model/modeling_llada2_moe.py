@@ -8,6 +8,7 @@ written/read in the released per-expert layout by `save_pretrained` / `from_pret
 import json
 import os
 import re
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -20,6 +21,7 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from .attention import BlockKVCache, LLaDA2MoeAttention, RMSNorm, RotaryEmbedding
 from .configuration_llada2_moe import LLaDA2MoeConfig
+from .linear_ce import LMHead
 from .moe import LLaDA2MoeExperts, LLaDA2MoeMLP, LLaDA2MoeSparseMoeBlock
 
 EXPERT_PROJS = ("gate_proj", "up_proj", "down_proj")
@@ -27,6 +29,15 @@ _FUSED_KEY = re.compile(r"^(.*\.mlp\.experts)\.(gate_proj|up_proj|down_proj)$")
 _PER_EXPERT_KEY = re.compile(r"^(.*\.mlp\.experts)\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight$")
 # transformers 5 renamed the output field `past_key_values` to `cache` (the old name warns)
 _CACHE_FIELD = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
+
+
+@dataclass
+class LLaDA2MoeOutput(CausalLMOutputWithPast):
+    """Logits, or with `targets` the per-position results of the chunked linear cross-entropy."""
+
+    token_ce: torch.Tensor | None = None  # (N,) -log p(target), float32
+    token_entropy: torch.Tensor | None = None  # (N,) entropy of p (with `with_entropy`)
+    token_pred: torch.Tensor | None = None  # (N,) argmax, no gradient
 
 
 class LLaDA2MoeDecoderLayer(nn.Module):
@@ -128,7 +139,7 @@ class LLaDA2MoeModelLM(LLaDA2MoePreTrainedModel, GenerationMixin):
     def __init__(self, config: LLaDA2MoeConfig):
         super().__init__(config)
         self.model = LLaDA2MoeModel(config)
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.lm_head = LMHead(config.hidden_size, config.vocab_size, bias=False)
         self.post_init()
 
     def get_input_embeddings(self):
@@ -142,19 +153,27 @@ class LLaDA2MoeModelLM(LLaDA2MoePreTrainedModel, GenerationMixin):
 
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
                 inputs_embeds=None, labels=None, use_cache=False, commit_len=None, return_dict=True,
-                logits_to_keep=0, **kwargs):
+                logits_to_keep=0, output_positions=None, targets=None, with_entropy=False, **kwargs):
         """`past_key_values`: a `BlockKVCache`; with `use_cache=True` the first `commit_len` new
         positions (all when None) are appended to it. Labels are unshifted; -100 is ignored.
-        `logits_to_keep=n` computes logits for the last n positions only (0 = all)."""
+        `logits_to_keep=n` computes logits for the last n positions only (0 = all).
+        `output_positions` (B, S) bool: only those positions go through the lm_head (logits (N, V),
+        row-major order). With `targets` (N,) no logits are made: the output carries `token_ce`,
+        `token_pred` (and `token_entropy` with `with_entropy`) from the chunked linear cross-entropy."""
         if use_cache and past_key_values is None:
             past_key_values = BlockKVCache()
         hidden = self.model(input_ids, attention_mask, position_ids, past_key_values, inputs_embeds,
                             use_cache, commit_len)
-        logits = self.lm_head(hidden[:, -logits_to_keep:])  # (B, L or logits_to_keep, V)
-        loss = None
-        if labels is not None:
-            loss = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=-100)
-        out = CausalLMOutputWithPast(loss=loss, logits=logits)
+        hidden = hidden[:, -logits_to_keep:] if output_positions is None else hidden[output_positions]
+        if targets is not None:
+            ce, entropy, pred = self.lm_head(hidden.flatten(0, -2), targets.flatten(), with_entropy)
+            out = LLaDA2MoeOutput(token_ce=ce, token_entropy=entropy, token_pred=pred)
+        else:
+            logits = self.lm_head(hidden)  # (B, L or logits_to_keep, V), or (N, V) at output_positions
+            loss = None
+            if labels is not None:
+                loss = F.cross_entropy(logits.float().flatten(0, -2), labels.flatten(), ignore_index=-100)
+            out = LLaDA2MoeOutput(loss=loss, logits=logits)
         if use_cache:
             out[_CACHE_FIELD] = past_key_values
         return out if return_dict else out.to_tuple()

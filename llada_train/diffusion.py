@@ -92,58 +92,73 @@ def model_inputs(batch: NoisedBatch, block_size: int) -> dict:
             "attention_mask": mask}
 
 
-def noisy_logits(model, batch: NoisedBatch, block_size: int, mask_id: int, embed_noise_std: float = 0.0,
-                 generator=None) -> torch.Tensor:
-    """Logits of the noisy half, (B, L, V). Optional Gaussian noise on mask-token embeddings
-    (the AR -> dLLM fix: a fresh mask embedding must not look identical everywhere)."""
+def supervised_positions(batch: NoisedBatch, cfg: DiffusionConfig) -> torch.Tensor:
+    """(B, L) bool: the positions whose logits the objective reads (masked + replaced, + kept when
+    `t2t.keep_weight > 0`; CAP's masked positions are among them). Only these reach the lm_head."""
+    supervised = batch.masked | batch.replaced
+    if cfg.t2t.keep_weight > 0:
+        supervised = supervised | batch.maskable
+    return supervised
+
+
+def noisy_forward(model, batch: NoisedBatch, block_size: int, mask_id: int, positions: torch.Tensor,
+                  targets: torch.Tensor | None = None, *, with_entropy: bool = False, embed_noise_std: float = 0.0,
+                  generator=None):
+    """One model call over `model_inputs` that projects only `positions` (B, L) of the noisy half:
+    `.logits` (N, V), or with `targets` (N,) the chunked CE results `.token_ce/.token_entropy/.token_pred`.
+    Optional Gaussian noise on mask-token embeddings (the AR -> dLLM fix: a fresh mask embedding
+    must not look identical everywhere)."""
     inputs = model_inputs(batch, block_size)
     ids = inputs.pop("input_ids")
+    inputs.update(output_positions=F.pad(positions, (0, ids.shape[1] - positions.shape[1])),  # (B, L or 2L)
+                  targets=targets, with_entropy=with_entropy)
     if embed_noise_std > 0:
         embeds = model.get_input_embeddings()(ids)  # (B, L or 2L, H)
         noise = torch.randn(embeds.shape, generator=generator).to(embeds) * embed_noise_std
         embeds = embeds + noise * (ids == mask_id)[..., None]
-        out = model(inputs_embeds=embeds, **inputs)
-    else:
-        out = model(input_ids=ids, **inputs)
-    return out.logits[:, : batch.xt.shape[1]]
+        return model(inputs_embeds=embeds, **inputs)
+    return model(input_ids=ids, **inputs)
 
 
-def diffusion_loss(logits: torch.Tensor, batch: NoisedBatch, cfg: DiffusionConfig):
+def diffusion_loss(out, batch: NoisedBatch, supervised: torch.Tensor, cfg: DiffusionConfig):
     """Loss = Σ_masked w·CE + t2t.weight·Σ_replaced CE + keep_weight·Σ_kept CE + conf·Σ entropy,
-    each divided by the number of maskable tokens (DESIGN §3-§4). Returns (loss, metrics)."""
-    logits = logits.float()
-    ce = F.cross_entropy(logits.flatten(0, 1), batch.x0.flatten(), reduction="none").view_as(batch.x0)
+    each divided by the number of maskable tokens (DESIGN §3-§4). `out`: the model output at the
+    `supervised` positions (`noisy_forward` with targets x0[supervised]). Returns (loss, metrics)."""
+    ce, pred = out.token_ce, out.token_pred  # (N,)
     n_maskable = batch.maskable.sum().clamp_min(1)
-    masked, replaced = batch.masked, batch.replaced
-    kept = batch.maskable & ~masked & ~replaced
-    m2t = (ce * batch.weight * masked).sum() / n_maskable
+    masked, replaced = batch.masked[supervised], batch.replaced[supervised]  # (N,)
+    kept = ~masked & ~replaced
+    right = pred == batch.x0[supervised]
+    m2t = (ce * batch.weight[supervised] * masked).sum() / n_maskable
     t2t = (ce * replaced).sum() / n_maskable
-    keep = (ce * kept).sum() / n_maskable
-    loss = m2t + cfg.t2t.weight * t2t + cfg.t2t.keep_weight * keep
-    pred = logits.argmax(-1)
-    metrics = {"m2t": m2t.detach(), "t2t": t2t.detach(), "keep": keep.detach()}
+    loss = m2t + cfg.t2t.weight * t2t
+    metrics = {"m2t": m2t.detach(), "t2t": t2t.detach()}
+    if cfg.t2t.keep_weight > 0:
+        keep = (ce * kept).sum() / n_maskable
+        loss = loss + cfg.t2t.keep_weight * keep
+        metrics["keep"] = keep.detach()
     if cfg.loss.confidence_weight > 0:
-        logp = logits.log_softmax(-1)
-        entropy = -(logp.exp() * logp).sum(-1)  # (B, L)
-        conf = (entropy * (masked & (pred == batch.x0))).sum() / n_maskable
+        conf = (out.token_entropy * (masked & right)).sum() / n_maskable
         loss = loss + cfg.loss.confidence_weight * conf
         metrics["confidence"] = conf.detach()
     with torch.no_grad():
-        metrics["mask_ratio"] = masked.sum() / n_maskable
-        metrics["acc_masked"] = ((pred == batch.x0) & masked).sum() / masked.sum().clamp_min(1)
+        metrics["mask_ratio"] = batch.masked.sum() / n_maskable
+        metrics["acc_masked"] = (right & masked).sum() / masked.sum().clamp_min(1)
         if replaced.any():
-            metrics["acc_replaced"] = ((pred == batch.x0) & replaced).sum() / replaced.sum()
+            metrics["acc_replaced"] = (right & replaced).sum() / replaced.sum()
     return loss, metrics
 
 
 @torch.no_grad()
 def mtf_draft(model, batch: NoisedBatch, block_size, mask_id, draft_ratio, generator) -> NoisedBatch:
     """One drafting turn: the model fills u ~ U[0, draft_ratio] of each row's masked positions with
-    its argmax; drafted positions become T2T targets (right or wrong), the rest stay M2T."""
+    its argmax; drafted positions become T2T targets (right or wrong), the rest stay M2T. Only the
+    masked positions go through the lm_head."""
     was_training = model.training
     model.eval()
-    draft = noisy_logits(model, batch, block_size, mask_id).argmax(-1)  # (B, L)
+    logits = noisy_forward(model, batch, block_size, mask_id, batch.masked).logits  # (M, V)
     model.train(was_training)
+    draft = batch.xt.masked_scatter(batch.masked, logits.argmax(-1))  # (B, L)
     bsz, seq_len = batch.xt.shape
     share = draft_ratio * torch.rand(bsz, 1, generator=generator)
     fill = batch.masked & (torch.rand(bsz, seq_len, generator=generator) < share)
@@ -163,8 +178,10 @@ def training_loss(model, x0, maskable, doc_ids, pad_mask, cfg: DiffusionConfig, 
         for _ in range(cfg.mtf.turns - 1):
             batch = mtf_draft(model, batch, block, mask_id, cfg.mtf.draft_ratio, generator)
     std = cfg.mask_embed_noise_std if step < cfg.mask_embed_noise_steps else 0.0
-    logits = noisy_logits(model, batch, block, mask_id, std, generator)
-    loss, metrics = diffusion_loss(logits, batch, cfg)
+    supervised = supervised_positions(batch, cfg)
+    out = noisy_forward(model, batch, block, mask_id, supervised, batch.x0[supervised],
+                        with_entropy=cfg.loss.confidence_weight > 0, embed_noise_std=std, generator=generator)
+    loss, metrics = diffusion_loss(out, batch, supervised, cfg)
     metrics["block_size"] = torch.tensor(float(block))
     metrics["mtf"] = torch.tensor(float(used_mtf))
     return loss, metrics

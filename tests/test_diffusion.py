@@ -1,21 +1,30 @@
 """The shared M2T+T2T objective (diffusion.py) against its definition (DESIGN §3-§4): noising
 replayed with naive loops, the loss re-computed in float64 position by position, complementary
-coverage, T2T sampling only ordinary tokens, and one model forward end to end."""
+coverage, T2T sampling only ordinary tokens, one model forward end to end, and the whole objective
+(lm_head only at supervised positions, chunked linear CE) against the full-logit computation it
+replaced: value and every parameter's gradient in float64."""
 
 import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from llada_train.config import DiffusionConfig, LossConfig, MTFConfig, NoiseConfig, T2TConfig
 from llada_train.data.tokenizer import load_tokenizer, special_token_ids
 from llada_train.diffusion import (
+    NoisedBatch,
+    block_size_at,
     corrupt_t2t,
     diffusion_loss,
+    model_inputs,
     noise_batch,
     ordinary_token_ids,
+    supervised_positions,
     training_loss,
 )
+from llada_train.model.linear_ce import linear_cross_entropy
+from llada_train.model.modeling_llada2_moe import LLaDA2MoeOutput
 
 MASK_ID = 1
 VOCAB = 4096
@@ -126,21 +135,136 @@ def reference_loss(logits, x0, maskable, masked, replaced, weight, cfg) -> float
     return total / n_maskable
 
 
-@pytest.mark.parametrize("weighting,complementary", [("elbo", True), ("uniform", False)])
-def test_loss_equals_float64_definition(weighting, complementary):
+def full_logit_loss(logits, batch: NoisedBatch, cfg: DiffusionConfig) -> torch.Tensor:
+    """The objective as computed before the chunked head: CE and softmax at every position of the
+    (B, L, V) logits, terms picked by masks afterwards (dtype kept: float64 here)."""
+    ce = F.cross_entropy(logits.flatten(0, 1), batch.x0.flatten(), reduction="none").view_as(batch.x0)
+    n_maskable = batch.maskable.sum().clamp_min(1)
+    kept = batch.maskable & ~batch.masked & ~batch.replaced
+    loss = ((ce * batch.weight * batch.masked).sum() + cfg.t2t.weight * (ce * batch.replaced).sum()
+            + cfg.t2t.keep_weight * (ce * kept).sum()) / n_maskable
+    logp = logits.log_softmax(-1)
+    entropy = -(logp.exp() * logp).sum(-1)  # (B, L)
+    right = batch.masked & (logits.argmax(-1) == batch.x0)
+    return loss + cfg.loss.confidence_weight * (entropy * right).sum() / n_maskable
+
+
+def chunked_output(hidden, weight, batch, cfg) -> tuple:
+    """What the model returns for the objective: chunked linear CE at the supervised positions."""
+    supervised = supervised_positions(batch, cfg)
+    ce, entropy, pred = linear_cross_entropy(hidden[supervised], weight, batch.x0[supervised], with_entropy=True,
+                                             chunk_size=5)
+    return LLaDA2MoeOutput(token_ce=ce, token_entropy=entropy, token_pred=pred), supervised
+
+
+@pytest.mark.parametrize("weighting,complementary,keep", [("elbo", True, 0.1), ("uniform", False, 0.0)])
+def test_loss_equals_float64_definition(weighting, complementary, keep):
+    """diffusion_loss on the chunked head's output equals the position-by-position float64 definition
+    and the full-logit computation, value and d/d(hidden, lm_head weight)."""
     x0, maskable, doc_ids, pad = random_rows(7)
-    cfg = dcfg(weighting=weighting, complementary=complementary, t2t=0.5, keep=0.1, conf=0.3)
+    cfg = dcfg(weighting=weighting, complementary=complementary, t2t=0.5, keep=keep, conf=0.3)
     g = torch.Generator().manual_seed(2)
     batch = corrupt_t2t(noise_batch(x0, maskable, doc_ids, pad, 8, cfg, MASK_ID, g), 0.5,
                         torch.arange(10, VOCAB), g)
-    logits = torch.randn(*batch.x0.shape, VOCAB, generator=g)
+    weight = torch.randn(VOCAB, 64, generator=g, dtype=torch.float64)
+    hidden = torch.randn(*batch.x0.shape, 64, generator=g, dtype=torch.float64)  # (B, L, H)
     hit = batch.masked & (torch.rand(batch.x0.shape, generator=g) < 0.5)  # argmax right at some masks
-    logits[hit] = logits[hit].scatter(-1, batch.x0[hit][:, None], 20.0)
-    loss, metrics = diffusion_loss(logits, batch, cfg)
+    hidden[hit] = 0.3 * weight[batch.x0[hit]]
+    hidden.requires_grad_(), weight.requires_grad_()
+    out, supervised = chunked_output(hidden, weight, batch, cfg)
+    loss, metrics = diffusion_loss(out, batch, supervised, cfg)
+    logits = hidden @ weight.T  # (B, L, V)
+    want = full_logit_loss(logits, batch, cfg)
     ref = reference_loss(logits, batch.x0, batch.maskable, batch.masked, batch.replaced, batch.weight, cfg)
-    assert batch.replaced.any() and hit.any()
-    assert math.isclose(loss.item(), ref, rel_tol=1e-5)
+    assert batch.replaced.any() and (hit & (logits.argmax(-1) == batch.x0)).any()
+    assert math.isclose(loss.item(), ref, rel_tol=1e-9) and math.isclose(want.item(), ref, rel_tol=1e-9)
+    got_grads = torch.autograd.grad(loss, (hidden, weight))
+    for got, expected in zip(got_grads, torch.autograd.grad(want, (hidden, weight)), strict=True):
+        torch.testing.assert_close(got, expected, rtol=1e-9, atol=1e-12)
     assert math.isclose(float(metrics["mask_ratio"]), float(batch.masked.sum() / batch.maskable.sum()), rel_tol=1e-6)
+    assert ("keep" in metrics) == (keep > 0)
+    assert int(supervised.sum()) == int((batch.masked | batch.replaced | (batch.maskable if keep else False)).sum())
+
+
+def packed_rows(seed: int, bsz=2, seq_len=32):
+    """Rows packing 2-3 documents, each with a 1-3 token unmaskable prefix, some rows padded."""
+    g = torch.Generator().manual_seed(seed)
+    x0 = torch.randint(10, VOCAB, (bsz, seq_len), generator=g)
+    doc_ids = torch.full((bsz, seq_len), -1, dtype=torch.int32)
+    maskable = torch.zeros(bsz, seq_len, dtype=torch.bool)
+    for b in range(bsz):
+        end = seq_len - (6 if b % 2 else 0)
+        cuts = sorted(torch.randperm(end - 8, generator=g)[: 1 + b % 2].add(4).tolist())
+        for d, (lo, hi) in enumerate(zip([0, *cuts], [*cuts, end], strict=True)):
+            doc_ids[b, lo:hi] = d
+            maskable[b, lo + 1 + int(torch.randint(3, (1,), generator=g)):hi] = True
+    return x0, maskable, doc_ids, doc_ids >= 0
+
+
+def full_noisy_logits(model, batch, block, embed_noise_std, generator):
+    """The lm_head over all (2)L positions, then the noisy half sliced off (the replaced code path)."""
+    inputs = model_inputs(batch, block)
+    ids = inputs.pop("input_ids")
+    if embed_noise_std > 0:
+        embeds = model.get_input_embeddings()(ids)  # (B, 2L, H)
+        noise = torch.randn(embeds.shape, generator=generator).to(embeds) * embed_noise_std
+        out = model(inputs_embeds=embeds + noise * (ids == MASK_ID)[..., None], **inputs)
+    else:
+        out = model(input_ids=ids, **inputs)
+    return out.logits[:, : batch.xt.shape[1]]  # (B, L, V)
+
+
+def full_logit_training_loss(model, x0, maskable, doc_ids, pad, cfg, *, vocab_ids, generator):
+    """training_loss as it was: same noising draws, MTF drafts from full logits, full_logit_loss."""
+    block = block_size_at(0, cfg, x0.shape[1])
+    batch = corrupt_t2t(noise_batch(x0, maskable, doc_ids, pad, block, cfg, MASK_ID, generator), cfg.t2t.max_ratio,
+                        vocab_ids, generator)
+    if cfg.mtf.prob > 0 and torch.rand(1, generator=generator).item() < cfg.mtf.prob:
+        for _ in range(cfg.mtf.turns - 1):
+            with torch.no_grad():
+                model.eval()
+                draft = full_noisy_logits(model, batch, block, 0.0, None).argmax(-1)
+                model.train()
+            share = cfg.mtf.draft_ratio * torch.rand(batch.xt.shape[0], 1, generator=generator)
+            fill = batch.masked & (torch.rand(batch.xt.shape, generator=generator) < share)
+            batch = NoisedBatch(**{**batch.__dict__, "xt": torch.where(fill, draft, batch.xt),
+                                   "masked": batch.masked & ~fill, "replaced": batch.replaced | fill})
+    logits = full_noisy_logits(model, batch, block, cfg.mask_embed_noise_std, generator)
+    return full_logit_loss(logits, batch, cfg), batch
+
+
+@pytest.mark.parametrize("keep,turns", [(0.1, 3), (0.0, 2)])
+def test_objective_equals_full_logit_computation_value_and_gradient(tiny_model, keep, turns):
+    """float64 tiny model, every term on (M2T, T2T, keep, CAP, MTF, complementary, packed documents,
+    mask-embedding noise): training_loss (lm_head only at supervised positions, chunked CE) equals
+    the full-logit objective it replaced, loss and every parameter's gradient; the lm_head sees
+    exactly the supervised noisy-half positions and the drafting turns only the masked ones."""
+    model = tiny_model.double().train()
+    x0, maskable, doc_ids, pad = packed_rows(13)
+    cfg = dcfg(complementary=True, t2t=0.4, keep=keep, conf=0.3)
+    cfg.mtf = MTFConfig(prob=1.0, turns=turns, draft_ratio=0.6)
+    cfg.mask_embed_noise_std, cfg.mask_embed_noise_steps = 0.05, 10
+    vocab_ids, seen = torch.arange(10, VOCAB), []
+    hook = model.register_forward_pre_hook(lambda m, a, kw: seen.append(kw["output_positions"]), with_kwargs=True)
+    loss, metrics = training_loss(model, x0, maskable, doc_ids, pad, cfg, step=0, mask_id=MASK_ID,
+                                  vocab_ids=vocab_ids, generator=torch.Generator().manual_seed(5))
+    hook.remove()
+    params = [p for p in model.parameters() if p.requires_grad]
+    got = torch.autograd.grad(loss, params, allow_unused=True)
+    want, batch = full_logit_training_loss(model, x0, maskable, doc_ids, pad, cfg, vocab_ids=vocab_ids,
+                                           generator=torch.Generator().manual_seed(5))
+    expected = torch.autograd.grad(want, params, allow_unused=True)
+    assert batch.replaced.any() and batch.masked.any() and metrics["mtf"] == 1 and len(seen) == turns
+    assert math.isclose(loss.item(), want.item(), rel_tol=1e-10)
+    for p, a, b in zip(params, got, expected, strict=True):
+        assert (a is None) == (b is None)
+        if a is not None:
+            torch.testing.assert_close(a, b, rtol=1e-8, atol=1e-12, msg=lambda m, p=p: f"{p.shape}: {m}")
+    seq_len = x0.shape[1]
+    assert not torch.cat(seen)[:, seq_len:].any()  # never the clean half
+    supervised = batch.masked | batch.replaced | (batch.maskable if keep else torch.zeros_like(batch.masked))
+    assert torch.equal(seen[-1][:, :seq_len], supervised)
+    assert all(not (s[:, :seq_len] & ~batch.maskable).any() for s in seen[:-1])  # drafts: masked positions only
 
 
 @pytest.mark.parametrize("weighting", ["elbo", "uniform"])
@@ -151,12 +275,14 @@ def test_training_loss_end_to_end_matches_float64(tiny_model, weighting):
     x0, maskable, doc_ids, pad = random_rows(9, bsz=2, seq_len=32)
     cfg = dcfg(weighting=weighting, complementary=True)
     seen = {}
-    h1 = tiny_model.register_forward_pre_hook(lambda m, a, kw: seen.update(ids=kw["input_ids"]), with_kwargs=True)
-    h2 = tiny_model.lm_head.register_forward_hook(lambda m, a, out: seen.update(logits=out))
+    hook = tiny_model.register_forward_pre_hook(lambda m, a, kw: seen.update(kw), with_kwargs=True)
     loss, _ = training_loss(tiny_model, x0, maskable, doc_ids, pad, cfg, step=0, mask_id=MASK_ID,
                             vocab_ids=torch.arange(10, VOCAB), generator=torch.Generator().manual_seed(4))
-    h1.remove(), h2.remove()
-    ids, logits = seen["ids"], seen["logits"]
+    hook.remove()
+    ids = seen["input_ids"]
+    with torch.no_grad():  # the full logits of the same call (eval mode: deterministic)
+        logits = tiny_model(input_ids=ids, attention_mask=seen["attention_mask"],
+                            position_ids=seen["position_ids"]).logits  # (2B, 2L, V)
     assert ids.shape == (4, 64) and torch.equal(ids[:, 32:], torch.cat([x0, x0]))  # [x_t ; x_0]
     xt = ids[:, :32]
     masked = xt == MASK_ID

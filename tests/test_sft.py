@@ -24,8 +24,9 @@ from llada_train.diffusion import (
     corrupt_t2t,
     diffusion_loss,
     noise_batch,
-    noisy_logits,
+    noisy_forward,
     ordinary_token_ids,
+    supervised_positions,
     training_loss,
 )
 from llada_train.model import LLaDA2MoeModelLM
@@ -60,17 +61,25 @@ def mixed_cfg(**mtf) -> DiffusionConfig:
 
 
 def record_forwards(model) -> tuple[list, list]:
-    """(model input ids, logits) of every forward; logits keep their gradient when they have one."""
+    """(model call kwargs, lm_head input hidden states) of every forward; the hidden states keep
+    their gradient when they have one."""
     calls = []
 
-    def keep_logits(module, args, out):
-        if out.requires_grad:
-            out.retain_grad()
-        calls[-1].append(out)
+    def keep_hidden(module, args):
+        if args[0].requires_grad:
+            args[0].retain_grad()
+        calls[-1].append(args[0])
 
-    hooks = [model.register_forward_pre_hook(lambda m, a, kw: calls.append([kw["input_ids"]]), with_kwargs=True),
-             model.lm_head.register_forward_hook(keep_logits)]
+    hooks = [model.register_forward_pre_hook(lambda m, a, kw: calls.append([kw]), with_kwargs=True),
+             model.lm_head.register_forward_pre_hook(keep_hidden)]
     return calls, hooks
+
+
+@torch.no_grad()
+def full_logits(model, kwargs) -> torch.Tensor:
+    """The logits at every position of a recorded call (same inputs, eval mode: deterministic)."""
+    inputs = {k: kwargs[k] for k in ("input_ids", "attention_mask", "position_ids")}
+    return model(**inputs).logits  # (B, 2L, V)
 
 
 def vocab(tok):
@@ -79,8 +88,9 @@ def vocab(tok):
 
 def test_prompt_positions_get_exactly_zero_gradient(tiny_model, chat_batch, tok):
     """Full mixed objective (complementary, T2T, keep, CAP, 3-turn MTF): the prompt is never
-    noised, replaced or drafted in any turn, and d loss / d logits is exactly 0 at every prompt
-    and padding position (and in the clean half), nonzero at every response position."""
+    noised, replaced or drafted in any turn, and no prompt, padding or clean-half position reaches
+    the lm_head (so its gradient is exactly 0); d loss / d hidden is nonzero at every response
+    position (keep_weight > 0 supervises all of them)."""
     ids, resp, doc = chat_batch
     tiny_model.train()
     calls, hooks = record_forwards(tiny_model)
@@ -92,13 +102,14 @@ def test_prompt_positions_get_exactly_zero_gradient(tiny_model, chat_batch, tok)
     seq_len = ids.shape[1]
     x0, resp2 = torch.cat([ids, ids]), torch.cat([resp, resp])
     assert len(calls) == 3 and metrics["mtf"] == 1  # two drafting turns, one training turn
-    for inputs, _ in calls:
+    for kwargs, _ in calls:
+        inputs, projected = kwargs["input_ids"], kwargs["output_positions"]
         assert torch.equal(inputs[:, seq_len:], x0)
         assert torch.equal(inputs[:, :seq_len][~resp2], x0[~resp2])
-    grad = calls[-1][1].grad  # (2B, 2L, V)
-    assert (grad[:, seq_len:] == 0).all()
-    assert (grad[:, :seq_len][~resp2] == 0).all()
-    assert (grad[:, :seq_len][resp2].abs().sum(-1) > 0).all()
+        assert not projected[:, seq_len:].any() and not projected[:, :seq_len][~resp2].any()
+    assert torch.equal(calls[-1][0]["output_positions"][:, :seq_len], resp2)
+    grad = calls[-1][1].grad  # (N, H), N = response positions
+    assert (grad.abs().sum(-1) > 0).all()
 
 
 def test_mtf_turn_two_trains_on_the_turn_one_draft(tiny_model, chat_batch, tok):
@@ -113,7 +124,8 @@ def test_mtf_turn_two_trains_on_the_turn_one_draft(tiny_model, chat_batch, tok):
                             vocab_ids=vocab(tok), generator=torch.Generator().manual_seed(1))
     for h in hooks:
         h.remove()
-    (ids1, logits1), (ids2, logits2) = calls
+    (kw1, _), (kw2, _) = calls
+    (ids1, logits1), (ids2, logits2) = ((kw["input_ids"], full_logits(tiny_model, kw)) for kw in (kw1, kw2))
     seq_len = ids.shape[1]
     x0, resp2 = torch.cat([ids, ids]), torch.cat([resp, resp])
     xt1, xt2 = ids1[:, :seq_len], ids2[:, :seq_len]
@@ -140,7 +152,9 @@ def test_mtf_prob_zero_is_the_plain_objective_bit_for_bit(tiny_model, chat_batch
     g = torch.Generator().manual_seed(2)
     batch = noise_batch(ids, resp, doc, doc >= 0, BLOCK, cfg, MASK_ID, g)
     batch = corrupt_t2t(batch, cfg.t2t.max_ratio, vocab(tok), g)
-    plain, plain_metrics = diffusion_loss(noisy_logits(tiny_model, batch, BLOCK, MASK_ID), batch, cfg)
+    supervised = supervised_positions(batch, cfg)
+    out = noisy_forward(tiny_model, batch, BLOCK, MASK_ID, supervised, batch.x0[supervised], with_entropy=True)
+    plain, plain_metrics = diffusion_loss(out, batch, supervised, cfg)
     assert len(calls) == 1 and metrics["mtf"] == 0
     assert torch.equal(loss, plain)
     for key in ("m2t", "t2t", "keep", "confidence"):

@@ -98,8 +98,7 @@ def completion_token_logprobs(model, input_ids: torch.Tensor, response_mask: tor
     z = torch.cat([torch.where(scored, mask_token_id, context), context], dim=1)  # (BK, 2L)
     position_ids = torch.arange(padded, device=z.device).repeat(2)[None].expand(bsz * passes, -1)  # (BK, 2L)
     attn = AttentionLayout("diffusion", padded, block_size, pad_mask=real.repeat_interleave(passes, dim=0))
-    logits = model(input_ids=z, attention_mask=attn, position_ids=position_ids).logits[:, :padded]  # (BK,L,V)
-    logp = _masked_logprobs(logits, clean, scored)  # (BK, L)
+    logp = _masked_logprobs(model, z, attn, position_ids, clean, scored)  # (BK, L)
     return logp.view(bsz, passes, padded)[..., :length]
 
 

@@ -124,9 +124,14 @@ def _mask_token_id(model) -> int:
     return core.config.mask_token_id
 
 
-def _masked_logprobs(logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """log p(target) where mask, 0 elsewhere: (R, L) float32; log-softmax only at masked positions."""
-    picked = -F.cross_entropy(logits[mask].float(), targets[mask], reduction="none")  # (M,)
+def _masked_logprobs(model, z: torch.Tensor, attn, position_ids: torch.Tensor, targets: torch.Tensor,
+                     mask: torch.Tensor) -> torch.Tensor:
+    """log p(target) where mask, 0 elsewhere: (R, L) float32, from one model call over z (R, 2L).
+    Only the masked noisy-half positions reach the lm_head (chunked CE: no (positions x vocab) tensor)."""
+    select = F.pad(mask, (0, z.shape[1] - mask.shape[1]))  # (R, 2L)
+    out = model(input_ids=z, attention_mask=attn, position_ids=position_ids, output_positions=select,
+                targets=targets[mask])
+    picked = -out.token_ce  # (M,)
     return torch.zeros(mask.shape, dtype=picked.dtype, device=picked.device).masked_scatter(mask, picked)
 
 
@@ -165,8 +170,7 @@ def block_elbo_terms(model, input_ids: torch.Tensor, response_mask: torch.Tensor
     position_ids = torch.arange(padded, device=z.device).repeat(2)[None].expand(bsz * steps, -1)  # (BN, 2L)
     rows_pad = None if pad_mask is None else pad_mask.bool().repeat_interleave(steps, dim=0)  # (BN, L)
     attn = AttentionLayout("diffusion", padded, block_size, pad_mask=rows_pad)  # (BN|1, 1, 2L, 2L) when dense
-    logits = model(input_ids=z, attention_mask=attn, position_ids=position_ids).logits[:, :padded]  # (BN, L, V)
-    logp = _masked_logprobs(logits, clean, noise)  # (BN, L)
+    logp = _masked_logprobs(model, z, attn, position_ids, clean, noise)  # (BN, L)
     per_block = logp.view(bsz, steps, padded // block_size, block_size).sum(-1)  # (B, N, nb)
     return per_block / t[..., None].to(per_block.dtype)
 

@@ -1,13 +1,15 @@
 """Shared helpers for benchmark scripts: timing and writing results as JSON + a markdown table."""
 
 import json
+import os
 import platform
 import time
 from pathlib import Path
 
 import torch
 
-RESULTS = Path(__file__).resolve().parent / "results"
+# LLADA_BENCH_RESULTS redirects every result (benchmarks/gpu_check.sh points it at $OUT or a scratch dir)
+RESULTS = Path(os.environ.get("LLADA_BENCH_RESULTS") or Path(__file__).resolve().parent / "results")
 
 
 def time_call(fn, *, warmup: int = 2, repeats: int = 5) -> float:

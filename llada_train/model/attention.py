@@ -96,8 +96,10 @@ class BlockKVCache:
 
 
 class _FlexRunner:
-    """`flex_attention` compiled once (dynamic shapes after the first recompile), eager only when
-    compiling fails (no C++ compiler, an unsupported platform): one warning, then eager for good."""
+    """`flex_attention` compiled, eager only when compiling fails (no C++ compiler, an unsupported
+    platform): one warning, then eager for good. On CUDA shapes turn dynamic after the first
+    recompile; on CPU each shape compiles once (inductor's CPU flex kernel with dynamic shapes
+    indexes out of bounds for short query blocks in torch 2.13)."""
 
     def __init__(self):
         self.compiled = None
@@ -109,9 +111,12 @@ class _FlexRunner:
         kwargs = {"block_mask": block_mask, "scale": scale, "enable_gqa": True}
         if self.mode == "compiled":
             if self.compiled is None:
-                self.compiled = torch.compile(flex_attention)
+                # decoding meets a new (Q, K) at every block: allow that many per-shape kernels
+                torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+                self.compiled = {"cuda": torch.compile(flex_attention),
+                                 "cpu": torch.compile(flex_attention, dynamic=False)}
             try:
-                return self.compiled(q, k, v, **kwargs)
+                return self.compiled["cpu" if q.device.type == "cpu" else "cuda"](q, k, v, **kwargs)
             except Exception as err:  # inductor/dynamo failures of any kind; eager re-raises real errors
                 self.mode = "eager"
                 reason = f"{type(err).__name__}: {str(err).splitlines()[0]}"
@@ -126,25 +131,21 @@ FLEX = _FlexRunner()
 class _FlexWithDenseBackward(torch.autograd.Function):
     """flex on CPU with gradients: torch has no flex backward on CPU (and compiled CPU flex returns
     no log-sum-exp), so the forward runs the compiled block-sparse kernel and the backward
-    recomputes the softmax densely under the same `mask_mod` (the FlashAttention backward, untiled)."""
+    recomputes the softmax densely under the same mask (the FlashAttention backward, untiled)."""
 
     @staticmethod
-    def forward(ctx, q, k, v, block_mask, scale):
+    def forward(ctx, q, k, v, block_mask, dense_mask, scale):
         out = FLEX(q.detach(), k.detach(), v.detach(), block_mask, scale)
-        ctx.save_for_backward(q, k, v, out)
-        ctx.block_mask, ctx.scale = block_mask, scale
+        ctx.save_for_backward(q, k, v, out, dense_mask)
+        ctx.scale = scale
         return out
 
     @staticmethod
     def backward(ctx, d_out):
-        from torch.nn.attention.flex_attention import create_mask
-
-        q, k, v, out = ctx.saved_tensors
-        bsz, heads, q_len, _ = q.shape
+        q, k, v, out, mask = ctx.saved_tensors  # mask: (B|1, 1, Q, K)
+        bsz, heads = q.shape[:2]
         groups = heads // k.shape[1]
         k_rep, v_rep = k.repeat_interleave(groups, 1).float(), v.repeat_interleave(groups, 1).float()
-        bm = ctx.block_mask
-        mask = create_mask(bm.mask_mod, bm.shape[0], None, q_len, k.shape[-2], q.device)  # (B|1, 1, Q, K)
         scores = (q.float() @ k_rep.transpose(-1, -2) * ctx.scale).masked_fill(~mask, float("-inf"))
         probs = torch.softmax(scores, dim=-1)  # (B, H, Q, K)
         d_out = d_out.float()
@@ -157,7 +158,7 @@ class _FlexWithDenseBackward(torch.autograd.Function):
         def per_kv_head(grad):  # (B, H, K, D) -> (B, Hkv, K, D): sum over the query heads of a group
             return grad.view(bsz, heads // groups, groups, *grad.shape[2:]).sum(2)
 
-        return d_q.to(q.dtype), per_kv_head(d_k).to(k.dtype), per_kv_head(d_v).to(v.dtype), None, None
+        return d_q.to(q.dtype), per_kv_head(d_k).to(k.dtype), per_kv_head(d_v).to(v.dtype), None, None, None
 
 
 def _dense_block_mask(mask: torch.Tensor | None, q_len: int, kv_len: int, device):
@@ -174,15 +175,20 @@ def _dense_block_mask(mask: torch.Tensor | None, q_len: int, kv_len: int, device
 def flex_attention_forward(q, k, v, mask, scale):
     """q: (B, H, Q, D), k/v: (B, Hkv, K, D); `mask` an `AttentionLayout` (block-sparse), a dense
     boolean (B|1, 1, Q, K) tensor or None. Returns (B, H, Q, D)."""
+    q_len, kv_len = q.shape[-2], k.shape[-2]
     if isinstance(mask, AttentionLayout):
-        if (mask.q_len, mask.kv_len) != (q.shape[-2], k.shape[-2]):
+        if (mask.q_len, mask.kv_len) != (q_len, kv_len):
             raise ValueError(f"AttentionLayout is for {mask.q_len} queries x {mask.kv_len} keys, "
-                             f"got {q.shape[-2]} x {k.shape[-2]} (does the KV cache hold q_start positions?)")
+                             f"got {q_len} x {kv_len} (does the KV cache hold q_start positions?)")
         block_mask = mask.block_mask(q.device)
     else:
-        block_mask = _dense_block_mask(mask, q.shape[-2], k.shape[-2], q.device)
+        block_mask = _dense_block_mask(mask, q_len, kv_len, q.device)
     if q.device.type == "cpu" and torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)):
-        return _FlexWithDenseBackward.apply(q, k, v, block_mask, scale)
+        if isinstance(mask, AttentionLayout):
+            mask = mask.dense(q.device)
+        elif mask is None:
+            mask = torch.ones(1, 1, q_len, kv_len, dtype=torch.bool, device=q.device)
+        return _FlexWithDenseBackward.apply(q, k, v, block_mask, mask, scale)
     return FLEX(q, k, v, block_mask, scale)
 
 

@@ -123,11 +123,15 @@ def block_diffusion_mask_mod(seq_len: int, block_size: int, doc_ids=None, pad_ma
     return mask_mod
 
 
-def block_causal_mask_mod(seq_len: int, block_size: int, doc_ids=None, pad_mask=None, q_start: int = 0):
+def block_causal_mask_mod(seq_len: int, block_size: int, doc_ids=None, pad_mask=None, q_start: int = 0,
+                          device=None):
     """flex-attention `mask_mod` equivalent to `block_causal_mask` (query i is position q_start + i)."""
 
+    # a tensor, so compiled flex reads it as an input instead of specialising on every decoding step
+    offset = torch.tensor(q_start, device=device if device is not None else _ids_device(doc_ids, pad_mask))
+
     def mask_mod(b, h, q_idx, kv_idx):
-        q_pos = q_idx + q_start
+        q_pos = q_idx + offset
         allowed = kv_idx // block_size <= q_pos // block_size
         return _keep_mod(allowed, b, q_pos, kv_idx, q_pos == kv_idx, doc_ids, pad_mask)
 
@@ -181,8 +185,12 @@ class AttentionLayout:
             if ids is not None and (ids.dim() != 2 or ids.shape[1] != self.seq_len):
                 shape = tuple(ids.shape)
                 raise ValueError(f"AttentionLayout.{name} must be (B, {self.seq_len}), got {shape}")
+        # contiguous ids: compiled flex guards on the strides of tensors its mask_mod reads (a sliced
+        # padding mask would make every decoding step a new kernel, and inductor's CPU path fail)
+        if self.doc_ids is not None:
+            self.doc_ids = self.doc_ids.contiguous()
         if self.pad_mask is not None:
-            self.pad_mask = self.pad_mask.bool()
+            self.pad_mask = self.pad_mask.bool().contiguous()
 
     @property
     def q_len(self) -> int:
@@ -198,10 +206,12 @@ class AttentionLayout:
         ids = self.doc_ids if self.doc_ids is not None else self.pad_mask
         return None if ids is None else ids.shape[0]
 
-    def mask_mod(self):
+    def mask_mod(self, device=None):
+        """The flex `mask_mod` of this layout (ids tensors must already be on `device`)."""
         if self.kind == "diffusion":
             return block_diffusion_mask_mod(self.seq_len, self.block_size, self.doc_ids, self.pad_mask)
-        return block_causal_mask_mod(self.seq_len, self.block_size, self.doc_ids, self.pad_mask, self.q_start)
+        return block_causal_mask_mod(self.seq_len, self.block_size, self.doc_ids, self.pad_mask, self.q_start,
+                                     device)
 
     def dense(self, device=None) -> torch.Tensor:
         """The boolean mask (B or 1, 1, Q, K), True = attend, as `block_diffusion_mask` builds it."""
@@ -230,7 +240,7 @@ class AttentionLayout:
         from torch.nn.attention.flex_attention import create_block_mask
 
         # compiling the mask construction pays off on GPUs; on CPU the vmap'd dense build is cheap
-        return create_block_mask(self._on(device).mask_mod(), self.batch, None, self.q_len, self.kv_len,
+        return create_block_mask(self._on(device).mask_mod(device), self.batch, None, self.q_len, self.kv_len,
                                  device=device, _compile=torch.device(device).type == "cuda")
 
     def _on(self, device) -> "AttentionLayout":
@@ -239,12 +249,16 @@ class AttentionLayout:
         return replace(self, doc_ids=ids[0], pad_mask=ids[1])
 
     def _ids_device(self) -> torch.device:
-        ids = self.doc_ids if self.doc_ids is not None else self.pad_mask
-        return ids.device if ids is not None else torch.device("cpu")
+        return _ids_device(self.doc_ids, self.pad_mask)
 
     def _cache_key(self, device) -> tuple:
         content = [_content_digest(t) for t in (self.doc_ids, self.pad_mask)]
         return (self.kind, self.seq_len, self.block_size, self.q_start, str(device), self.batch, *content)
+
+
+def _ids_device(doc_ids, pad_mask) -> torch.device:
+    ids = doc_ids if doc_ids is not None else pad_mask
+    return ids.device if ids is not None else torch.device("cpu")
 
 
 _BLOCK_MASK_CACHE_SIZE = 32

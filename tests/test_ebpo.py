@@ -86,7 +86,12 @@ def test_one_pass_terms_match_per_block_loop(tiny_model, case):
         ids[~pad] = 0
     t = stratified_timesteps(steps, bsz, gen)
     noise = torch.rand(bsz, steps, length, generator=gen) < 0.6  # covers prompt too: must be ignored
+    projected = []  # rows reaching the lm_head: only the scored (masked response) positions
+    hook = tiny_model.lm_head.register_forward_pre_hook(lambda m, a: projected.append(a[0].shape[0]))
     got = block_elbo_terms(tiny_model, ids, resp, block_size, t, noise, pad_mask=pad)
+    hook.remove()
+    scored = noise & resp[:, None] & (pad[:, None] if pad is not None else True)  # (B, N, L)
+    assert projected == [int(scored.sum())]
     want = naive_terms(tiny_model, ids, resp, block_size, t, noise, pad)
     assert got.shape == (bsz, steps, math.ceil(length / block_size))
     assert (want != 0).sum() >= 4  # the comparison is not vacuous

@@ -147,6 +147,7 @@ def pass_at_k(cfg, tokenizer, model, rows: list[dict], gen_length: int, k: int) 
     for family in sorted({r["task"] for r in rows}):
         per_prompt = [hits[i * k:(i + 1) * k] for i, r in enumerate(rows) if r["task"] == family]
         p1, lo1, hi1 = mean_interval([sum(h) / k for h in per_prompt])
+        lo1, hi1 = max(lo1, 0.0), min(hi1, 1.0)
         anyk = sum(any(h) for h in per_prompt)
         n = len(per_prompt)
         out[family] = {"n": n, "pass@1": p1, "pass@1_ci95": [lo1, hi1], f"pass@{k}": anyk / n,
@@ -208,13 +209,16 @@ def plot(evaluator: HeldoutEval, path: Path):
     fams = evaluator.families
     fig, axes = plt.subplots(len(fams), 2, figsize=(11, 3.6 * len(fams)), squeeze=False)
     arms = list(dict.fromkeys(r["arm"] for r in evaluator.records))
+    last_step = max(r["step"] for r in evaluator.records)
     for row, family in enumerate(fams):
-        for arm in arms:
+        for i, arm in enumerate(arms):
             recs = [r for r in evaluator.records if r["arm"] == arm]
             acc = [r[family]["accuracy"] for r in recs]
             err = [[a - r[family]["ci95"][0] for a, r in zip(acc, recs, strict=True)],
                    [r[family]["ci95"][1] - a for a, r in zip(acc, recs, strict=True)]]
-            for col, xs in enumerate(([r["step"] for r in recs], [r["train_seconds"] for r in recs])):
+            shift = (i - (len(arms) - 1) / 2) * 0.01 * last_step  # side by side: the intervals overlap
+            steps = [r["step"] + shift for r in recs]
+            for col, xs in enumerate((steps, [r["train_seconds"] for r in recs])):
                 axes[row][col].errorbar(xs, acc, yerr=err, marker="o", capsize=3, label=arm)
         axes[row][0].set(xlabel="RL step", ylabel=f"{family} held-out accuracy")
         axes[row][1].set(xlabel="training wall-clock (s, evaluation excluded)")

@@ -72,7 +72,7 @@ def sample_prompt_masks(prompt_mask: torch.Tensor, passes: int, p_mask: float,
 def completion_token_logprobs(model, input_ids: torch.Tensor, response_mask: torch.Tensor, block_size: int,
                               prompt_noise: torch.Tensor, *, pad_mask: torch.Tensor | None = None,
                               mask_token_id: int | None = None) -> torch.Tensor:
-    """log p(y_i | z_k) at every scored response token, 0 elsewhere: (B, K, L) float32.
+    """log p(y_i | z_k) at every scored response token, 0 elsewhere: (B, K, L), float32 or wider.
 
     z_k = [x_k ; c_k] (2L) with the block-diffusion mask: c_k is the row with the prompt tokens of
     prompt_noise[:, k] masked, x_k is c_k with every response token masked too. One model call of

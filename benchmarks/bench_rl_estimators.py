@@ -17,7 +17,7 @@ The step-0 evaluation is computed once and shared by the arms (same weights, gre
 
 Families and their options are read from the SFT run's config.yaml (the directory above --sft).
 Run: OMP_NUM_THREADS=1 python benchmarks/bench_rl_estimators.py [--sft runs/reasoning/sft/hf] [--quick]
-Writes benchmarks/results/bench_rl_estimators.{json,md,png} (--quick: bench_rl_estimators_quick.*).
+Writes benchmarks/results/<--name, default bench_rl_estimators>.{json,md,png} (--quick: <name>_quick.*).
 """
 
 import argparse
@@ -244,6 +244,7 @@ def parse_args():
     p.add_argument("--eval-batch", type=int, default=64, help="prompts per greedy decode call")
     p.add_argument("--arms", default=",".join(ARMS), help="comma-separated subset of: " + ", ".join(ARMS))
     p.add_argument("--set", action="append", default=[], help="extra RL override key=value (repeatable)")
+    p.add_argument("--name", default="bench_rl_estimators", help="results file stem in benchmarks/results")
     p.add_argument("--quick", action="store_true", help="smoke run: 2 steps, 16 held-out per family, 2 arms")
     args = p.parse_args()
     if args.quick:
@@ -289,7 +290,7 @@ def main():
             train_logs[name] = [r for r in records if "loss" in r]
             load.append(os.getloadavg()[0])
     rows = summary_rows(evaluator, train_logs)
-    name = "bench_rl_estimators" + ("_quick" if args.quick else "")
+    name = args.name + ("_quick" if args.quick else "")
     budget = cfg.train.batch_size * cfg.rl.group_size
     options = sft_cfg["data"].get("task_options")
     notes = (f"SFT export {args.sft} (families {evaluator.families}, options {options}); RL config "

@@ -1,32 +1,56 @@
-"""CPT step throughput: tokens/s, model FLOPs utilisation, and where the step time goes.
+"""CPT step at real vocabulary sizes: tokens/s, peak step memory, executed and useful FLOPs / MFU.
 
-One step = the trainer's objective (`diffusion.training_loss`: noising, one forward over [x_t ; x_0],
-backward) + AdamW, sdpa backend, fp32. FLOPs are counted by `torch.utils.flop_counter` on a real
-step (so the doubled 2L sequence and the dense-mask attention are counted as executed), and MFU is
-that over the measured fp32 matmul peak of this CPU at the same thread count. Time shares come
-from module hooks (forward and backward of every attention and MoE block) on separate steps, so
-the headline step time is measured without hooks.
+One step = the objective (M2T + T2T, block 32, sdpa, fp32) forward + backward + AdamW, in up to
+three arms on the same weights, noise and mask, timed interleaved (median of `--repeats`):
+  chunked      this project's `diffusion.training_loss`: only the supervised positions (masked +
+               replaced) go through the lm_head, via the chunked linear cross-entropy;
+  full_logits  the step as it was before: the lm_head over all 2L positions, the noisy half sliced
+               off, float32 cross-entropy over every position (kept here as the "before" arm);
+  upstream     the upstream LLaDA2.1 modeling code (`--upstream DIR`, DIR = dllm/pipelines/llada21/
+               models/ of lingjiechen2/dllm, loaded from there, never vendored) with the full-logit loss.
+Peak memory: one step's peak RSS above the RSS before it (VmHWM reset through /proc/self/clear_refs),
+each arm in a fresh spawned process with glibc's mmap threshold at 64 KiB, so freed tensors go back
+to the OS and RSS follows live memory; weights and AdamW state exist before the measured step.
+FLOPs: executed = matmuls counted by `torch.utils.flop_counter` on a real step (it does not see CPU
+sdpa) + the dense attention sdpa runs (every (q, k) pair, 12·head_dim FLOPs per pair and head,
+forward + backward); useful = the same with the lm_head at the supervised positions only
+(6·N·H·V) and attention over the pairs the §3 mask keeps. MFU = FLOPs / step time / the measured
+fp32 matmul peak at the same thread count.
 
-Run: python benchmarks/bench_train.py [--quick]
+Run: python benchmarks/bench_train.py --threads 1 [--upstream DIR] [--quick]
 """
 
 import argparse
+import importlib.util
+import math
+import multiprocessing
+import os
 import sys
 import time
+import types
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.common import time_call, write_results
 from llada_train.config import DiffusionConfig
-from llada_train.diffusion import ordinary_token_ids, training_loss
+from llada_train.diffusion import (
+    corrupt_t2t,
+    model_inputs,
+    noise_batch,
+    ordinary_token_ids,
+    supervised_positions,
+    training_loss,
+)
 from llada_train.model import LLaDA2MoeConfig, LLaDA2MoeModelLM
-from llada_train.model.attention import LLaDA2MoeAttention
-from llada_train.model.moe import LLaDA2MoeSparseMoeBlock
+from llada_train.model.modeling_llada2_moe import to_released_layout
 
 REPO = Path(__file__).resolve().parents[1]
+ARMS = ("chunked", "full_logits", "upstream")
 MID = {
     "vocab_size": 4096,
     "hidden_size": 512,
@@ -46,6 +70,239 @@ MID = {
     "eos_token_id": 0,
     "mask_token_id": 1,
 }
+RELEASED_VOCAB = {**MID, "vocab_size": 157184, "num_hidden_layers": 2}
+NOT_UPSTREAM_KEYS = ("model_type", "transformers_version", "architectures", "attn_backend", "auto_map")
+
+
+def presets(quick: bool) -> dict:
+    """name -> (model values, batch, seq_len)."""
+    import yaml
+
+    tiny = yaml.safe_load((REPO / "configs/model/tiny.yaml").read_text())
+    return {"tiny": (tiny, 16, 128), "mid": (MID, 4, 256), "vocab157k": (RELEASED_VOCAB, 1, 256 if quick else 512)}
+
+
+def load_upstream(path: str):
+    """The upstream modeling package (its __init__ imports the config and model modules)."""
+    init = Path(path) / "__init__.py"
+    if not (init.is_file() and (Path(path) / "modeling_llada21_moe.py").is_file()):
+        raise ValueError(f"--upstream {path}: expected dllm/pipelines/llada21/models/ of lingjiechen2/dllm "
+                         "(with __init__.py and modeling_llada21_moe.py)")
+    _shim_transformers_5()
+    spec = importlib.util.spec_from_file_location("upstream_llada21", init, submodule_search_locations=[path])
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def _shim_transformers_5() -> None:
+    """Two things upstream imports that transformers 5 removed: `modeling_attn_mask_utils` (its helper
+    is only reached with non-boolean masks; this benchmark passes boolean 4D masks) and the "default"
+    RoPE initialiser (plain theta^(-2i/d) over head_dim * partial_rotary_factor dims)."""
+    from transformers import modeling_rope_utils
+
+    name = "transformers.modeling_attn_mask_utils"
+    if importlib.util.find_spec(name) is None:
+        def not_for_boolean_masks(*_args, **_kwargs):
+            raise NotImplementedError("bench_train passes the upstream model boolean 4D masks only")
+
+        shim = types.ModuleType(name)
+        shim._prepare_4d_causal_attention_mask_for_sdpa = not_for_boolean_masks
+        sys.modules[name] = shim
+
+    def default_rope(config, device=None):
+        dim = int(config.head_dim * config.partial_rotary_factor)
+        exponents = torch.arange(0, dim, 2, dtype=torch.float32, device=device) / dim
+        return 1.0 / config.rope_theta**exponents, 1.0
+
+    modeling_rope_utils.ROPE_INIT_FUNCTIONS.setdefault("default", default_rope)
+
+
+def upstream_model(package, ours: LLaDA2MoeModelLM):
+    """The upstream model with our weights (same released state-dict names), sdpa attention."""
+    values = {k: v for k, v in ours.config.to_dict().items() if k not in NOT_UPSTREAM_KEYS}
+    config = package.LLaDA2MoeConfig(**values)
+    config._attn_implementation = "sdpa"
+    model = package.LLaDA2MoeModelLM(config)
+    missing, unexpected = model.load_state_dict(to_released_layout(ours.state_dict()), strict=False)
+    if missing or unexpected:
+        raise ValueError(f"upstream model does not take our weights: missing {missing[:4]}, "
+                         f"unexpected {unexpected[:4]}")
+    return model.train()
+
+
+def full_logit_loss(logits, batch, cfg):
+    """The objective as it was computed before the chunked head: float32 CE over every position."""
+    logits = logits.float()
+    ce = F.cross_entropy(logits.flatten(0, 1), batch.x0.flatten(), reduction="none").view_as(batch.x0)
+    kept = batch.maskable & ~batch.masked & ~batch.replaced
+    total = (ce * batch.weight * batch.masked).sum() + cfg.t2t.weight * (ce * batch.replaced).sum()
+    return (total + cfg.t2t.keep_weight * (ce * kept).sum()) / batch.maskable.sum().clamp_min(1)
+
+
+@dataclass
+class Setup:
+    """One preset's models, optimizers and inputs, with a step (forward + backward) per arm."""
+
+    values: dict
+    batch: int
+    seq_len: int
+    cfg: DiffusionConfig
+    model: LLaDA2MoeModelLM
+    upstream: object | None
+    x0: torch.Tensor  # (B, L)
+    vocab_ids: torch.Tensor
+
+    def noised(self, generator):
+        """The arms' shared noising (the draws `training_loss` makes with the same generator)."""
+        maskable, doc_ids = torch.ones_like(self.x0, dtype=torch.bool), torch.zeros_like(self.x0)
+        batch = noise_batch(self.x0, maskable, doc_ids, doc_ids >= 0, self.cfg.block_size, self.cfg, 1, generator)
+        return corrupt_t2t(batch, self.cfg.t2t.max_ratio, self.vocab_ids, generator)
+
+    def forward_backward(self, arm: str, seed: int = 0):
+        generator = torch.Generator().manual_seed(seed)
+        if arm == "chunked":
+            maskable, doc_ids = torch.ones_like(self.x0, dtype=torch.bool), torch.zeros_like(self.x0)
+            loss, _ = training_loss(self.model, self.x0, maskable, doc_ids, doc_ids >= 0, self.cfg, step=0,
+                                    mask_id=1, vocab_ids=self.vocab_ids, generator=generator)
+        else:
+            batch = self.noised(generator)
+            inputs = model_inputs(batch, self.cfg.block_size)
+            model = self.model if arm == "full_logits" else self.upstream
+            if arm == "upstream":
+                inputs["attention_mask"] = inputs["attention_mask"].dense()  # (B, 1, 2L, 2L) bool
+            logits = model(**inputs).logits[:, : self.seq_len]  # (B, L, V)
+            loss = full_logit_loss(logits, batch, self.cfg)
+        loss.backward()
+
+    def step(self, arm: str, optimizers: dict):
+        self.forward_backward(arm)
+        optimizers[arm].step()
+        optimizers[arm].zero_grad(set_to_none=True)
+
+
+def build(name: str, args) -> Setup:
+    values, batch, seq_len = presets(args.quick)[name]
+    torch.manual_seed(0)
+    model = LLaDA2MoeModelLM(LLaDA2MoeConfig(**{**values, "attn_backend": "sdpa"})).train()
+    upstream = upstream_model(load_upstream(args.upstream), model) if args.upstream else None
+    cfg = DiffusionConfig(block_size=32)
+    cfg.t2t.max_ratio, cfg.t2t.keep_weight = 0.1, args.keep_weight
+    x0 = torch.randint(5, values["vocab_size"], (batch, seq_len), generator=torch.Generator().manual_seed(0))
+    return Setup(values, batch, seq_len, cfg, model, upstream, x0, ordinary_token_ids(values["vocab_size"], range(5)))
+
+
+def optimizers_for(setup: Setup, arms) -> dict:
+    opt = torch.optim.AdamW(setup.model.parameters(), lr=1e-4)
+    return {arm: (torch.optim.AdamW(setup.upstream.parameters(), lr=1e-4) if arm == "upstream" else opt)
+            for arm in arms}
+
+
+def _rss_kib(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise RuntimeError(f"/proc/self/status has no {field}")
+
+
+def _peak_step_mib(name: str, arm: str, args, result) -> None:
+    """Child process: one warm-up step, then the peak RSS of one step above the RSS before it."""
+    torch.set_num_threads(args.threads)
+    setup = build(name, args)
+    optimizers = optimizers_for(setup, [arm])
+    setup.step(arm, optimizers)
+    Path("/proc/self/clear_refs").write_text("5")  # VmHWM := VmRSS
+    before = _rss_kib("VmRSS")
+    setup.step(arm, optimizers)
+    result.put((_rss_kib("VmHWM") - before) / 1024)
+
+
+def peak_step_mib(name: str, arm: str, args) -> float:
+    os.environ["MALLOC_MMAP_THRESHOLD_"] = "65536"  # read by the spawned child's glibc at start-up
+    ctx = multiprocessing.get_context("spawn")
+    result = ctx.Queue()
+    child = ctx.Process(target=_peak_step_mib, args=(name, arm, args, result))
+    child.start()
+    value = result.get()
+    child.join()
+    return value
+
+
+def grouped_mm_flops(a_shape, b_shape, *_args, out_shape=None, **_kwargs) -> int:
+    """`torch._grouped_mm` (which `flop_counter` does not count): 2·|out|·contraction; when both inputs
+    are 2D the groups split the contraction, one (N, K) output per group."""
+    flops = 2 * math.prod(out_shape) * a_shape[-1]
+    return flops // out_shape[0] if len(a_shape) == len(b_shape) == 2 else flops
+
+
+def counted_flops(setup: Setup, arm: str) -> float:
+    """Matmul FLOPs (mm, bmm, grouped expert GEMMs) of one forward + backward, counted on a real step."""
+    with FlopCounterMode(display=False, custom_mapping={torch.ops.aten._grouped_mm: grouped_mm_flops}) as counter:
+        setup.forward_backward(arm)
+    setup.model.zero_grad(set_to_none=True)
+    if setup.upstream is not None:
+        setup.upstream.zero_grad(set_to_none=True)
+    return counter.get_total_flops()
+
+
+def flop_terms(setup: Setup) -> dict:
+    """Attention FLOPs (dense as sdpa runs them, and over the kept pairs) and lm_head FLOPs per row."""
+    v, batch_rows = setup.values, setup.batch
+    batch = setup.noised(torch.Generator().manual_seed(0))
+    mask = model_inputs(batch, setup.cfg.block_size)["attention_mask"].dense()  # (B|1, 1, 2L, 2L)
+    kept = mask.sum().item() * (batch_rows if mask.shape[0] == 1 else 1)
+    per_pair = 12 * v["head_dim"] * v["num_attention_heads"] * v["num_hidden_layers"]  # fwd 4d + bwd 8d
+    return {"attn_dense": per_pair * batch_rows * mask.shape[-1] ** 2, "attn_kept": per_pair * kept,
+            "head_row": 2 * v["hidden_size"] * v["vocab_size"],
+            "supervised": int(supervised_positions(batch, setup.cfg).sum()), "all_rows": batch_rows * mask.shape[-1]}
+
+
+def useful_flops(counted_chunked: float, terms: dict) -> float:
+    """What the step needs: the chunked arm's matmuls without its lm_head recompute (3 GEMMs at the
+    N supervised rows instead of 4), plus attention over the kept pairs only."""
+    return counted_chunked - terms["head_row"] * terms["supervised"] + terms["attn_kept"]
+
+
+def bench(name: str, args, peak: float) -> list[dict]:
+    setup = build(name, args)
+    arms = [a for a in ARMS if a != "upstream" or setup.upstream is not None]
+    optimizers = optimizers_for(setup, arms)
+    times = {arm: [] for arm in arms}
+    for arm in arms:
+        setup.step(arm, optimizers)  # warm-up
+    for r in range(args.repeats):
+        for arm in arms:
+            start = time.perf_counter()
+            setup.step(arm, optimizers)
+            times[arm].append(time.perf_counter() - start)
+        print(f"{name}: repeat {r + 1}/{args.repeats}", flush=True)
+    terms = flop_terms(setup)
+    executed = {arm: counted_flops(setup, arm) for arm in arms}
+    useful = useful_flops(executed["chunked"], terms)
+    rows = []
+    for arm in arms:
+        step_s = sorted(times[arm])[len(times[arm]) // 2]
+        rows.append({"model": name, "arm": arm, "batch x seq": f"{setup.batch}x{setup.seq_len}",
+                     "lm_head_rows": terms["supervised"] if arm == "chunked" else terms["all_rows"],
+                     "step_s": step_s, "tokens_per_s": setup.batch * setup.seq_len / step_s,
+                     "peak_step_MiB": peak_step_mib(name, arm, args),
+                     "GFLOP_executed": (executed[arm] + terms["attn_dense"]) / 1e9, "GFLOP_useful": useful / 1e9,
+                     "MFU_executed": (executed[arm] + terms["attn_dense"]) / step_s / peak,
+                     "MFU_useful": useful / step_s / peak})
+        print(f"{name}/{arm}: {rows[-1]}", flush=True)
+    return with_ratios(rows)
+
+
+def with_ratios(rows: list[dict]) -> list[dict]:
+    """Speed-up and memory reduction of every arm relative to full_logits and upstream."""
+    by_arm = {r["arm"]: r for r in rows}
+    for row in rows:
+        for ref in ("full_logits", "upstream"):
+            base = by_arm.get(ref)
+            row[f"speedup_vs_{ref}"] = row["tokens_per_s"] / base["tokens_per_s"] if base else "-"
+            row[f"mem_reduction_vs_{ref}"] = base["peak_step_MiB"] / row["peak_step_MiB"] if base else "-"
+    return rows
 
 
 def matmul_peak_flops(n: int = 1024) -> float:
@@ -53,133 +310,25 @@ def matmul_peak_flops(n: int = 1024) -> float:
     return 2 * n**3 / time_call(lambda: a @ b, warmup=3, repeats=10)
 
 
-class SectionTimer:
-    """Wall time inside forward and backward of the hooked modules, per category."""
-
-    def __init__(self, model):
-        self.total = {"attention": 0.0, "moe": 0.0}
-        self.handles = []
-        for module in model.modules():
-            kind = (
-                "attention"
-                if isinstance(module, LLaDA2MoeAttention)
-                else "moe"
-                if isinstance(module, LLaDA2MoeSparseMoeBlock)
-                else None
-            )
-            if kind is None:
-                continue
-            start = {}
-            def begin(*_, s=start):
-                return s.__setitem__("t", time.perf_counter())
-            def end(*_, s=start, k=kind):
-                return self._add(k, s)
-            self.handles += [
-                module.register_forward_pre_hook(begin),
-                module.register_forward_hook(end),
-                module.register_full_backward_pre_hook(begin),
-                module.register_full_backward_hook(end),
-            ]
-
-    def _add(self, kind, start):
-        self.total[kind] += time.perf_counter() - start["t"]
-
-    def remove(self):
-        for h in self.handles:
-            h.remove()
-
-
-def bench(name: str, values: dict, batch: int, seq_len: int, block: int, steps: int) -> dict:
-    torch.manual_seed(0)
-    model = LLaDA2MoeModelLM(LLaDA2MoeConfig(**{**values, "attn_backend": "sdpa"})).train()
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    cfg = DiffusionConfig(block_size=block)
-    cfg.t2t.max_ratio = 0.1
-    vocab_ids = ordinary_token_ids(values["vocab_size"], [0, 1, 2, 3, 4])
-    x0 = torch.randint(5, values["vocab_size"], (batch, seq_len))
-    maskable = torch.ones_like(x0, dtype=torch.bool)
-    doc_ids = torch.zeros_like(x0)
-    gen = torch.Generator().manual_seed(0)
-
-    def forward_backward():
-        loss, _ = training_loss(
-            model,
-            x0,
-            maskable,
-            doc_ids,
-            doc_ids >= 0,
-            cfg,
-            step=0,
-            mask_id=1,
-            vocab_ids=vocab_ids,
-            generator=gen,
-        )
-        loss.backward()
-
-    def optimizer_step():
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-
-    def step():
-        forward_backward()
-        optimizer_step()
-
-    step_time = time_call(step, warmup=1, repeats=steps)
-    forward_backward()
-    opt_time = time_call(opt.step, warmup=0, repeats=steps)  # AdamW on real gradients
-    opt.zero_grad(set_to_none=True)
-    with FlopCounterMode(display=False) as counter:
-        forward_backward()
-    flops = counter.get_total_flops()
-    opt.zero_grad(set_to_none=True)
-    timer = SectionTimer(model)
-    hooked = time_call(forward_backward, warmup=0, repeats=steps)
-    timer.remove()
-    share = {k: v / steps / hooked for k, v in timer.total.items()}
-    routed = sum(p.numel() for n, p in model.named_parameters() if ".experts." in n)
-    active = sum(p.numel() for p in model.parameters()) - routed * (
-        1 - values["num_experts_per_tok"] / values["num_experts"]
-    )
-    return {
-        "model": name,
-        "params_M": sum(p.numel() for p in model.parameters()) / 1e6,
-        "active_M": active / 1e6,
-        "batch x seq": f"{batch}x{seq_len}",
-        "block": block,
-        "step_s": step_time,
-        "tokens_per_s": batch * seq_len / step_time,
-        "GFLOP_per_step": flops / 1e9,
-        "achieved_GFLOPs": flops / step_time / 1e9,
-        "attention_share": share["attention"] * (1 - opt_time / step_time),
-        "moe_share": share["moe"] * (1 - opt_time / step_time),
-        "optimizer_share": opt_time / step_time,
-    }
-
-
 def main():
     parser = argparse.ArgumentParser()
-    parser.add_argument("--quick", action="store_true", help="fewer repeats, smaller mid batch")
+    parser.add_argument("--quick", action="store_true", help="L = 256 at the released vocabulary, 3 repeats")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--repeats", type=int, default=None, help="interleaved timed steps per arm (default 5)")
+    parser.add_argument("--upstream", default=None, help="dllm/pipelines/llada21/models/ of lingjiechen2/dllm")
+    parser.add_argument("--keep-weight", type=float, default=0.0, help="t2t.keep_weight (> 0 supervises every token)")
+    parser.add_argument("--models", default="tiny,mid,vocab157k")
     args = parser.parse_args()
+    args.repeats = args.repeats or (3 if args.quick else 5)
     torch.set_num_threads(args.threads)
-    import yaml
-
-    tiny = yaml.safe_load((REPO / "configs/model/tiny.yaml").read_text())
-    steps = 2 if args.quick else 4
     peak = matmul_peak_flops()
-    rows = [
-        bench("tiny", tiny, 16, 128, 32, steps),
-        bench("mid", MID, 4 if args.quick else 8, 256, 32, steps),
-    ]
-    for row in rows:
-        row["MFU"] = row["achieved_GFLOPs"] * 1e9 / peak
-    notes = (
-        f"`python benchmarks/bench_train.py --threads {args.threads}`. Measured fp32 matmul peak "
-        f"(1024^3, {args.threads} threads): {peak / 1e9:.1f} GFLOP/s. tokens/s counts input tokens (L per row); "
-        "the objective runs the model over 2L (noisy + clean copy), and FLOPs count that real work. Shares "
-        "are of the whole step (forward + backward + AdamW); the rest is embeddings, norms, lm_head, loss "
-        "and noising."
-    )
+    rows = [row for name in args.models.split(",") for row in bench(name, args, peak)]
+    command = " ".join(["python benchmarks/bench_train.py", *sys.argv[1:]])
+    notes = (f"`{command}`. Measured fp32 matmul peak (1024^3, {args.threads} threads): {peak / 1e9:.1f} "
+             "GFLOP/s. tokens/s counts input tokens (L per row; the model runs over 2L). Median of "
+             f"{args.repeats} interleaved steps per arm (forward + backward + AdamW). peak_step_MiB: one step's "
+             "peak RSS above the RSS before it, in a fresh process per arm. GFLOP_useful counts the lm_head "
+             "at the supervised positions and attention over the pairs the mask keeps; see the module docstring.")
     write_results("bench_train", rows, notes)
 
 

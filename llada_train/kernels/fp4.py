@@ -14,7 +14,7 @@ How the block scale is rounded to E4M3 (`scale_rounding`) is a choice with a mea
              max; above it the value saturates at the grid max, which RTNE would pick anyway (the
              overshoot stays under half the grid's last step: 1/14 of the max for E1M2, 1/6 for
              E2M1), so only blocks with E4M3 subnormal scales (~2^-15 below the tensor amax) clip.
-             Unbiased on Gaussian blocks (E1M2 ⟨q,x⟩/⟨x,x⟩ ≈ 1.0003, docs/fp4.md).
+             Unbiased on Gaussian blocks (E1M2 ⟨q,x⟩/⟨x,x⟩ = 1.0001, docs/fp4.md).
     up       the smallest E4M3 ≥ the exact scale: nothing ever clips, but every block is squeezed
              into [grid_max/1.125, grid_max], which expands RTNE values by ~0.5% on both grids.
 

@@ -96,3 +96,28 @@ def test_model_output_positions_and_targets_match_its_full_logits(tiny_model):
         assert (a is None) == (b is None)
         if a is not None:
             torch.testing.assert_close(a, b, rtol=1e-8, atol=1e-12)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_bf16_matches_float64_and_never_holds_the_full_float32_logits():
+    """bf16 on the GPU at the released vocabulary: CE/entropy/gradients match the float64 full-logit
+    reference to bf16 precision, and the peak extra memory stays below one (N, V) float32 tensor."""
+    n, hidden_size, vocab = 2048, 256, 157184
+    g = torch.Generator().manual_seed(0)
+    hidden = torch.randn(n, hidden_size, generator=g).cuda().bfloat16().requires_grad_()
+    weight = (0.05 * torch.randn(vocab, hidden_size, generator=g)).cuda().bfloat16().requires_grad_()
+    targets = torch.randint(vocab, (n,), generator=g).cuda()
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    ce, entropy, _ = linear_cross_entropy(hidden, weight, targets, with_entropy=True)
+    got = torch.autograd.grad((ce + 0.3 * entropy).sum(), (hidden, weight))
+    peak = torch.cuda.max_memory_allocated() - base
+    assert peak < n * vocab * 4  # the full float32 logits alone would be this
+    h64, w64 = (x.detach().double().requires_grad_() for x in (hidden, weight))
+    ref_ce, ref_entropy, _ = full_logit_terms(F.linear(h64, w64), targets)
+    want = torch.autograd.grad((ref_ce + 0.3 * ref_entropy).sum(), (h64, w64))
+    torch.testing.assert_close(ce.double(), ref_ce, rtol=2e-2, atol=5e-2)
+    for a, b in zip(got, want, strict=True):
+        assert (a.double() - b).abs().max() <= 2e-2 * b.abs().max()

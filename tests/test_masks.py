@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from llada_train.model import LLaDA2MoeModelLM, block_causal_mask, block_diffusion_mask
-from llada_train.model.masks import block_diffusion_mask_mod
+from llada_train.model.masks import AttentionLayout, block_causal_mask_mod, block_diffusion_mask_mod
 from tests.conftest import tiny_config
 
 
@@ -78,6 +78,31 @@ def test_block_causal_mask_rules_and_offset():
             assert mask[q, k] == (k // block <= q // block)
     tail = block_causal_mask(seq_len, block, q_start=8)
     assert torch.equal(tail[0, 0], mask[8:])
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_block_causal_mask_mod_matches_brute_force_with_offset(seed):
+    """The decoder's mask_mod (queries q_start.., left padding, documents) against a per-pair loop."""
+    rng = random.Random(seed)
+    block = rng.choice([1, 2, 4, 8])
+    seq_len = block * rng.randint(2, 6)
+    q_start = rng.randrange(seq_len)
+    docs = torch.tensor([random_docs(seq_len, rng) for _ in range(2)])
+    valid = torch.ones(2, seq_len, dtype=torch.bool)
+    valid[1, :rng.randint(1, seq_len - 1)] = False
+    mod = block_causal_mask_mod(seq_len, block, docs, valid, q_start)
+    q = torch.arange(seq_len - q_start)[:, None].expand(-1, seq_len)
+    k = torch.arange(seq_len)[None, :].expand(seq_len - q_start, -1)
+    dense = AttentionLayout("block_causal", seq_len, block, docs, valid, q_start).dense()
+    for b in range(2):
+        want = torch.zeros(seq_len - q_start, seq_len, dtype=torch.bool)
+        for i in range(seq_len - q_start):
+            qp = q_start + i
+            for kp in range(seq_len):
+                ok = kp // block <= qp // block and docs[b, qp] == docs[b, kp] and bool(valid[b, kp])
+                want[i, kp] = ok if valid[b, qp] else kp == qp
+        assert torch.equal(mod(torch.tensor(b), 0, q, k), want)
+        assert torch.equal(dense[b, 0], want)
 
 
 def test_mask_rejects_bad_block_size():

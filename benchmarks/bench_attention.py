@@ -122,7 +122,7 @@ def main():
     notes = (
         f"`{' '.join(['python', *sys.argv])}` on {args.device}, {args.dtype}, batch {args.batch}, "
         f"{args.heads} query / {args.kv_heads} KV heads of {args.head_dim}; median of {args.repeats} "
-        f"interleaved repeats. flex ran {FLEX.mode}"
+        f"interleaved repeats. flex ran {FLEX.mode(device.type)}"
         + (" (CPU: compiled forward, dense softmax backward)" if device.type == "cpu" else "")
         + ". kept_pairs: share of query-key pairs the §3 mask allows; kept_tiles: share of 128x128 tiles "
         "flex computes." + (f" Peak GPU memory {peak:.2f} GiB." if peak is not None else "")

@@ -51,7 +51,7 @@ def assert_same_grads(a, b, rtol=1e-4):
             continue
         scale = pa.grad.abs().max().clamp_min(1e-12)
         err = (pa.grad - pb.grad).abs().max() / scale
-        assert err < rtol, f"{name}: relative gradient error {err:.2e} (flex {FLEX.mode})"
+        assert err < rtol, f"{name}: relative gradient error {err:.2e} (flex {FLEX.mode(pa.device.type)})"
 
 
 @pytest.mark.parametrize("seed", range(2))
@@ -146,6 +146,8 @@ def test_flex_equals_sdpa_in_cached_decoding_logits_and_gradients():
     for got, want in zip(steps["flex"], steps["sdpa"], strict=True):
         torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
     assert_same_grads(sdpa, flex)
+    # every shape above ran the compiled kernel: a silent fall-back to eager would hide here
+    assert FLEX.mode("cpu") == "compiled", "flex_attention failed to compile on CPU (see the logged warning)"
 
 
 def test_layout_rejects_bad_arguments():

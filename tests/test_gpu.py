@@ -69,7 +69,7 @@ def test_flex_equals_sdpa_on_cuda_logits_and_gradients():
                               pad_mask=layout.pad_mask.to(CUDA))
         logits[name] = model(x, attention_mask=lay, position_ids=pos).logits
         (logits[name] * weight).sum().backward()
-    assert FLEX.mode == "compiled"
+    assert FLEX.mode("cuda") == "compiled"
     torch.testing.assert_close(logits["flex"], logits["sdpa"], atol=2e-3, rtol=2e-3)
     assert_same_grads(sdpa, flex, rtol=5e-3)
 

@@ -103,13 +103,17 @@ class _FlexRunner:
 
     def __init__(self):
         self.compiled = None
-        self.mode = "compiled"  # or "eager" once compiling failed
+        self.eager_on: set[str] = set()  # device types where compiling failed
+
+    def mode(self, device_type: str = "cpu") -> str:
+        """"compiled" or "eager": how flex runs on that device type."""
+        return "eager" if device_type in self.eager_on else "compiled"
 
     def __call__(self, q, k, v, block_mask, scale):
         from torch.nn.attention.flex_attention import flex_attention
 
         kwargs = {"block_mask": block_mask, "scale": scale, "enable_gqa": True}
-        if self.mode == "compiled":
+        if q.device.type not in self.eager_on:
             if self.compiled is None:
                 # decoding meets a new (Q, K) at every block: allow that many per-shape kernels
                 torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
@@ -118,7 +122,7 @@ class _FlexRunner:
             try:
                 return self.compiled["cpu" if q.device.type == "cpu" else "cuda"](q, k, v, **kwargs)
             except Exception as err:  # inductor/dynamo failures of any kind; eager re-raises real errors
-                self.mode = "eager"
+                self.eager_on.add(q.device.type)
                 reason = f"{type(err).__name__}: {str(err).splitlines()[0]}"
                 logger.warning("flex_attention could not be compiled on %s (%s); running it eager "
                                "(dense scores, no tile skipping)", q.device, reason)

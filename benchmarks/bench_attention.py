@@ -3,9 +3,8 @@
 One call = attention over `[x_t ; x_0]` (2L positions, blocks of 32, GQA), forward and backward,
 as the trainer runs it; forward alone is timed too. Both backends take the same `AttentionLayout`.
 Repeats are interleaved (sdpa, flex, sdpa, flex, ...) and the median is reported. On CPU torch
-has no flex backward: flex's backward there is the dense softmax backward paired with the compiled
-forward (llada_train/model/attention.py), so only the forward column shows the tile skipping;
-on CUDA both directions are torch's compiled flex kernels.
+has no flex backward: flex's backward there is this project's tiled softmax backward over the
+kept tiles (llada_train/model/attention.py); on CUDA both directions are torch's compiled kernels.
 
 Run: OMP_NUM_THREADS=1 python benchmarks/bench_attention.py [--sizes 1024,2048,4096] [--device auto]
 """
@@ -123,7 +122,7 @@ def main():
         f"`{' '.join(['python', *sys.argv])}` on {args.device}, {args.dtype}, batch {args.batch}, "
         f"{args.heads} query / {args.kv_heads} KV heads of {args.head_dim}; median of {args.repeats} "
         f"interleaved repeats. flex ran {FLEX.mode(device.type)}"
-        + (" (CPU: compiled forward, dense softmax backward)" if device.type == "cpu" else "")
+        + (" (CPU: compiled forward, tiled torch backward)" if device.type == "cpu" else "")
         + ". kept_pairs: share of query-key pairs the §3 mask allows; kept_tiles: share of 128x128 tiles "
         "flex computes." + (f" Peak GPU memory {peak:.2f} GiB." if peak is not None else "")
     )

@@ -132,16 +132,17 @@ class _FlexRunner:
 FLEX = _FlexRunner()
 
 
-class _FlexWithDenseBackward(torch.autograd.Function):
+class _FlexWithTiledBackward(torch.autograd.Function):
     """flex on CPU with gradients: torch has no flex backward on CPU (and compiled CPU flex returns
     no log-sum-exp), so the forward runs the compiled block-sparse kernel and the backward
-    recomputes the softmax densely under the same mask (the FlashAttention backward, untiled)."""
+    recomputes the softmax tile row by tile row over the key tiles the BlockMask keeps, under the
+    element mask (the FlashAttention backward in torch; skipped tiles cost nothing)."""
 
     @staticmethod
     def forward(ctx, q, k, v, block_mask, dense_mask, scale):
         out = FLEX(q.detach(), k.detach(), v.detach(), block_mask, scale)
         ctx.save_for_backward(q, k, v, out, dense_mask)
-        ctx.scale = scale
+        ctx.block_mask, ctx.scale = block_mask, scale
         return out
 
     @staticmethod
@@ -149,15 +150,27 @@ class _FlexWithDenseBackward(torch.autograd.Function):
         q, k, v, out, mask = ctx.saved_tensors  # mask: (B|1, 1, Q, K)
         bsz, heads = q.shape[:2]
         groups = heads // k.shape[1]
+        q32, d_out = q.float(), d_out.float()
         k_rep, v_rep = k.repeat_interleave(groups, 1).float(), v.repeat_interleave(groups, 1).float()
-        scores = (q.float() @ k_rep.transpose(-1, -2) * ctx.scale).masked_fill(~mask, float("-inf"))
-        probs = torch.softmax(scores, dim=-1)  # (B, H, Q, K)
-        d_out = d_out.float()
-        d_v = probs.transpose(-1, -2) @ d_out  # (B, H, K, D)
-        d_probs = d_out @ v_rep.transpose(-1, -2)  # (B, H, Q, K)
-        d_scores = probs * (d_probs - (d_out * out.float()).sum(-1, keepdim=True)) * ctx.scale
-        d_q = d_scores @ k_rep  # (B, H, Q, D)
-        d_k = d_scores.transpose(-1, -2) @ q.float()  # (B, H, K, D)
+        delta = (d_out * out.float()).sum(-1, keepdim=True)  # (B, H, Q, 1)
+        d_q, d_k, d_v = torch.zeros_like(q32), torch.zeros_like(k_rep), torch.zeros_like(v_rep)
+        tiles = ctx.block_mask.to_dense()[:, 0].bool()  # (B|1, nQ, nK): tiles with any kept pair
+        q_tile, k_tile = ctx.block_mask.BLOCK_SIZE
+        for b in range(bsz):
+            for i, kept in enumerate(tiles[b % tiles.shape[0]]):
+                rows = slice(i * q_tile, (i + 1) * q_tile)
+                cols = (kept.nonzero() * k_tile + torch.arange(k_tile)).flatten()
+                cols = cols[cols < k.shape[-2]]  # key positions of the kept tiles
+                if rows.start >= q.shape[-2] or cols.numel() == 0:
+                    continue
+                kb, vb, do = k_rep[b][:, cols], v_rep[b][:, cols], d_out[b, :, rows]  # (H, n, D)
+                allowed = mask[b % mask.shape[0], 0, rows][:, cols]  # (q_tile, n)
+                scores = q32[b, :, rows] @ kb.transpose(-1, -2) * ctx.scale  # (H, q_tile, n)
+                probs = torch.softmax(scores.masked_fill(~allowed, float("-inf")), dim=-1)
+                d_scores = probs * (do @ vb.transpose(-1, -2) - delta[b, :, rows]) * ctx.scale
+                d_q[b, :, rows] = d_scores @ kb
+                d_k[b].index_add_(1, cols, d_scores.transpose(-1, -2) @ q32[b, :, rows])
+                d_v[b].index_add_(1, cols, probs.transpose(-1, -2) @ do)
 
         def per_kv_head(grad):  # (B, H, K, D) -> (B, Hkv, K, D): sum over the query heads of a group
             return grad.view(bsz, heads // groups, groups, *grad.shape[2:]).sum(2)
@@ -192,7 +205,7 @@ def flex_attention_forward(q, k, v, mask, scale):
             mask = mask.dense(q.device)
         elif mask is None:
             mask = torch.ones(1, 1, q_len, kv_len, dtype=torch.bool, device=q.device)
-        return _FlexWithDenseBackward.apply(q, k, v, block_mask, mask, scale)
+        return _FlexWithTiledBackward.apply(q, k, v, block_mask, mask, scale)
     return FLEX(q, k, v, block_mask, scale)
 
 

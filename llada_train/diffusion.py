@@ -85,7 +85,8 @@ def model_inputs(batch: NoisedBatch, block_size: int) -> dict:
     bsz, seq_len = batch.xt.shape
     pos = torch.arange(seq_len)[None].expand(bsz, -1)
     if block_size >= seq_len:
-        mask = AttentionLayout("block_causal", seq_len, seq_len, doc_ids=batch.doc_ids, pad_mask=batch.pad_mask)
+        mask = AttentionLayout("block_causal", seq_len, seq_len, doc_ids=batch.doc_ids,
+                               pad_mask=batch.pad_mask)
         return {"input_ids": batch.xt, "position_ids": pos, "attention_mask": mask}
     mask = AttentionLayout("diffusion", seq_len, block_size, doc_ids=batch.doc_ids, pad_mask=batch.pad_mask)
     return {"input_ids": torch.cat([batch.xt, batch.x0], 1), "position_ids": torch.cat([pos, pos], 1),
@@ -102,8 +103,8 @@ def supervised_positions(batch: NoisedBatch, cfg: DiffusionConfig) -> torch.Tens
 
 
 def noisy_forward(model, batch: NoisedBatch, block_size: int, mask_id: int, positions: torch.Tensor,
-                  targets: torch.Tensor | None = None, *, with_entropy: bool = False, embed_noise_std: float = 0.0,
-                  generator=None):
+                  targets: torch.Tensor | None = None, *, with_entropy: bool = False,
+                  embed_noise_std: float = 0.0, generator=None):
     """One model call over `model_inputs` that projects only `positions` (B, L) of the noisy half:
     `.logits` (N, V), or with `targets` (N,) the chunked CE results `.token_ce/.token_entropy/.token_pred`.
     Optional Gaussian noise on mask-token embeddings (the AR -> dLLM fix: a fresh mask embedding

@@ -152,8 +152,8 @@ def full_logit_loss(logits, batch: NoisedBatch, cfg: DiffusionConfig) -> torch.T
 def chunked_output(hidden, weight, batch, cfg) -> tuple:
     """What the model returns for the objective: chunked linear CE at the supervised positions."""
     supervised = supervised_positions(batch, cfg)
-    ce, entropy, pred = linear_cross_entropy(hidden[supervised], weight, batch.x0[supervised], with_entropy=True,
-                                             chunk_size=5)
+    ce, entropy, pred = linear_cross_entropy(hidden[supervised], weight, batch.x0[supervised],
+                                             with_entropy=True, chunk_size=5)
     return LLaDA2MoeOutput(token_ce=ce, token_entropy=entropy, token_pred=pred), supervised
 
 
@@ -181,9 +181,11 @@ def test_loss_equals_float64_definition(weighting, complementary, keep):
     got_grads = torch.autograd.grad(loss, (hidden, weight))
     for got, expected in zip(got_grads, torch.autograd.grad(want, (hidden, weight)), strict=True):
         torch.testing.assert_close(got, expected, rtol=1e-9, atol=1e-12)
-    assert math.isclose(float(metrics["mask_ratio"]), float(batch.masked.sum() / batch.maskable.sum()), rel_tol=1e-6)
+    mask_ratio = float(batch.masked.sum() / batch.maskable.sum())
+    assert math.isclose(float(metrics["mask_ratio"]), mask_ratio, rel_tol=1e-6)
     assert ("keep" in metrics) == (keep > 0)
-    assert int(supervised.sum()) == int((batch.masked | batch.replaced | (batch.maskable if keep else False)).sum())
+    want_supervised = batch.masked | batch.replaced | (batch.maskable if keep else False)
+    assert int(supervised.sum()) == int(want_supervised.sum())
 
 
 def packed_rows(seed: int, bsz=2, seq_len=32):
@@ -217,8 +219,8 @@ def full_noisy_logits(model, batch, block, embed_noise_std, generator):
 def full_logit_training_loss(model, x0, maskable, doc_ids, pad, cfg, *, vocab_ids, generator):
     """training_loss as it was: same noising draws, MTF drafts from full logits, full_logit_loss."""
     block = block_size_at(0, cfg, x0.shape[1])
-    batch = corrupt_t2t(noise_batch(x0, maskable, doc_ids, pad, block, cfg, MASK_ID, generator), cfg.t2t.max_ratio,
-                        vocab_ids, generator)
+    batch = noise_batch(x0, maskable, doc_ids, pad, block, cfg, MASK_ID, generator)
+    batch = corrupt_t2t(batch, cfg.t2t.max_ratio, vocab_ids, generator)
     if cfg.mtf.prob > 0 and torch.rand(1, generator=generator).item() < cfg.mtf.prob:
         for _ in range(cfg.mtf.turns - 1):
             with torch.no_grad():
@@ -245,7 +247,8 @@ def test_objective_equals_full_logit_computation_value_and_gradient(tiny_model, 
     cfg.mtf = MTFConfig(prob=1.0, turns=turns, draft_ratio=0.6)
     cfg.mask_embed_noise_std, cfg.mask_embed_noise_steps = 0.05, 10
     vocab_ids, seen = torch.arange(10, VOCAB), []
-    hook = model.register_forward_pre_hook(lambda m, a, kw: seen.append(kw["output_positions"]), with_kwargs=True)
+    hook = model.register_forward_pre_hook(lambda m, a, kw: seen.append(kw["output_positions"]),
+                                           with_kwargs=True)
     loss, metrics = training_loss(model, x0, maskable, doc_ids, pad, cfg, step=0, mask_id=MASK_ID,
                                   vocab_ids=vocab_ids, generator=torch.Generator().manual_seed(5))
     hook.remove()
@@ -264,7 +267,7 @@ def test_objective_equals_full_logit_computation_value_and_gradient(tiny_model, 
     assert not torch.cat(seen)[:, seq_len:].any()  # never the clean half
     supervised = batch.masked | batch.replaced | (batch.maskable if keep else torch.zeros_like(batch.masked))
     assert torch.equal(seen[-1][:, :seq_len], supervised)
-    assert all(not (s[:, :seq_len] & ~batch.maskable).any() for s in seen[:-1])  # drafts: masked positions only
+    assert all(not (s[:, :seq_len] & ~batch.maskable).any() for s in seen[:-1])  # drafts: masked only
 
 
 @pytest.mark.parametrize("weighting", ["elbo", "uniform"])

@@ -30,14 +30,16 @@ def random_problem(seed, n=37, hidden_size=24, vocab=301, dtype=torch.float64):
 @pytest.mark.parametrize("with_entropy", [True, False])
 def test_value_and_gradient_equal_full_logits_float64(chunk, with_entropy):
     hidden, weight, targets, coef = random_problem(chunk)
-    ce, entropy, pred = linear_cross_entropy(hidden, weight, targets, with_entropy=with_entropy, chunk_size=chunk)
+    ce, entropy, pred = linear_cross_entropy(hidden, weight, targets, with_entropy=with_entropy,
+                                             chunk_size=chunk)
     ref_ce, ref_entropy, ref_pred = full_logit_terms(F.linear(hidden, weight), targets)
     torch.testing.assert_close(ce, ref_ce, rtol=1e-12, atol=1e-12)
     assert torch.equal(pred, ref_pred) and not pred.requires_grad
     objective, ref_objective = (coef[0] * ce).sum(), (coef[0] * ref_ce).sum()
     if with_entropy:
         torch.testing.assert_close(entropy, ref_entropy, rtol=1e-12, atol=1e-12)
-        objective, ref_objective = objective + (coef[1] * entropy).sum(), ref_objective + (coef[1] * ref_entropy).sum()
+        objective = objective + (coef[1] * entropy).sum()
+        ref_objective = ref_objective + (coef[1] * ref_entropy).sum()
     else:
         assert entropy is None
     got = torch.autograd.grad(objective, (hidden, weight))

@@ -4,9 +4,10 @@ At the released vocabulary (157,184) the logits of one 4k-token row over `[x_t ;
 5 GB in float32 before their gradient. `linear_cross_entropy` takes the hidden states of only the
 positions a loss reads and the head weight, and walks them in chunks: a chunk's logits live
 inside the forward and are recomputed in the backward, so memory is one chunk of logits plus the
-(N,) results. Value and gradient are those of `F.cross_entropy(F.linear(h, W).float(), y)` (and of
-the same softmax's entropy, for the CAP term) up to float rounding; hand-written because the
-entropy is needed from the same chunks, which the fused-CE libraries do not return.
+(N,) results (when all N rows fit in one chunk, that chunk is kept for the backward instead).
+Value and gradient are those of `F.cross_entropy(F.linear(h, W).float(), y)` (and of the same
+softmax's entropy, for the CAP term) up to float rounding; hand-written because the entropy and
+argmax are needed from the same chunks, which the fused-CE libraries do not return.
 """
 
 import torch
@@ -49,27 +50,29 @@ class _LinearCrossEntropy(torch.autograd.Function):
             pred[lo:hi] = logits.argmax(-1)
             if with_entropy:
                 entropy[lo:hi] = _entropy(logits, lse[lo:hi])
-        ctx.save_for_backward(hidden, weight, targets, lse, entropy)
+        one_chunk = logits if 0 < n <= chunk else hidden.new_empty(0)  # small: keep, skip the recompute
+        ctx.save_for_backward(hidden, weight, targets, lse, entropy, one_chunk)
         ctx.with_entropy, ctx.chunk = with_entropy, chunk
         ctx.mark_non_differentiable(pred)
         return ce, entropy, pred
 
     @staticmethod
     def backward(ctx, grad_ce, grad_entropy, _grad_pred):
-        hidden, weight, targets, lse, entropy = ctx.saved_tensors
+        hidden, weight, targets, lse, entropy, one_chunk = ctx.saved_tensors
         grad_hidden = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None
         grad_weight = torch.zeros(weight.shape, dtype=_compute_dtype(weight.dtype), device=weight.device) \
             if ctx.needs_input_grad[1] else None
         for lo in range(0, hidden.shape[0], ctx.chunk):
             hi = min(lo + ctx.chunk, hidden.shape[0])
-            grad_logits = _chunk_grad_logits(_chunk_logits(hidden[lo:hi], weight), targets[lo:hi], lse[lo:hi],
+            logits = one_chunk if one_chunk.numel() else _chunk_logits(hidden[lo:hi], weight)  # (C, V)
+            grad_logits = _chunk_grad_logits(logits, targets[lo:hi], lse[lo:hi],
                                              grad_ce[lo:hi], entropy[lo:hi] if ctx.with_entropy else None,
                                              grad_entropy[lo:hi] if ctx.with_entropy else None)
             grad_logits = grad_logits.to(weight.dtype)  # (C, V)
             if grad_hidden is not None:
                 grad_hidden[lo:hi] = grad_logits @ weight
             if grad_weight is not None:
-                grad_weight.addmm_(grad_logits.T.to(grad_weight.dtype), hidden[lo:hi].to(grad_weight.dtype))
+                grad_weight += grad_logits.T @ hidden[lo:hi]  # GEMM in the weights' dtype, summed in fp32
         grad_weight = None if grad_weight is None else grad_weight.to(weight.dtype)
         return grad_hidden, grad_weight, None, None, None
 
@@ -93,8 +96,8 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: to
     ce and entropy in float32 (float64 for float64 weights) and differentiable, argmax without grad.
     """
     if hidden.shape[:-1] != targets.shape or hidden.dim() != 2:
-        raise ValueError(f"linear_cross_entropy: hidden {tuple(hidden.shape)} must be (N, H) with targets (N,); "
-                         f"got targets {tuple(targets.shape)}")
+        raise ValueError(f"linear_cross_entropy: hidden {tuple(hidden.shape)} must be (N, H) with targets "
+                         f"(N,); got targets {tuple(targets.shape)}")
     chunk = chunk_size or max(1, CHUNK_ELEMENTS // weight.shape[0])
     ce, entropy, pred = _LinearCrossEntropy.apply(hidden, weight, targets, with_entropy, chunk)
     return ce, entropy if with_entropy else None, pred

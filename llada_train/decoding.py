@@ -34,7 +34,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -458,6 +458,8 @@ class Completions:
     texts: list[str]  # response text before the first EOS, special tokens dropped
     token_ids: list[list[int]]  # response tokens before the first EOS
     tokens_per_forward: list[float]  # per prompt
+    nfe: list[int] = field(default_factory=list)  # model forwards per prompt
+    edits: list[int] = field(default_factory=list)  # T2T edits per prompt
 
 
 def complete(model, tokenizer, prompts: list, *, mode: str = "Q", gen_length: int = DEFAULT_GEN_LENGTH,
@@ -476,6 +478,8 @@ def complete(model, tokenizer, prompts: list, *, mode: str = "Q", gen_length: in
         done.token_ids += [[t for t in row[:n] if t != eos] for row, n in
                            zip(out.sequences[:, input_ids.shape[1]:].tolist(), out.lengths.tolist(), strict=True)]
         done.tokens_per_forward += out.tokens_per_forward.tolist()
+        done.nfe += out.nfe.tolist()
+        done.edits += out.edits.tolist()
     return done
 
 

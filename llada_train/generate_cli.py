@@ -18,7 +18,6 @@ from .decoding import (
     DECODE_PRESETS,
     DEFAULT_BLOCK_LENGTH,
     DEFAULT_GEN_LENGTH,
-    decode_responses,
     encode_prompts,
     generate,
     load_decode_defaults,
@@ -36,7 +35,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", required=True, help="HF model directory (an export of cpt/sft/rl)")
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--prompt", help="one prompt; the answer streams to the terminal block by block")
-    src.add_argument("--prompts", type=Path, help="jsonl file, one {'prompt': str} or {'messages': [...]} per line")
+    src.add_argument("--prompts", type=Path, help="jsonl file, one {'prompt' or 'question': str} or {'messages': "
+                                                  "[...]} per line; decoded exactly as the RL held-out eval")
     p.add_argument("--out", type=Path, help="jsonl output for --prompts (default: stdout)")
     p.add_argument("--mode", choices=sorted(DECODE_PRESETS), help="decoding preset (default: saved, else Q)")
     p.add_argument("--threshold", type=float, help="M2T unmasking threshold")
@@ -91,8 +91,8 @@ def _read_prompts(path: Path) -> list[dict]:
             row = json.loads(line)
         except json.JSONDecodeError as e:
             raise ValueError(f"{path}:{n}: not valid JSON ({e})") from e
-        if not isinstance(row, dict) or not isinstance(row.get("prompt", row.get("messages")), (str, list)):
-            raise ValueError(f"{path}:{n}: each line needs a 'prompt' string or a 'messages' list")
+        if not isinstance(row, dict) or not any(isinstance(row.get(k), (str, list)) for k in PROMPT_FIELDS):
+            raise ValueError(f"{path}:{n}: each line needs a 'prompt' or 'question' string or a 'messages' list")
         rows.append(row)
     return rows
 
@@ -136,24 +136,34 @@ def _stream_one(args, model, tok, params):
           f"tokens/forward, {int(out.edits[0])} edits, {out.lengths[0] / seconds:.1f} tokens/s]", file=sys.stderr)
 
 
+PROMPT_FIELDS = ("prompt", "question", "messages")  # the first one a --prompts row has is decoded
+
+
 def _run_file(args, model, tok, params):
+    """Every row's completion through `decoding.complete`, the loop of the SFT/RL held-out eval:
+    with the export's saved settings and --mode, a prompt decodes to the tokens the RL eval got."""
     from tqdm import tqdm
+
+    from .decoding import complete
 
     rows = _read_prompts(args.prompts)
     sink = args.out.open("w") if args.out else sys.stdout
+    overrides = {k: v for k, v in params.items() if k not in ("gen_length", "block_length")}
     try:
         for i in tqdm(range(0, len(rows), args.batch_size), desc="generate", unit="batch", file=sys.stderr):
             batch = rows[i:i + args.batch_size]
-            prompts = [r["prompt"] if "prompt" in r else r["messages"] for r in batch]
+            prompts = [next(r[k] for k in PROMPT_FIELDS if k in r) for r in batch]
             if not args.chat and not all(isinstance(p, str) for p in prompts):
                 raise ValueError(f"{args.prompts}: 'messages' rows need the chat template; drop --no-chat")
-            input_ids, lengths = encode_prompts(tok, prompts, chat=args.chat)
-            out = generate(model, input_ids.to(args.device), prompt_lengths=lengths.to(args.device), **params)
-            texts = decode_responses(tok, out, input_ids.shape[1], params["eos_token_id"])
-            for r, (row, text) in enumerate(zip(batch, texts, strict=True)):
-                sink.write(json.dumps({**row, "completion": text, "length": int(out.lengths[r]),
-                                       "nfe": int(out.nfe[r]), "edits": int(out.edits[r]),
-                                       "tokens_per_forward": round(float(out.tokens_per_forward[r]), 4)}) + "\n")
+            with torch.no_grad():
+                done = complete(model, tok, prompts, mode=args.mode or "Q", gen_length=params["gen_length"],
+                                block_length=params["block_length"], chat=args.chat, batch_size=len(batch),
+                                **overrides)
+            for r, row in enumerate(batch):
+                sink.write(json.dumps({**row, "completion": done.texts[r], "completion_ids": done.token_ids[r],
+                                       "length": len(done.token_ids[r]), "nfe": int(done.nfe[r]),
+                                       "edits": int(done.edits[r]),
+                                       "tokens_per_forward": round(done.tokens_per_forward[r], 4)}) + "\n")
             sink.flush()
     finally:
         if args.out:

@@ -39,7 +39,7 @@ def series(records: list[dict], key: str) -> tuple[list, list]:
 
 def score_model(model_dir: Path, rows: list[dict], prompt_field: str, mode: str) -> dict:
     """Greedy threshold decoding of every held-out prompt: accuracy, tokens per forward, samples."""
-    from .data.tasks import check
+    from .data.tasks import is_checkable, row_correct
     from .data.tokenizer import load_tokenizer
     from .decoding import complete, load_decode_defaults
     from .model import LLaDA2MoeModelLM
@@ -51,10 +51,38 @@ def score_model(model_dir: Path, rows: list[dict], prompt_field: str, mode: str)
     with torch.no_grad():
         done = complete(model, tokenizer, [r[prompt_field] for r in rows], mode=mode, batch_size=32, **lengths)
     texts, tpf = done.texts, done.tokens_per_forward
-    right = [check(r["task"], r["answer"], t) if "task" in r else t.strip() == str(r["answer"]).strip()
+    right = [row_correct(r, t) if is_checkable(r) else t.strip() == str(r["answer"]).strip()
              for r, t in zip(rows, texts, strict=True)]
     return {"accuracy": sum(right) / max(1, len(right)), "tpf": sum(tpf) / max(1, len(tpf)), "texts": texts,
             "right": right}
+
+
+def paired_gain(before: list[bool], after: list[bool]) -> tuple[float, float, float]:
+    """Mean of after - before over the same prompts and its 95% interval (normal approximation of
+    the paired difference: the per-prompt differences' standard error, so the shared prompts'
+    difficulty cancels; McNemar-style, tighter than treating the two accuracies as independent)."""
+    n = len(before)
+    assert n == len(after) and n > 0, (n, len(after))
+    diffs = [float(a) - float(b) for b, a in zip(before, after, strict=True)]
+    mean = sum(diffs) / n
+    var = sum((d - mean) ** 2 for d in diffs) / max(n - 1, 1)
+    half = 1.96 * (var / n) ** 0.5
+    return mean, mean - half, mean + half
+
+
+def gain_lines(rows: list[dict], sft_right: list[bool], rl_right: list[bool]) -> list[str]:
+    """Markdown lines: RL - SFT exact match per family and overall, with n and the paired 95% interval."""
+    families = sorted({str(r.get("task", "all")) for r in rows})
+    groups = [(f, [i for i, r in enumerate(rows) if str(r.get("task", "all")) == f]) for f in families]
+    if len(families) > 1:
+        groups.append(("all", list(range(len(rows)))))
+    lines = ["| family | n | SFT | RL | RL - SFT | 95% interval (paired) |", "|---|---|---|---|---|---|"]
+    for family, idx in groups:
+        before, after = [sft_right[i] for i in idx], [rl_right[i] for i in idx]
+        mean, lo, hi = paired_gain(before, after)
+        lines.append(f"| {family} | {len(idx)} | {sum(before) / len(idx):.3f} | {sum(after) / len(idx):.3f} | "
+                     f"{mean:+.3f} | [{lo:+.3f}, {hi:+.3f}] |")
+    return lines
 
 
 def _plot_losses(run_dir: Path, out: Path, stages: list[str]):
@@ -149,6 +177,9 @@ def write_report(run_dir) -> Path:
                   "| model | mode | exact match | tokens per forward |", "|---|---|---|---|"]
         lines += [f"| {k.split()[0]} | {k.split()[1]} | {v['accuracy']:.3f} | {v['tpf']:.2f} |"
                   for k, v in scores.items()]
+        if len(models) == 2:
+            lines += ["", "## RL gain over SFT (Q mode, same prompts)", "",
+                      *gain_lines(rows, scores["SFT Q"]["right"], scores["RL Q"]["right"])]
         lines += ["", f"![decoding]({PLOTS['decoding']})", "", "## Sample generations (Q mode)", "",
                   "| prompt | answer | " + " | ".join(f"{s.upper()}" for s in models) + " |",
                   "|---|---|" + "---|" * len(models)]

@@ -26,6 +26,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from . import reasoning_gym
+from .reasoning_gym import is_rg_task
+
 EVAL_FRACTION = 0.1
 SPLITS = ("train", "eval")
 KINDS = ("sft", "rl")
@@ -127,6 +130,22 @@ def check(task: str, answer: str, completion: str) -> bool:
     return get_task(task).check(answer, completion)
 
 
+def is_checkable(row: dict) -> bool:
+    """A row whose correctness ``row_correct`` can decide: a built-in family with its string answer,
+    or a reasoning-gym family with its entry."""
+    if is_rg_task(row.get("task")):
+        return isinstance(row.get("rg_entry"), str)
+    return row.get("task") in TASKS and row.get("answer") is not None
+
+
+def row_correct(row: dict, completion: str) -> bool:
+    """Exact correctness of a completion for a task row: the family's checker, or for ``rg:`` rows
+    the dataset's own ``score_answer`` giving full marks."""
+    if is_rg_task(row["task"]):
+        return reasoning_gym.is_correct(row, completion)
+    return check(row["task"], str(row["answer"]), completion)
+
+
 def split_of(task: str, problem: str) -> str:
     """``"eval"`` or ``"train"``, from a hash of the problem alone (seed-independent)."""
     digest = hashlib.blake2b(f"{task}\x00{problem}".encode(), digest_size=8).digest()
@@ -156,38 +175,52 @@ def _draw(task: TaskFamily, n: int, split: str, seed: int, kwargs: dict) -> list
 def make_rows(tasks: list[str], n: int, *, split: str, seed: int, kind: str, **task_kwargs) -> list[dict]:
     """``n`` rows mixed evenly over ``tasks`` (deterministic in ``seed``), distinct within a task.
 
-    ``task_kwargs`` maps a task name to its generator options, e.g. ``addition={"max_digits": 2}``.
-    SFT rows: ``{"messages": [user, assistant], "task", "answer"}``; RL rows:
-    ``{"prompt", "answer", "task"}`` (the prompt is the raw user text; render it with
-    ``llada_train.data.chat.render_prompt``).
+    ``task_kwargs`` maps a task name to its generator options, e.g. ``addition={"max_digits": 2}``
+    or ``**{"rg:countdown": {"max_numbers": 3}}``. SFT rows: ``{"messages": [user, assistant], "task",
+    "answer"}``; RL rows: ``{"prompt", "answer", "task"}`` (the prompt is the raw user text; render it
+    with ``llada_train.data.chat.render_prompt``). ``rg:`` rows also carry ``rg_entry`` and
+    ``rg_options`` (JSON text) for the reasoning-gym reward and checker.
     """
+    _check_request(tasks, n, split, kind, task_kwargs)
+    counts = [n // len(tasks) + (i < n % len(tasks)) for i in range(len(tasks))]
+    rows = []
+    for name, count in zip(tasks, counts, strict=True):
+        options = task_kwargs.get(name, {})
+        if is_rg_task(name):
+            entries = reasoning_gym.draw_entries(name, count, split, seed, options)
+            rows += [reasoning_gym.entry_row(name, e, options, kind) for e in entries]
+            continue
+        for problem, answer in _draw(get_task(name), count, split, seed, options):
+            if kind == "sft":
+                messages = [{"role": "user", "content": problem}, {"role": "assistant", "content": answer}]
+                rows.append({"messages": messages, "task": name, "answer": answer})
+            else:
+                rows.append({"prompt": problem, "answer": answer, "task": name})
+    random.Random(f"{seed}:mix:{split}").shuffle(rows)
+    return rows
+
+
+def _check_request(tasks: list[str], n: int, split: str, kind: str, task_kwargs: dict) -> None:
     if split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
     if kind not in KINDS:
         raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
     if not tasks:
-        raise ValueError("tasks is empty; name at least one of: " + ", ".join(TASKS))
+        raise ValueError("tasks is empty; name at least one of: " + ", ".join(TASKS) + ", or rg:<dataset>")
     if n < 0:
         raise ValueError(f"n must be >= 0, got {n}")
-    families = [get_task(t) for t in tasks]
+    for name in tasks:
+        if is_rg_task(name):
+            reasoning_gym.validate_options(reasoning_gym.dataset_name(name), task_kwargs.get(name, {}))
+        else:
+            get_task(name)
     for name, kw in task_kwargs.items():
-        family = get_task(name)
         if name not in tasks:
             raise ValueError(f"options given for task {name!r}, which is not in tasks {tasks}")
-        if not isinstance(kw, dict) or set(kw) - set(family.options()):
+        family = None if is_rg_task(name) else get_task(name)
+        if family is not None and (not isinstance(kw, dict) or set(kw) - set(family.options())):
             raise ValueError(f"options for task {name!r} must be a dict with keys from {family.options()}, "
                              f"got {kw!r}")
-    counts = [n // len(families) + (i < n % len(families)) for i in range(len(families))]
-    rows = []
-    for family, count in zip(families, counts, strict=True):
-        for problem, answer in _draw(family, count, split, seed, task_kwargs.get(family.name, {})):
-            if kind == "sft":
-                messages = [{"role": "user", "content": problem}, {"role": "assistant", "content": answer}]
-                rows.append({"messages": messages, "task": family.name, "answer": answer})
-            else:
-                rows.append({"prompt": problem, "answer": answer, "task": family.name})
-    random.Random(f"{seed}:mix:{split}").shuffle(rows)
-    return rows
 
 
 def write_jsonl(rows: list[dict], path: str | Path) -> Path:
@@ -202,7 +235,7 @@ def write_jsonl(rows: list[dict], path: str | Path) -> Path:
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="python -m llada_train.data.tasks", description=__doc__.split("\n")[0])
-    p.add_argument("--tasks", required=True, help=f"comma-separated, from: {','.join(TASKS)}")
+    p.add_argument("--tasks", required=True, help=f"comma-separated, from: {','.join(TASKS)}, rg:<dataset>")
     p.add_argument("--n", type=int, required=True, help="number of rows (split evenly over tasks)")
     p.add_argument("--split", choices=SPLITS, default="train")
     p.add_argument("--kind", choices=KINDS, default="sft")

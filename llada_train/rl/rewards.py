@@ -516,6 +516,23 @@ def exact_match(prompts: list[str], completions: list[str], *, answer: Sequence,
     return [None if a is None else float(c.strip() == str(a).strip()) for c, a in zip(completions, answer, strict=True)]
 
 
+def reasoning_gym(prompts: list[str], completions: list[str], *, task: Sequence, rg_entry: Sequence,
+                  rg_options: Sequence | None = None, partial_credit: bool = False, **kwargs) -> Scores:
+    """The reasoning-gym dataset's own `score_answer` for `rg:` rows (None for other rows): 1.0 when
+    correct; with `partial_credit` its fractional scores, else anything below 1 scores 0."""
+    from llada_train.data.reasoning_gym import is_rg_task, score
+
+    options = rg_options if rg_options is not None else ["{}"] * len(completions)
+    out = []
+    for completion, name, entry, opts in zip(completions, task, rg_entry, options, strict=True):
+        if not is_rg_task(name) or entry is None:
+            out.append(None)
+            continue
+        value = score(name, completion, entry, opts or "{}")
+        out.append(value if partial_credit or value >= 1.0 else 0.0)
+    return out
+
+
 DEFAULT_FORMAT_PATTERN = r"\\boxed\{.+\}|####\s*\S+"
 
 

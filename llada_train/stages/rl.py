@@ -16,7 +16,7 @@ import torch.distributed as dist
 
 from ..config import ConfigError
 from ..data.chat import MalformedRow, _iter_source, render_prompt
-from ..data.tasks import check, make_rows
+from ..data.tasks import is_checkable, make_rows, row_correct
 from ..data.text import BatchIterator
 from ..decoding import complete, generation_config_dict
 from ..engine import engine_step, init_distributed, reduce_over_ranks
@@ -260,33 +260,40 @@ def rl_step_fn(cfg, tokenizer, rows: list[dict], rollouts, rewards: RewardComput
 
 def rl_eval_fn(cfg, tokenizer, rows: list[dict], rewards: RewardComputer, gen_length: int,
                rank: int = 0, world: int = 1):
-    """Greedy `rl.eval_mode` decoding of the held-out prompts: exact-match accuracy (rows with `task`
-    and `answer`, via tasks.check), mean reward and tokens per forward. Under data parallelism each
-    rank decodes every `world`-th prompt and the sums are combined."""
+    """Greedy `rl.eval_mode` decoding of the held-out prompts: exact-match accuracy (task rows, via
+    tasks.row_correct; per family too when there are several), mean reward and tokens per forward.
+    Under data parallelism each rank decodes every `world`-th prompt and the sums are combined."""
     field = cfg.data.prompt_field
     bsz = max(cfg.train.batch_size * cfg.rl.group_size // world, 1)
     mine = rows[rank::world]
+    tasks = sorted({r["task"] for r in rows if is_checkable(r)})
 
     def eval_fn(engine, step) -> dict:
         model = engine.module if hasattr(engine, "module") else engine
         done = complete(model, tokenizer, [r[field] for r in mine], mode=cfg.rl.eval_mode, gen_length=gen_length,
                         block_length=cfg.diffusion.block_size, batch_size=bsz) if mine else None
         texts = done.texts if done else []
-        checkable = [(r, t) for r, t in zip(mine, texts, strict=True) if "task" in r and "answer" in r]
+        graded = [(r["task"], row_correct(r, t)) for r, t in zip(mine, texts, strict=True) if is_checkable(r)]
         scores = []
         if done:
             columns = {**_reward_columns(mine, field, 1), "completion_ids": done.token_ids}
             scores = rewards.score([_prompt_text(r[field], tokenizer) for r in mine], texts, columns).total
-        n, tpf, n_checkable, right, reward = reduce_over_ranks(
-            len(mine), sum(done.tokens_per_forward) if done else 0.0, len(checkable),
-            sum(check(r["task"], str(r["answer"]), t) for r, t in checkable), sum(scores))
-        metrics = {"tokens_per_forward": tpf / n}
-        if n_checkable:
-            metrics["accuracy"] = right / n_checkable
-        metrics["reward"] = reward / n
+        n, tpf, reward, *counts = reduce_over_ranks(
+            len(mine), sum(done.tokens_per_forward) if done else 0.0, sum(scores), *_task_counts(graded, tasks))
+        metrics = {"tokens_per_forward": tpf / n, "reward": reward / n}
+        if sum(counts[0::2]):
+            metrics["accuracy"] = sum(counts[1::2]) / sum(counts[0::2])
+        if len(tasks) > 1:  # one accuracy per family: `accuracy/rg:countdown`, ...
+            metrics.update({f"accuracy/{task}": counts[2 * i + 1] / counts[2 * i]
+                            for i, task in enumerate(tasks) if counts[2 * i]})
         return metrics
 
     return eval_fn
+
+
+def _task_counts(graded: list[tuple[str, bool]], tasks: list[str]) -> list[int]:
+    """(rows, right) of each task in `tasks` order, flattened: the same length on every rank."""
+    return [x for task in tasks for x in (sum(t == task for t, _ in graded), sum(ok for t, ok in graded if t == task))]
 
 
 __all__ = [

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 from ..config import ConfigError
 from ..data.chat import ChatStats, MalformedRow, load_chat_rows, response_spans, tokenize_chat
-from ..data.tasks import TASKS, check, make_rows
+from ..data.tasks import is_checkable, make_rows, row_correct
 from ..data.text import BatchIterator
 from ..decoding import DEFAULT_GEN_LENGTH, complete, generation_config_dict
 from ..engine import init_distributed
@@ -176,13 +176,13 @@ def merged_lora_export(engine):
 
 def task_accuracy_fn(cfg, tokenizer, rows: list):
     """Exact-match accuracy of threshold decoding (`DECODE_MODE`) on held-out rows that carry a
-    known `task` (data.tasks.TASKS) and a string `answer`, on up to `train.eval_batches *
+    checkable `task` (built-in, or `rg:` scored by its dataset) and a string `answer`, on up to `train.eval_batches *
     train.batch_size` prompts; also the decoder's tokens per forward. None when no row is
     checkable. The response budget is the longest gold response (with end marker and EOS) in
     whole blocks."""
     checkable, longest = [], 0
     for row in rows:
-        if row.get("task") not in TASKS or not isinstance(row.get("answer"), str):
+        if not is_checkable(row) or not isinstance(row.get("answer"), str):
             continue
         try:
             answer = [text for text, is_response in response_spans(row["messages"], tokenizer) if is_response][-1]
@@ -201,7 +201,7 @@ def task_accuracy_fn(cfg, tokenizer, rows: list):
     def accuracy(model) -> dict:
         done = complete(model, tokenizer, prompts, mode=DECODE_MODE, gen_length=gen_length, block_length=block,
                         batch_size=len(prompts))
-        right = [check(row["task"], row["answer"], text) for row, text in zip(checkable, done.texts, strict=True)]
+        right = [row_correct(row, text) for row, text in zip(checkable, done.texts, strict=True)]
         return {"accuracy": sum(right) / len(right),
                 "tokens_per_forward": sum(done.tokens_per_forward) / len(done.tokens_per_forward)}
 

@@ -8,8 +8,12 @@ pickling and jsonl files; the reward rebuilds the dataset from (name, options) a
 `score_answer`.
 
 Seeding: entry i of `create_dataset(name, seed=s)` is entry 0 of seed s + i, so the problem sets
-of two seeds overlap. The train/eval split is therefore the hash of the question text
-(`tasks.split_of`), never the seed: no held-out question can be drawn into any train set.
+of two seeds overlap. The train/eval split is therefore a hash of the problem (`tasks.split_of`),
+never the seed: no held-out question can be drawn into any train set. For Countdown and mini
+Sudoku the hashed key is coarser than the question text, so rewordings do not leak either:
+Countdown's templates and number orders state one problem (numbers, target) many ways, and a 4x4
+Sudoku puzzle's key is its solution grid (there are only 288), so held-out puzzles come from grids
+no train puzzle has.
 """
 
 from __future__ import annotations
@@ -78,6 +82,19 @@ def _dataset(name: str, options_json: str, seed: int = 0, size: int = 1):
     return reasoning_gym.create_dataset(name, seed=seed, size=size, **options)
 
 
+# dataset -> the problem a question states (the split key); other datasets: the question text
+SPLIT_KEYS = {
+    "countdown": lambda e: json.dumps([sorted(e["metadata"]["numbers"]), e["metadata"]["target"]]),
+    "mini_sudoku": lambda e: json.dumps(e["metadata"]["solution"]),
+}
+
+
+def split_key(name: str, entry: dict) -> str:
+    """What the train/eval hash reads: a function of the question text, coarser where the
+    dataset states one problem in several texts."""
+    return SPLIT_KEYS[name](entry) if name in SPLIT_KEYS else entry["question"]
+
+
 def _base_seed(seed: int, task: str, split: str) -> int:
     digest = hashlib.blake2b(f"{seed}:{task}:{split}".encode(), digest_size=4).digest()
     return int.from_bytes(digest, "big")
@@ -85,7 +102,7 @@ def _base_seed(seed: int, task: str, split: str) -> int:
 
 def draw_entries(task: str, n: int, split: str, seed: int, options: dict) -> list[dict]:
     """`n` entries of `split` with distinct questions, walked from a per-(seed, task, split) start.
-    The split of an entry is the hash of its question (`tasks.split_of`), so it holds across seeds."""
+    The split of an entry is the hash of its `split_key` (`tasks.split_of`), so it holds across seeds."""
     from .tasks import split_of
 
     name = dataset_name(task)
@@ -97,7 +114,7 @@ def draw_entries(task: str, n: int, split: str, seed: int, options: dict) -> lis
         if len(seen) == n:
             break
         entry = data[i]
-        if entry["question"] not in seen and split_of(task, entry["question"]) == split:
+        if entry["question"] not in seen and split_of(task, split_key(name, entry)) == split:
             seen[entry["question"]] = entry
     if len(seen) < n:
         raise ValueError(f"data.task_options.{task} {options or '(defaults)'}: only about {len(seen)} distinct "

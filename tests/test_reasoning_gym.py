@@ -161,3 +161,8 @@ def test_rg_rows_through_sft_and_rl_clis_and_generate_decodes_as_the_rl_eval(tmp
     generated = [json.loads(x) for x in out.read_text().splitlines()]
     assert [g["completion_ids"] for g in generated] == last_eval["ids"]
     assert all(g["question"] == r["prompt"] for g, r in zip(generated, held, strict=True))
+
+    # The report scores both exports with the same scorer and prints the gain per family.
+    report = (tmp_path / "report.md").read_text() if main(["report", str(tmp_path)]) == 0 else ""
+    for family, n in (("rg:countdown", 2), ("rg:mini_sudoku", 2), ("all", 4)):
+        assert any(line.startswith(f"| {family} | {n} |") for line in report.splitlines()), report

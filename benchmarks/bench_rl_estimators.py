@@ -35,7 +35,7 @@ import yaml
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.common import RESULTS, write_results
 from llada_train.config import load_config
-from llada_train.data.tasks import check
+from llada_train.data.tasks import row_correct
 from llada_train.data.tokenizer import load_tokenizer
 from llada_train.decoding import complete
 from llada_train.model import LLaDA2MoeModelLM
@@ -78,10 +78,6 @@ def mean_interval(values: list[float]) -> tuple[float, float, float]:
 # ---- held-out evaluation --------------------------------------------------------------------------
 
 
-def correct(row: dict, text: str) -> bool:
-    return bool(check(row["task"], str(row["answer"]), text))
-
-
 class HeldoutEval:
     """Trainer `eval_fn` for every arm: per-family greedy accuracy, with the time spent here kept out
     of the arm's training wall-clock. The step-0 result is computed once and shared."""
@@ -102,7 +98,7 @@ class HeldoutEval:
         done = complete(model, self.tokenizer, [r[field] for r in self.rows], mode=self.cfg.rl.eval_mode,
                         gen_length=self.gen_length, block_length=self.cfg.diffusion.block_size,
                         batch_size=self.batch_size)
-        return [correct(r, t) for r, t in zip(self.rows, done.texts, strict=True)]
+        return [row_correct(r, t) for r, t in zip(self.rows, done.texts, strict=True)]
 
     def __call__(self, engine, step: int) -> dict:
         now = time.perf_counter()
@@ -142,7 +138,7 @@ def pass_at_k(cfg, tokenizer, model, rows: list[dict], gen_length: int, k: int) 
     roll = rollout_step(executor, tokenizer, [r[field] for r in rows], group_size=k,
                         prompts_per_chunk=cfg.rl.prompts_per_chunk, seed=cfg.run.seed, step=-1,
                         eos_token_id=model.config.eos_token_id, block_length=cfg.diffusion.block_size)
-    hits = [correct(rows[i // k], text) for i, text in enumerate(roll.completions)]
+    hits = [row_correct(rows[i // k], text) for i, text in enumerate(roll.completions)]
     out = {}
     for family in sorted({r["task"] for r in rows}):
         per_prompt = [hits[i * k:(i + 1) * k] for i, r in enumerate(rows) if r["task"] == family]
@@ -159,42 +155,55 @@ def pass_at_k(cfg, tokenizer, model, rows: list[dict], gen_length: int, k: int) 
 
 
 def base_overrides(args, sft_cfg: dict) -> list[str]:
-    data, families = sft_cfg["data"], sft_cfg["data"]["tasks"]
-    return [f"model.init_from={args.sft}", f"data.tasks={json.dumps(families)}",
-            f"data.task_options={json.dumps(data.get('task_options') or {})}",
-            f"diffusion.block_size={sft_cfg['diffusion']['block_size']}", "data.train=tasks",
+    families = sft_cfg["data"]["tasks"]
+    return [f"model.init_from={args.sft}", f"diffusion.block_size={sft_cfg['diffusion']['block_size']}",
+            "data.train=tasks",
             f"data.num_eval={args.heldout * len(families)}", f"train.steps={args.steps}",
             f"train.eval_every={args.eval_every}", f"train.save_every={args.steps}", "train.log_every=1",
             "train.export_hf=false", "rl.ray.enabled=false", *args.set]
 
 
-def run_arm(name: str, overrides: list[str], args, evaluator: HeldoutEval, work: Path) -> list[dict]:
+def arm_config(args, overrides: list[str], sft_cfg: dict):
+    """The RL config of an arm, with the SFT run's families and options (replacing the YAML's: an
+    override would merge the option dicts)."""
+    cfg = load_config("rl", args.rl_config, overrides)
+    cfg.data.tasks = list(sft_cfg["data"]["tasks"])
+    cfg.data.task_options = dict(sft_cfg["data"].get("task_options") or {})
+    return cfg
+
+
+def run_arm(name: str, overrides: list[str], args, sft_cfg: dict, evaluator: HeldoutEval, work: Path) -> list:
     """One RL run; returns its metrics.jsonl training records."""
     out = work / name.replace(" ", "_").replace("=", "")
-    cfg = load_config("rl", args.rl_config, [*overrides, *ARMS[name], f"run.out_dir={out}"])
+    cfg = arm_config(args, [*overrides, *ARMS[name], f"run.out_dir={out}"], sft_cfg)
     evaluator.begin(name)
     if not run_rl(cfg, eval_fn=evaluator):
         raise RuntimeError(f"arm {name!r} stopped early; see {out}/metrics.jsonl")
     return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
 
 
-def summary_rows(evaluator: HeldoutEval, train_logs: dict) -> list[dict]:
-    """The table: per arm and family, the final accuracy with its interval and the paired gain."""
-    start = evaluator.start["hits"]
+def paired(evaluator: HeldoutEval, hits: list[bool], base: list[bool], family: str) -> str:
+    """Mean difference of two arms on the same held-out prompts of `family`, with its 95% interval."""
+    diffs = [h - b for r, h, b in zip(evaluator.rows, hits, base, strict=True) if r["task"] == family]
+    mean, lo, hi = mean_interval(diffs)
+    return f"{mean:+.3f} [{lo:+.3f}, {hi:+.3f}]"
+
+
+def summary_rows(evaluator: HeldoutEval, train_logs: dict, reference: str) -> list[dict]:
+    """The table: per arm and family, the final accuracy with its interval, the paired gain over the
+    start and the paired difference to the `reference` arm."""
+    finals = {START: {"hits": evaluator.start["hits"], "step": 0, "train_seconds": 0.0}}
+    finals.update({arm: [r for r in evaluator.records if r["arm"] == arm][-1] for arm in train_logs})
+    base = finals.get(reference, finals[START])["hits"]
     rows = []
-    for arm in [START, *train_logs]:
-        final = {"hits": start, "step": 0, "train_seconds": 0.0}
-        if arm != START:
-            final = [r for r in evaluator.records if r["arm"] == arm][-1]
-        hits, log = final["hits"], train_logs.get(arm, [])
+    for arm, final in finals.items():
+        log = train_logs.get(arm, [])
         for family in evaluator.families:
-            diffs = [h - s for r, h, s in zip(evaluator.rows, hits, start, strict=True)
-                     if r["task"] == family]
-            gain, glo, ghi = mean_interval(diffs)
-            acc = evaluator.per_family(hits)[family]
+            acc = evaluator.per_family(final["hits"])[family]
             rows.append({"arm": arm, "family": family, "n": acc["n"], "accuracy": acc["accuracy"],
                          "acc_ci95": f"[{acc['ci95'][0]:.3f}, {acc['ci95'][1]:.3f}]",
-                         "gain": gain, "gain_ci95": f"[{glo:+.3f}, {ghi:+.3f}]",
+                         "gain_vs_start": paired(evaluator, final["hits"], finals[START]["hits"], family),
+                         f"vs_{reference}": paired(evaluator, final["hits"], base, family),
                          "rl_steps": final["step"], "train_s": final["train_seconds"],
                          "reward_last5": mean_interval([r["reward_mean"] for r in log[-5:]])[0]})
     return rows
@@ -245,6 +254,7 @@ def parse_args():
     p.add_argument("--arms", default=",".join(ARMS), help="comma-separated subset of: " + ", ".join(ARMS))
     p.add_argument("--set", action="append", default=[], help="extra RL override key=value (repeatable)")
     p.add_argument("--name", default="bench_rl_estimators", help="results file stem in benchmarks/results")
+    p.add_argument("--reference", default="diffu_grpo", help="arm the paired vs_<arm> column compares with")
     p.add_argument("--quick", action="store_true", help="smoke run: 2 steps, 16 held-out per family, 2 arms")
     args = p.parse_args()
     if args.quick:
@@ -267,7 +277,7 @@ def main():
                          f"with config.yaml ({sft_config}); run `llada-train sft` or the reasoning pipeline")
     sft_cfg = yaml.safe_load(sft_config.read_text())
     overrides = base_overrides(args, sft_cfg)
-    cfg = load_config("rl", args.rl_config, overrides)
+    cfg = arm_config(args, overrides, sft_cfg)
     tokenizer = load_tokenizer(args.sft)
     train_rows, heldout = load_rl_rows(cfg)
     gen_length = response_budget(cfg, tokenizer, train_rows)
@@ -278,27 +288,28 @@ def main():
     model = LLaDA2MoeModelLM.from_pretrained(args.sft).eval()
     by_family = {f: [r for r in heldout if r["task"] == f] for f in evaluator.families}
     pass_rows = [r for rows in by_family.values() for r in rows[:args.pass_prompts]]
-    with torch.no_grad():
-        passk = pass_at_k(cfg, tokenizer, model, pass_rows, gen_length, args.pass_k)
+    with torch.no_grad():  # --pass-prompts 0: skipped
+        passk = pass_at_k(cfg, tokenizer, model, pass_rows, gen_length, args.pass_k) if pass_rows else {}
     print(f"[bench] pass@k of the start: {json.dumps(passk)}", flush=True)
     del model
 
     train_logs = {}
     with tempfile.TemporaryDirectory(prefix="bench_rl_estimators_") as work:
         for name in args.arms.split(","):
-            records = run_arm(name, overrides, args, evaluator, Path(work))
+            records = run_arm(name, overrides, args, sft_cfg, evaluator, Path(work))
             train_logs[name] = [r for r in records if "loss" in r]
             load.append(os.getloadavg()[0])
-    rows = summary_rows(evaluator, train_logs)
+    rows = summary_rows(evaluator, train_logs, args.reference)
     name = args.name + ("_quick" if args.quick else "")
     budget = cfg.train.batch_size * cfg.rl.group_size
     options = sft_cfg["data"].get("task_options")
     notes = (f"SFT export {args.sft} (families {evaluator.families}, options {options}); RL config "
-             f"{args.rl_config} + {overrides[3:]}; {args.steps} RL steps per arm, {cfg.train.batch_size} "
+             f"{args.rl_config} + {overrides[1:]}; {args.steps} RL steps per arm, {cfg.train.batch_size} "
              f"prompts x G={cfg.rl.group_size} = {budget} rollouts per step, seed {cfg.run.seed}, gen_length "
              f"{gen_length}, rollouts {cfg.rl.decode_mode} at temperature {cfg.rl.temperature}; held-out "
-             f"accuracy greedy ({cfg.rl.eval_mode}) on the RL held-out rows, 95% Wilson intervals; gain = "
-             "paired mean difference vs the start on the same prompts with a normal 95% interval; train_s = "
+             f"accuracy greedy ({cfg.rl.eval_mode}) on the RL held-out rows, 95% Wilson intervals; "
+             f"gain_vs_start and vs_{args.reference} = paired mean differences on the same prompts [normal "
+             "95% interval]; train_s = "
              "training wall-clock of the arm (evaluation excluded); arms sequential in one process; load "
              "average "
              f"{' -> '.join(f'{x:.1f}' for x in load)} on {os.cpu_count()} cores; total "
@@ -307,8 +318,8 @@ def main():
              f"{json.dumps(passk)}")
     write_results(name, rows, notes)
     payload = json.loads((RESULTS / f"{name}.json").read_text())
-    payload.update({"pass_at_k": passk, "curves": [{k: v for k, v in r.items() if k != "hits"}
-                                                   for r in evaluator.records],
+    curves = [{**r, "hits": "".join("1" if h else "0" for h in r["hits"])} for r in evaluator.records]
+    payload.update({"pass_at_k": passk, "curves": curves, "heldout_tasks": [r["task"] for r in heldout],
                     "train_logs": train_logs, "command": " ".join(sys.argv)})
     (RESULTS / f"{name}.json").write_text(json.dumps(payload, indent=2))
     plot(evaluator, RESULTS / f"{name}.png")

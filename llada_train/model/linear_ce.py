@@ -60,32 +60,38 @@ class _LinearCrossEntropy(torch.autograd.Function):
     def backward(ctx, grad_ce, grad_entropy, _grad_pred):
         hidden, weight, targets, lse, entropy, one_chunk = ctx.saved_tensors
         grad_hidden = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None
-        grad_weight = torch.zeros(weight.shape, dtype=_compute_dtype(weight.dtype), device=weight.device) \
-            if ctx.needs_input_grad[1] else None
+        grad_weight = None
+        if ctx.needs_input_grad[1]:
+            grad_weight = torch.zeros(weight.shape, dtype=_compute_dtype(weight.dtype), device=weight.device)
         for lo in range(0, hidden.shape[0], ctx.chunk):
             hi = min(lo + ctx.chunk, hidden.shape[0])
             logits = one_chunk if one_chunk.numel() else _chunk_logits(hidden[lo:hi], weight)  # (C, V)
-            grad_logits = _chunk_grad_logits(logits, targets[lo:hi], lse[lo:hi],
-                                             grad_ce[lo:hi], entropy[lo:hi] if ctx.with_entropy else None,
+            logp, logits = logits - lse[lo:hi, None], None  # a fresh buffer: the rest works in place on it
+            grad_logits = _chunk_grad_logits(logp, targets[lo:hi], grad_ce[lo:hi],
+                                             entropy[lo:hi] if ctx.with_entropy else None,
                                              grad_entropy[lo:hi] if ctx.with_entropy else None)
             grad_logits = grad_logits.to(weight.dtype)  # (C, V)
             if grad_hidden is not None:
                 grad_hidden[lo:hi] = grad_logits @ weight
-            if grad_weight is not None:
-                grad_weight += grad_logits.T @ hidden[lo:hi]  # GEMM in the weights' dtype, summed in fp32
+            if grad_weight is None:
+                continue
+            if grad_weight.dtype == weight.dtype:
+                grad_weight.addmm_(grad_logits.T, hidden[lo:hi])
+            else:  # low-precision weights: GEMM in their dtype, summed in float32
+                grad_weight += grad_logits.T @ hidden[lo:hi]
         grad_weight = None if grad_weight is None else grad_weight.to(weight.dtype)
         return grad_hidden, grad_weight, None, None, None
 
 
-def _chunk_grad_logits(logits, targets, lse, grad_ce, entropy, grad_entropy) -> torch.Tensor:
-    """d/dz of Σ g_ce·CE + g_H·H for one chunk: g_ce·(p - onehot) - g_H·p·(log p + H): (C, V)."""
-    logp = logits - lse[:, None]
+def _chunk_grad_logits(logp, targets, grad_ce, entropy, grad_entropy) -> torch.Tensor:
+    """d/dz of Σ g_ce·CE + g_H·H for one chunk, overwriting `logp` (C, V):
+    p·(g_ce - g_H·(log p + H)) - g_ce·onehot."""
     probs = logp.exp()
-    grad = probs * grad_ce[:, None]
-    grad.scatter_add_(1, targets[:, None], -grad_ce[:, None].to(grad.dtype))
-    if entropy is not None:
-        grad -= probs * (logp + entropy[:, None]) * grad_entropy[:, None]
-    return grad
+    if entropy is None:
+        grad = probs.mul_(grad_ce[:, None])
+    else:
+        grad = logp.add_(entropy[:, None]).mul_(-grad_entropy[:, None]).add_(grad_ce[:, None]).mul_(probs)
+    return grad.scatter_add_(1, targets[:, None], -grad_ce[:, None].to(grad.dtype))
 
 
 def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, *,

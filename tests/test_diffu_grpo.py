@@ -5,6 +5,7 @@ time float64 reference, the per-token clipped loss against a naive loop, the REI
 import copy
 import json
 import math
+from dataclasses import replace
 
 import pytest
 import torch
@@ -21,6 +22,7 @@ from llada_train.rl.diffu_grpo import (
 )
 from llada_train.rl.ebpo import EBPOConfig
 from tests.conftest import REPO, tiny_config
+from tests.test_ebpo import _setup as ebpo_setup
 
 MASK_ID = 1  # tiny_config().mask_token_id
 
@@ -95,17 +97,10 @@ def test_one_pass_logprobs_match_one_token_at_a_time_float64(model64, case):
     assert (other - got).abs().max() > 1e-3
 
 
-def _setup(model, bsz=4, length=16, block_size=4, passes=2, beta=0.0, seed=0):
-    gen = torch.Generator().manual_seed(seed)
-    ids = torch.randint(2, 4096, (bsz, length), generator=gen)
-    resp = torch.zeros(bsz, length, dtype=torch.bool)
-    for r in range(bsz):  # the G = 2 completions of a prompt share it
-        ids[r, :5 + r // 2] = ids[r - r % 2, :5 + r // 2]
-        resp[r, 5 + r // 2:] = True
-    rewards = torch.rand(bsz, generator=gen)
-    cfg = EBPOConfig(group_size=2, block_size=block_size, drop_zero_variance_groups=False, beta=beta,
-                     estimator="diffu_grpo", p_mask_prompt=0.5, updates_per_batch=passes)
-    return ids, resp, rewards, cfg, gen
+def _setup(model, bsz=4, beta=0.0, passes=2):
+    """test_ebpo's rollout batch (G = 2 completions per prompt), scored by diffu_grpo."""
+    ids, resp, rewards, cfg, gen = ebpo_setup(model, "sequence", bsz=bsz, beta=beta)
+    return ids, resp, rewards, replace(cfg, estimator="diffu_grpo", p_mask_prompt=0.5, updates_per_batch=passes), gen
 
 
 def test_clipped_per_token_loss_matches_a_naive_loop(tiny_model):

@@ -195,7 +195,8 @@ def generate(
     on_block: Callable[[int, torch.Tensor], None] | None = None,
     generator: torch.Generator | None = None,
 ) -> GenerateOutput:
-    """Decode `gen_length` tokens after each (left-padded) prompt row. See the module docstring.
+    """Decode `gen_length` tokens after each (left-padded) prompt row. See the module docstring;
+    `mode_params` turns a preset (S, Q, ...) into these keywords.
 
     `attention_mask` (B, P) or `prompt_lengths` (B,) say how many of the last columns of each row
     are prompt (neither: no padding). `steps` caps the denoising steps per block. A row whose
@@ -208,33 +209,73 @@ def generate(
     """
     if input_ids.dim() != 2 or input_ids.shape[1] == 0:
         raise ValueError(f"input_ids must be (batch, prompt_len >= 1), got shape {tuple(input_ids.shape)}")
-    _validate(gen_length, block_length, threshold, editing_threshold, max_post_steps, steps, temperature,
-              top_k, top_p, mbe_window)
+    rules = DecodeRules(gen_length, block_length, threshold, editing_threshold, max_post_steps, steps,
+                        (temperature, top_k, top_p, generator), eos_token_id, mask_token_id, eos_early_stop,
+                        mbe_window, use_cache, draft_ahead)
     was_training = model.training
     model.eval()
     try:
-        return _generate(model, input_ids, _prompt_lengths(input_ids, attention_mask, prompt_lengths),
-                         gen_length=gen_length, b=block_length, threshold=threshold,
-                         editing_threshold=editing_threshold, max_post_steps=max_post_steps, steps=steps,
-                         sampling=(temperature, top_k, top_p, generator), eos=eos_token_id,
-                         mask_id=mask_token_id, eos_early_stop=eos_early_stop, mbe_window=mbe_window,
-                         use_cache=use_cache, draft_ahead=draft_ahead, on_block=on_block)
+        plen = _prompt_lengths(input_ids, attention_mask, prompt_lengths)
+        return _BlockDecoder(model, input_ids, plen, rules).run(on_block)
     finally:
         model.train(was_training)
 
 
-def _generate(model, input_ids, plen, *, gen_length, b, threshold, editing_threshold, max_post_steps, steps,
-              sampling, eos, mask_id, eos_early_stop, mbe_window, use_cache, draft_ahead, on_block):
-    device = input_ids.device
-    bsz, width = input_ids.shape
-    editing = editing_threshold is not None
-    greedy = sampling[0] == 0.0
+@dataclass(frozen=True)
+class DecodeRules:
+    """`generate`'s settings, validated once."""
 
-    # ---- layout: whole padding blocks, prompt, gen_length masks, EOS to the end of the last block
-    n_row_blocks = (plen + gen_length + b - 1) // b  # (B,)
+    gen_length: int
+    block_length: int
+    threshold: float
+    editing_threshold: float | None
+    max_post_steps: int
+    steps: int | None
+    sampling: tuple  # (temperature, top_k, top_p, generator)
+    eos: int
+    mask_id: int
+    eos_early_stop: bool
+    mbe_window: int
+    use_cache: bool
+    draft_ahead: bool
+
+    def __post_init__(self):
+        temperature, top_k, top_p, _ = self.sampling
+        _validate(self.gen_length, self.block_length, self.threshold, self.editing_threshold,
+                  self.max_post_steps, self.steps, temperature, top_k, top_p, self.mbe_window)
+
+    @property
+    def editing(self) -> bool:
+        return self.editing_threshold is not None
+
+
+def row_blocks(prompt_lengths: torch.Tensor, response_lengths, block_length: int) -> torch.Tensor:
+    """(B,) blocks a row spans when blocks are aligned to its own positions (its prompt starts at
+    position 0, as in SFT): the prompt and `response_lengths` tokens after it."""
+    return (prompt_lengths + response_lengths + block_length - 1) // block_length
+
+
+@dataclass
+class RowLayout:
+    """Every row ends at the same column: whole padding blocks, the prompt, the response slots,
+    EOS to the end of its last block. Row blocks then coincide with physical blocks."""
+
+    x: torch.Tensor  # (B, T) prompt, masks at the response, EOS after it
+    response: torch.Tensor  # (B, T) bool: the gen_length response columns
+    valid: torch.Tensor  # (B, T) bool: not left padding
+    position_ids: torch.Tensor  # (B, T) the row's own positions (0 at its first prompt token)
+    resp_idx: torch.Tensor  # (B, G) response columns
+    n_blocks: int
+    first_block: int  # the first block holding a response slot (of any row)
+
+
+def row_layout(input_ids: torch.Tensor, plen: torch.Tensor, gen_length: int, b: int, *, eos: int,
+               mask_id: int) -> RowLayout:
+    device = input_ids.device
+    width = input_ids.shape[1]
+    n_row_blocks = row_blocks(plen, gen_length, b)  # (B,)
     n_blocks = int(n_row_blocks.max())
-    total = n_blocks * b
-    cols = torch.arange(total, device=device)[None]  # (1, T)
+    cols = torch.arange(n_blocks * b, device=device)[None]  # (1, T)
     pad = ((n_blocks - n_row_blocks) * b)[:, None]  # (B, 1)
     start = pad + plen[:, None]  # (B, 1) first response column
     is_prompt = (cols >= pad) & (cols < start)  # (B, T)
@@ -242,140 +283,194 @@ def _generate(model, input_ids, plen, *, gen_length, b, threshold, editing_thres
     src = (cols - pad + (width - plen[:, None])).clamp(0, width - 1)  # caller's column of each prompt token
     x = torch.where(is_prompt, input_ids.gather(1, src), torch.full_like(src, eos))
     x = torch.where(response, torch.full_like(x, mask_id), x)  # (B, T)
-    valid = cols >= pad  # (B, T)
-    position_ids = (cols - pad).clamp(min=0)  # (B, T)
-    resp_idx = start + torch.arange(gen_length, device=device)[None]  # (B, G) response columns
+    resp_idx = start + torch.arange(gen_length, device=device)[None]  # (B, G)
+    return RowLayout(x, response, cols >= pad, (cols - pad).clamp(min=0), resp_idx, n_blocks, int(start.min()) // b)
 
-    nfe = torch.zeros(bsz, dtype=torch.long, device=device)
-    edits = torch.zeros(bsz, dtype=torch.long, device=device)
-    out = torch.full((bsz, gen_length), eos, dtype=input_ids.dtype, device=device)
-    rows = torch.arange(bsz, device=device)  # original index of each active row
-    cache = BlockKVCache() if use_cache else None
-    cache_len, forwards = 0, 0
-    first_block = int(start.min()) // b
 
-    def answered(hi):
+def unmask_set(is_mask: torch.Tensor, p: torch.Tensor, threshold: float, need: torch.Tensor) -> torch.Tensor:
+    """Γ: masked positions whose candidate is more confident than `threshold`, and at least the
+    `need` (B,) most confident masked positions of each row. (B, W) bool."""
+    conf = torch.where(is_mask, p, torch.full_like(p, -1.0))
+    rank = conf.argsort(dim=1, descending=True, stable=True).argsort(dim=1)  # 0 = most confident mask
+    return is_mask & ((p > threshold) | (rank < need[:, None]))
+
+
+def edit_set(editable: torch.Tensor, window: torch.Tensor, v: torch.Tensor, p: torch.Tensor,
+             editing_threshold: float | None) -> torch.Tensor:
+    """Δ: visible response positions whose candidate differs from the current token with
+    confidence above `editing_threshold` (editing off: none). (B, W) bool; masks are never in Δ
+    (callers pass `editable` without them)."""
+    if editing_threshold is None:
+        return torch.zeros_like(editable)
+    return editable & (v != window) & (p > editing_threshold)
+
+
+@dataclass
+class _BlockSteps:
+    """Per-row progress through one block."""
+
+    done: torch.Tensor  # (Ba,) bool
+    denoise: torch.Tensor  # (Ba,) denoising steps taken (while masks remained)
+    post: torch.Tensor  # (Ba,) post-steps taken (editing with no masks left)
+    next_v: torch.Tensor  # (Ba, b) drafts of the next block
+    next_p: torch.Tensor  # (Ba, b)
+    next_ok: torch.Tensor  # (Ba,) rows whose block settled in a forward that also drafted the next one
+
+
+class _BlockDecoder:
+    """One batched decode: the re-laid-out rows still running, their prefix KV cache and counters.
+    Rows that finish leave the batch (and the cache); `out` collects their responses."""
+
+    def __init__(self, model, input_ids: torch.Tensor, plen: torch.Tensor, rules: DecodeRules):
+        self.model, self.input_ids, self.r = model, input_ids, rules
+        self.lay = row_layout(input_ids, plen, rules.gen_length, rules.block_length, eos=rules.eos,
+                              mask_id=rules.mask_id)
+        bsz, device = input_ids.shape[0], input_ids.device
+        self.nfe = torch.zeros(bsz, dtype=torch.long, device=device)
+        self.edits = torch.zeros(bsz, dtype=torch.long, device=device)
+        self.out = torch.full((bsz, rules.gen_length), rules.eos, dtype=input_ids.dtype, device=device)
+        self.rows = torch.arange(bsz, device=device)  # original index of each active row
+        self.cache = BlockKVCache() if rules.use_cache else None
+        self.cache_len, self.forwards = 0, 0
+
+    def run(self, on_block) -> GenerateOutput:
+        ahead = None  # drafts of the next block from the forward that settled this one
+        for k in range(self.lay.first_block, self.lay.n_blocks):
+            ahead = self._decode_block(k, ahead)
+            if on_block is not None:
+                on_block(k - self.lay.first_block, self._sequences_now())
+            ahead = self._retire_finished(k, ahead)
+            if not len(self.rows):
+                break
+        return self._output()
+
+    def _answered(self, hi: int) -> torch.Tensor:
         """(Ba,) rows whose response holds an EOS left of column `hi`."""
-        return ((x[:, :hi] == eos) & response[:, :hi]).any(1)
+        return ((self.lay.x[:, :hi] == self.r.eos) & self.lay.response[:, :hi]).any(1)
 
-    def sequences_now():
-        full = out.clone()
-        full[rows] = x.gather(1, resp_idx)
-        return torch.cat([input_ids, full], dim=1)
+    def _sequences_now(self) -> torch.Tensor:
+        full = self.out.clone()
+        full[self.rows] = self.lay.x.gather(1, self.lay.resp_idx)
+        return torch.cat([self.input_ids, full], dim=1)
 
-    ahead = None  # drafts of the next block from the forward that settled this one: (v, p, rows it is valid for)
-    for k in range(first_block, n_blocks):
-        lo = max(k - mbe_window, first_block) * b  # window start: editable, recomputed every step
-        hi = (k + 1) * b
-        editable = response[:, lo:hi]  # (Ba, W)
-        denoise = torch.zeros(len(rows), dtype=torch.long, device=device)
-        post = torch.zeros_like(denoise)
-        has_masks = (x[:, k * b:hi] == mask_id).any(1)
-        done = ~has_masks & ~(editable.any(1) & editing)
-        drafted, ahead = ahead, None
-        next_v = torch.zeros(len(rows), b, dtype=x.dtype, device=device)  # (Ba, b)
-        next_p = torch.zeros(len(rows), b, device=device)  # (Ba, b)
-        next_ok = torch.zeros_like(done)  # rows whose block settled in a forward that also drafted block k + 1
-        cycles = _EditCycles(max_post_steps, len(rows), hi - lo, device) if editing and greedy else None
+    def _decode_block(self, k: int, drafted):
+        """Step block k (with the MBE window before it) until every row has settled it."""
+        r, lay, b = self.r, self.lay, self.r.block_length
+        lo, hi = max(k - r.mbe_window, lay.first_block) * b, (k + 1) * b  # the window: editable, recomputed
+        n, device = len(self.rows), lay.x.device
+        has_masks = (lay.x[:, k * b:hi] == r.mask_id).any(1)
+        state = _BlockSteps(done=~has_masks & ~(lay.response[:, lo:hi].any(1) & r.editing),
+                            denoise=torch.zeros(n, dtype=torch.long, device=device),
+                            post=torch.zeros(n, dtype=torch.long, device=device),
+                            next_v=torch.zeros(n, b, dtype=lay.x.dtype, device=device),
+                            next_p=torch.zeros(n, b, device=device), next_ok=torch.zeros(n, dtype=torch.bool,
+                                                                                         device=device))
+        cycles = _EditCycles(r.max_post_steps, n, hi - lo, device) if r.editing and r.sampling[0] == 0.0 else None
         first_forward = True
-        while not bool(done.all()):
-            working = ~done
-            xw = x[:, lo:hi]
+        while not bool(state.done.all()):
+            working = ~state.done
             if drafted is not None:
                 # This block's first step for the rows in `drafted`, from the logits of the forward that
                 # settled the previous block: it saw exactly the prefix a new forward would see, at no cost.
                 draft_v, draft_p, draft_ok = drafted  # (Ba, b), (Ba, b), (Ba,)
-                v, p = xw.clone(), torch.zeros(xw.shape, device=device)
+                v = lay.x[:, lo:hi].clone()
+                p = torch.zeros(v.shape, device=device)
                 v[:, -b:], p[:, -b:] = draft_v, draft_p
                 working &= draft_ok
-                drafted, ahead_v = None, None
+                drafted, ahead = None, None
             else:
-                verifying = working & ~(x[:, k * b:hi] == mask_id).any(1)
-                if eos_early_stop:
-                    verifying &= ~answered(hi)  # it stops after this block
-                end = hi + b if draft_ahead and editing and hi < total and bool(verifying.any()) else hi
-                q0 = cache_len if use_cache else 0
-                commit = lo - cache_len if (use_cache and first_forward) else 0
-                logits = model(
-                    input_ids=x[:, q0:end], position_ids=position_ids[:, q0:end],
-                    attention_mask=AttentionLayout("block_causal", end, b, pad_mask=valid[:, :end], q_start=q0),
-                    past_key_values=cache, use_cache=commit > 0, commit_len=commit, logits_to_keep=end - lo,
-                ).logits  # (Ba, end - lo, V)
-                forwards += 1
-                cache_len += commit
+                v, p, ahead = self._forward(k, lo, hi, working, first_forward)
                 first_forward = False
-                v, p = _pick(logits, mask_id, *sampling)  # (Ba, end - lo)
-                v, p, ahead_v, ahead_p = v[:, :hi - lo], p[:, :hi - lo], v[:, hi - lo:], p[:, hi - lo:]
-                nfe[rows] += working.long()
-            is_mask = xw == mask_id
-            n_masks = is_mask.sum(1)
-            in_post = working & (n_masks == 0)
+                self.nfe[self.rows] += working.long()
+            self._step(state, lo, hi, v, p, working, cycles, ahead)
+        return (state.next_v, state.next_p, state.next_ok) if bool(state.next_ok.any()) else None
 
-            conf = torch.where(is_mask, p, torch.full_like(p, -1.0))
-            rank = conf.argsort(dim=1, descending=True, stable=True).argsort(dim=1)  # 0 = most confident mask
-            need = _min_unmask(n_masks, denoise, steps)
-            gamma = is_mask & ((p > threshold) | (rank < need[:, None])) & working[:, None]
-            if editing:
-                delta = editable & ~is_mask & (v != xw) & (p > editing_threshold) & working[:, None]
-            else:
-                delta = torch.zeros_like(gamma)
-            stepping = in_post & delta.any(1)
-            if cycles is not None:
-                cycles.record(xw, post, delta.sum(1), stepping)
-            x[:, lo:hi] = torch.where(gamma | delta, v, xw)
+    def _forward(self, k: int, lo: int, hi: int, working: torch.Tensor, first_forward: bool):
+        """Candidates v, p for the window, and (v, p) of the next block when the forward drafts it
+        (a row that may settle now, editing on, draft-ahead on)."""
+        r, lay, b = self.r, self.lay, self.r.block_length
+        verifying = working & ~(lay.x[:, k * b:hi] == r.mask_id).any(1)
+        if r.eos_early_stop:
+            verifying &= ~self._answered(hi)  # it stops after this block
+        end = hi + b if r.draft_ahead and r.editing and hi < lay.x.shape[1] and bool(verifying.any()) else hi
+        q0 = self.cache_len if r.use_cache else 0
+        commit = lo - self.cache_len if (r.use_cache and first_forward) else 0
+        logits = self.model(
+            input_ids=lay.x[:, q0:end], position_ids=lay.position_ids[:, q0:end],
+            attention_mask=AttentionLayout("block_causal", end, b, pad_mask=lay.valid[:, :end], q_start=q0),
+            past_key_values=self.cache, use_cache=commit > 0, commit_len=commit, logits_to_keep=end - lo,
+        ).logits  # (Ba, end - lo, V)
+        self.forwards += 1
+        self.cache_len += commit
+        v, p = _pick(logits, r.mask_id, *r.sampling)  # (Ba, end - lo)
+        return v[:, :hi - lo], p[:, :hi - lo], (v[:, hi - lo:], p[:, hi - lo:])
 
-            edits[rows] += delta.sum(1)
-            denoise += (working & (n_masks > 0)).long()
-            post += stepping.long()
-            if cycles is not None and bool(stepping.any()):  # only a post-step that edited can close a cycle
-                final, extra, cycling = cycles.jump(x[:, lo:hi], post, stepping)
-                if len(cycling):
-                    x[cycling, lo:hi] = final[cycling]
-                    edits[rows[cycling]] += extra[cycling]
-                    post[cycling] = max_post_steps
-            masks_left = (x[:, k * b:hi] == mask_id).any(1)
-            settled = (post >= max_post_steps) | in_post & ~delta.any(1) if editing else torch.ones_like(done)
-            done = done | (working & ~masks_left & settled)
-            if ahead_v is not None and ahead_v.shape[1]:
-                clean = in_post & ~delta.any(1)  # nothing changed: the drafts of block k + 1 stay valid
-                next_v = torch.where(clean[:, None], ahead_v, next_v)
-                next_p = torch.where(clean[:, None], ahead_p, next_p)
-                next_ok |= clean
-        if bool(next_ok.any()):
-            ahead = (next_v, next_p, next_ok)
+    def _step(self, state: _BlockSteps, lo: int, hi: int, v, p, working, cycles, ahead) -> None:
+        """x[Γ ∪ Δ] = v for the working rows; counters, edit-cycle jumps and settling."""
+        r, lay, b = self.r, self.lay, self.r.block_length
+        window = lay.x[:, lo:hi]  # (Ba, W)
+        is_mask = window == r.mask_id
+        n_masks = is_mask.sum(1)
+        in_post = working & (n_masks == 0)
+        gamma = unmask_set(is_mask, p, r.threshold, _min_unmask(n_masks, state.denoise, r.steps)) & working[:, None]
+        delta = edit_set(lay.response[:, lo:hi] & ~is_mask, window, v, p, r.editing_threshold) & working[:, None]
+        stepping = in_post & delta.any(1)
+        if cycles is not None:
+            cycles.record(window, state.post, delta.sum(1), stepping)
+        lay.x[:, lo:hi] = torch.where(gamma | delta, v, window)
+        self.edits[self.rows] += delta.sum(1)
+        state.denoise += (working & (n_masks > 0)).long()
+        state.post += stepping.long()
+        if cycles is not None and bool(stepping.any()):  # only a post-step that edited can close a cycle
+            final, extra, cycling = cycles.jump(lay.x[:, lo:hi], state.post, stepping)
+            if len(cycling):
+                lay.x[cycling, lo:hi] = final[cycling]
+                self.edits[self.rows[cycling]] += extra[cycling]
+                state.post[cycling] = r.max_post_steps
+        masks_left = (lay.x[:, hi - b:hi] == r.mask_id).any(1)
+        if r.editing:
+            settled = (state.post >= r.max_post_steps) | in_post & ~delta.any(1)
+        else:
+            settled = torch.ones_like(state.done)
+        state.done |= working & ~masks_left & settled
+        if ahead is not None and ahead[0].shape[1]:
+            clean = in_post & ~delta.any(1)  # nothing changed: the drafts of the next block stay valid
+            state.next_v = torch.where(clean[:, None], ahead[0], state.next_v)
+            state.next_p = torch.where(clean[:, None], ahead[1], state.next_p)
+            state.next_ok |= clean
 
-        last = k == n_blocks - 1
-        stop = torch.full_like(done, last)
-        if eos_early_stop and not last:
-            stop |= answered(hi)
-        if on_block is not None:
-            on_block(k - first_block, sequences_now())
-        if bool(stop.any()):
-            out[rows[stop]] = x[stop].gather(1, resp_idx[stop])
-            keep = ~stop
-            if not bool(keep.any()):
-                break
-            x, response, resp_idx = x[keep], response[keep], resp_idx[keep]
-            valid, position_ids, rows = valid[keep], position_ids[keep], rows[keep]
-            if cache is not None:
-                cache.select_rows(keep.nonzero().squeeze(1))
-            if ahead is not None:
-                ahead = tuple(t[keep] for t in ahead)
+    def _retire_finished(self, k: int, ahead):
+        """Rows that stop after block k (the last block, or an EOS with eos_early_stop) write their
+        response to `out` and leave the batch, their cache rows and the next block's drafts."""
+        lay = self.lay
+        last = k == lay.n_blocks - 1
+        stop = torch.full((len(self.rows),), last, dtype=torch.bool, device=lay.x.device)
+        if self.r.eos_early_stop and not last:
+            stop |= self._answered((k + 1) * self.r.block_length)
+        if not bool(stop.any()):
+            return ahead
+        self.out[self.rows[stop]] = lay.x[stop].gather(1, lay.resp_idx[stop])
+        keep = ~stop
+        if not bool(keep.any()):
+            self.rows = self.rows[keep]
+            return None
+        lay.x, lay.response, lay.resp_idx = lay.x[keep], lay.response[keep], lay.resp_idx[keep]
+        lay.valid, lay.position_ids, self.rows = lay.valid[keep], lay.position_ids[keep], self.rows[keep]
+        if self.cache is not None:
+            self.cache.select_rows(keep.nonzero().squeeze(1))
+        return None if ahead is None else tuple(t[keep] for t in ahead)
 
-    # ---- statistics; everything after the first EOS of a response is EOS
-    is_eos = (out == eos) | (out == mask_id)  # masks remain only after an early stop
-    first_eos = torch.where(is_eos.any(1), is_eos.float().argmax(1), torch.full_like(nfe, gen_length))
-    after = torch.arange(gen_length, device=device)[None] > first_eos[:, None]
-    out = out.masked_fill(after | (out == mask_id), eos)
-    lengths = (first_eos + 1).clamp(max=gen_length)
-    return GenerateOutput(
-        sequences=torch.cat([input_ids, out], dim=1),
-        nfe=nfe,
-        tokens_per_forward=lengths.float() / nfe.clamp(min=1).float(),
-        edits=edits,
-        lengths=lengths,
-        forwards=forwards,
-    )
+    def _output(self) -> GenerateOutput:
+        """Statistics; everything after the first EOS of a response is EOS."""
+        out, eos, gen_length = self.out, self.r.eos, self.r.gen_length
+        is_eos = (out == eos) | (out == self.r.mask_id)  # masks remain only after an early stop
+        first_eos = torch.where(is_eos.any(1), is_eos.float().argmax(1), torch.full_like(self.nfe, gen_length))
+        after = torch.arange(gen_length, device=out.device)[None] > first_eos[:, None]
+        out = out.masked_fill(after | (out == self.r.mask_id), eos)
+        lengths = (first_eos + 1).clamp(max=gen_length)
+        return GenerateOutput(sequences=torch.cat([self.input_ids, out], dim=1), nfe=self.nfe,
+                              tokens_per_forward=lengths.float() / self.nfe.clamp(min=1).float(),
+                              edits=self.edits, lengths=lengths, forwards=self.forwards)
 
 
 # ---- modes, saved defaults, text helper ---------------------------------------------------------
@@ -387,17 +482,17 @@ def _mode_params(mode: str) -> dict:
     return dict(DECODE_PRESETS[mode])
 
 
-def generate_with_mode(model, input_ids: torch.Tensor, mode: str = "S", **overrides) -> GenerateOutput:
-    """`generate` with a preset (`DECODE_PRESETS`); any `generate` keyword overrides it. Token ids
-    default to `model.config`, lengths to 256 / 32."""
+def mode_params(mode: str, model_config, **overrides) -> dict:
+    """`generate` keywords for a preset (`DECODE_PRESETS`); any `generate` keyword overrides it.
+    Token ids default to `model_config`'s, lengths to 256 / 32."""
     params = dict(gen_length=DEFAULT_GEN_LENGTH, block_length=DEFAULT_BLOCK_LENGTH, **_mode_params(mode))
-    params["eos_token_id"] = getattr(model.config, "eos_token_id", None)
-    params["mask_token_id"] = getattr(model.config, "mask_token_id", None)
+    params["eos_token_id"] = getattr(model_config, "eos_token_id", None)
+    params["mask_token_id"] = getattr(model_config, "mask_token_id", None)
     params.update(overrides)
     for key in ("eos_token_id", "mask_token_id"):
         if params[key] is None:
             raise ValueError(f"{key} is not set in the model config; pass {key}=...")
-    return generate(model, input_ids, **params)
+    return params
 
 
 def generation_config_dict(mode: str = "Q", *, gen_length: int = DEFAULT_GEN_LENGTH,
@@ -442,15 +537,15 @@ def encode_prompts(tokenizer, prompts: list, *, chat: bool = True) -> tuple[torc
     return batch, torch.tensor([len(i) for i in ids])
 
 
-def decode_responses(tokenizer, output: GenerateOutput, prompt_width: int, eos_token_id: int) -> list[str]:
+def response_ids(responses: torch.Tensor, lengths: torch.Tensor, eos_token_id: int) -> list[list[int]]:
+    """Each (B, G) response's tokens before its first EOS (`lengths` count the EOS)."""
+    return [[t for t in row[:n] if t != eos_token_id] for row, n in
+            zip(responses.tolist(), lengths.tolist(), strict=True)]
+
+
+def decode_responses(tokenizer, responses: torch.Tensor, lengths: torch.Tensor, eos_token_id: int) -> list[str]:
     """Response texts: tokens before the first EOS, special tokens (role markers) dropped."""
-    texts = []
-    for row, n in zip(output.sequences[:, prompt_width:].tolist(), output.lengths.tolist(), strict=True):
-        row = row[:n]
-        if row and row[-1] == eos_token_id:
-            row = row[:-1]
-        texts.append(tokenizer.decode(row, skip_special_tokens=True))
-    return texts
+    return [tokenizer.decode(ids, skip_special_tokens=True) for ids in response_ids(responses, lengths, eos_token_id)]
 
 
 @dataclass
@@ -472,17 +567,12 @@ def complete(model, tokenizer, prompts: list, *, mode: str = "Q", gen_length: in
     done = Completions([], [], [])
     for i in range(0, len(prompts), batch_size):
         input_ids, lengths = encode_prompts(tokenizer, prompts[i:i + batch_size], chat=chat)  # (b, P), (b,)
-        out = generate_with_mode(model, input_ids.to(device), mode, gen_length=gen_length,
-                                 block_length=block_length, prompt_lengths=lengths.to(device), **overrides)
-        done.texts += decode_responses(tokenizer, out, input_ids.shape[1], eos)
-        done.token_ids += [[t for t in row[:n] if t != eos] for row, n in
-                           zip(out.sequences[:, input_ids.shape[1]:].tolist(), out.lengths.tolist(), strict=True)]
+        params = mode_params(mode, model.config, gen_length=gen_length, block_length=block_length, **overrides)
+        out = generate(model, input_ids.to(device), prompt_lengths=lengths.to(device), **params)
+        responses = out.sequences[:, input_ids.shape[1]:]
+        done.texts += decode_responses(tokenizer, responses, out.lengths, eos)
+        done.token_ids += response_ids(responses, out.lengths, eos)
         done.tokens_per_forward += out.tokens_per_forward.tolist()
         done.nfe += out.nfe.tolist()
         done.edits += out.edits.tolist()
     return done
-
-
-def generate_text(model, tokenizer, prompts: list, **kwargs) -> list[str]:
-    """Completion texts only (`complete`'s keywords: mode, gen_length, block_length, chat, ...)."""
-    return complete(model, tokenizer, prompts, **kwargs).texts

@@ -12,11 +12,11 @@ from torch import nn
 from llada_train.decoding import (
     DECODE_PRESETS,
     _pick,
+    complete,
     generate,
-    generate_text,
-    generate_with_mode,
     generation_config_dict,
     load_decode_defaults,
+    mode_params,
 )
 
 from .conftest import tiny_config
@@ -417,18 +417,18 @@ def test_modes_and_saved_defaults(tmp_path, peaky_model):
     }
     assert load_decode_defaults(tmp_path / "missing") == {}
     ids = torch.randint(2, V, (2, 5))
-    out = generate_with_mode(peaky_model, ids, "Q", **saved)
+    out = generate(peaky_model, ids, **mode_params("Q", peaky_model.config, **saved))
     ref = generate(peaky_model, ids, eos_token_id=EOS, mask_token_id=MASK, **saved)
     assert torch.equal(out.sequences, ref.sequences) and out.sequences.shape == (2, 17)
     assert DECODE_PRESETS["llada2.0"] == {"threshold": 0.95, "editing_threshold": None}
     with pytest.raises(ValueError, match="unknown decoding mode"):
-        generate_with_mode(peaky_model, ids, "fast")
+        mode_params("fast", peaky_model.config)
     with pytest.raises(ValueError, match="LEFT-padded"):
         generate(peaky_model, ids, gen_length=4, block_length=4, threshold=0.5, eos_token_id=EOS,
                  mask_token_id=MASK, attention_mask=torch.tensor([[1, 1, 1, 0, 0], [1] * 5]))
 
 
-def test_generate_text_decodes_oracle_answer():
+def test_complete_decodes_oracle_answer():
     from llada_train.data.tokenizer import load_tokenizer
     from llada_train.decoding import encode_prompts
 
@@ -441,7 +441,8 @@ def test_generate_text_decodes_oracle_answer():
         target[p:p + len(answer)] = torch.tensor(answer)
         oracle = Oracle(target, torch.full((256,), 0.9), vocab=len(tok))
         oracle.config = SimpleNamespace(eos_token_id=tok.eos_token_id, mask_token_id=tok.mask_token_id)
-        assert generate_text(oracle, tok, [prompt], mode="Q", gen_length=16, block_length=8) == ["The answer is 42."]
+        done = complete(oracle, tok, [prompt], mode="Q", gen_length=16, block_length=8)
+        assert done.texts == ["The answer is 42."] and done.token_ids == [answer[:-1]]
 
 
 def test_cli_writes_jsonl(tmp_path, peaky_model, capsys):

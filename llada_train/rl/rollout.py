@@ -21,11 +21,10 @@ import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
-from types import SimpleNamespace
 
 import torch
 
-from ..decoding import decode_responses, encode_prompts, generate_with_mode
+from ..decoding import decode_responses, encode_prompts, generate, mode_params, response_ids, row_blocks
 from .rewards import RewardError, RewardSpec, Scores, call_reward
 
 
@@ -74,9 +73,9 @@ def decode_chunk(model, chunk: RolloutChunk, decode: dict) -> dict:
     device = next(model.parameters()).device
     generator = torch.Generator(device=device).manual_seed(chunk.seed)
     params = dict(decode)
-    mode = params.pop("mode")
-    out = generate_with_mode(model, chunk.input_ids.to(device), mode, prompt_lengths=chunk.prompt_lengths.to(device),
-                             generator=generator, **params)
+    params = mode_params(params.pop("mode"), model.config, **params)
+    out = generate(model, chunk.input_ids.to(device), prompt_lengths=chunk.prompt_lengths.to(device),
+                   generator=generator, **params)
     width = chunk.input_ids.shape[1]
     return {"index": chunk.index, "responses": out.sequences[:, width:].cpu(), "lengths": out.lengths.cpu(),
             "nfe": out.nfe.cpu()}
@@ -258,30 +257,33 @@ def rollout_step(executor, tokenizer, prompts: list, *, group_size: int, prompts
     lengths = torch.cat([r["lengths"] for r in results])  # (B,)
     nfe = torch.cat([r["nfe"] for r in results])
     prompt_rows = input_ids.repeat_interleave(group_size, 0)  # (B, W)
-    prompt_lens = plen.repeat_interleave(group_size, 0)
+    ids, response_mask, pad_mask = training_rows(prompt_rows, plen.repeat_interleave(group_size, 0), responses,
+                                                 lengths, block_length, eos_token_id)
+    return RolloutBatch(ids, response_mask, pad_mask, decode_responses(tokenizer, responses, lengths, eos_token_id),
+                        response_ids(responses, lengths, eos_token_id), lengths, nfe, seconds)
 
-    decoded = SimpleNamespace(sequences=torch.cat([prompt_rows, responses], 1), lengths=lengths)  # as GenerateOutput
-    texts = decode_responses(tokenizer, decoded, prompt_rows.shape[1], eos_token_id)
+
+def training_rows(prompt_rows: torch.Tensor, prompt_lens: torch.Tensor, responses: torch.Tensor,
+                  lengths: torch.Tensor, block_length: int, eos_token_id: int):
+    """Decoded rows in the SFT layout: prompt at position 0, the response, EOS to the end of the
+    block holding the first EOS. Returns (B, L) ids, response mask and padding mask.
+
+    The decoder stops a row at the block holding its first EOS; later blocks are never decoded,
+    and in SFT they are padding (never attended, never trained): scoring them would train EOS
+    predictions the model never needed, with huge losses that swamp the answer tokens."""
     gen_length = responses.shape[1]
-    row_lens = (prompt_lens + gen_length + block_length - 1) // block_length * block_length  # (B,) whole blocks
-    bsz, width = len(lengths), int(row_lens.max())
+    ends = row_blocks(prompt_lens, lengths, block_length) * block_length  # (B,) scored up to here
+    bsz, width = len(lengths), int((row_blocks(prompt_lens, gen_length, block_length) * block_length).max())
     ids = torch.full((bsz, width), eos_token_id, dtype=torch.long)
     response_mask = torch.zeros(bsz, width, dtype=torch.bool)
     pad_mask = torch.zeros(bsz, width, dtype=torch.bool)
-    completion_ids = []
     for r in range(bsz):
-        p, n = int(prompt_lens[r]), int(lengths[r])
-        # The decoder stops a row at the block holding its first EOS; later blocks are never decoded,
-        # and in SFT they are padding (never attended, never trained): scoring them would train EOS
-        # predictions the model never needed, with huge losses that swamp the answer tokens.
-        end = min(int(row_lens[r]), (p + n + block_length - 1) // block_length * block_length)
+        p, n, end = int(prompt_lens[r]), int(lengths[r]), int(ends[r])
         ids[r, :p] = prompt_rows[r, prompt_rows.shape[1] - p:]
         ids[r, p:p + n] = responses[r, :n]
         response_mask[r, p:end] = True
         pad_mask[r, :end] = True
-        resp = responses[r, :int(lengths[r])]
-        completion_ids.append(resp[resp != eos_token_id].tolist())
-    return RolloutBatch(ids, response_mask, pad_mask, texts, completion_ids, lengths, nfe, seconds)
+    return ids, response_mask, pad_mask
 
 
 # ----------------------------------------------------------------------------- rewards as Ray tasks

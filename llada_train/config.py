@@ -267,11 +267,6 @@ class RLConfig(StageConfig):
 SCHEMAS = {"cpt": CPTConfig, "sft": SFTConfig, "rl": RLConfig}
 
 
-def register_schema(stage: str, schema: type) -> None:
-    """Stages defined elsewhere (RL) add their schema here."""
-    SCHEMAS[stage] = schema
-
-
 def _known_keys(schema, prefix="") -> list[str]:
     keys = []
     for f in fields(schema):

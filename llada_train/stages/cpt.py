@@ -1,6 +1,7 @@
 """Continual pre-training: corpus -> packed rows -> mixed M2T+T2T objective -> checkpoints -> hf/."""
 
 from ..data.text import BatchIterator, build_corpus
+from ..decoding import generation_config_dict
 from ..engine import init_distributed
 from ..trainer import BatchSource, Trainer
 from .common import build_model, build_tokenizer, diffusion_loss_fn, eval_loss_fn
@@ -21,16 +22,8 @@ def run_cpt(cfg) -> bool:
     loss_fn = diffusion_loss_fn(cfg, model, tokenizer)
     eval_tensors = {"input_ids": corpus.eval_ids, "doc_ids": corpus.eval_docs, "maskable": corpus.eval_docs >= 0}
     trainer = Trainer(cfg, "cpt", model, tokenizer, BatchSource(tensors, iterator), loss_fn,
-                      eval_loss_fn(cfg, loss_fn, eval_tensors), generation_config=_generation_defaults(),
+                      eval_loss_fn(cfg, loss_fn, eval_tensors), generation_config=generation_config_dict("S"),
                       eval_at_start=True, rank=rank, world_size=world)
     if rank == 0:
         trainer.log(f"corpus: {corpus.stats}")
     return trainer.fit()
-
-
-def _generation_defaults() -> dict | None:
-    try:
-        from ..decoding import generation_config_dict
-    except ImportError:
-        return None
-    return generation_config_dict("S")

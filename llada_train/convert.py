@@ -337,6 +337,35 @@ def _write_weights(
 # ---- entry points ------------------------------------------------------------------------------
 
 
+def _check_paths(src: str, dst: str, dtype):
+    source, out = Path(src), Path(dst)
+    if not source.is_dir():
+        raise ValueError(f"--from {src}: not a directory (download the checkpoint first, then pass its directory)")
+    if out.exists() and any(out.iterdir()):
+        raise ValueError(f"--to {dst}: exists and is not empty; choose a new directory")
+    if isinstance(dtype, str):
+        if dtype not in ("float32", "bfloat16"):
+            raise ValueError(f"--dtype {dtype!r}: choose float32 or bfloat16")
+        dtype = getattr(torch, dtype)
+    return source, out, dtype
+
+
+def _tokenizer_with_mask(source: Path, mask_token: str):
+    """The source tokenizer with `mask_token` added (pad = eos if unset); (tokenizer, its size before,
+    whether the mask token was already there)."""
+    try:
+        tok = AutoTokenizer.from_pretrained(source)
+    except (OSError, ValueError) as e:
+        raise ValueError(f"{source}: could not load its tokenizer (tokenizer.json / tokenizer_config.json): {e}") from e
+    n_before, had_mask = len(tok), mask_token in tok.get_vocab()
+    tok.add_special_tokens({"mask_token": mask_token})
+    if tok.eos_token_id is None:
+        raise ValueError(f"{source}: the tokenizer has no eos token; set `eos_token` in tokenizer_config.json")
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    return tok, n_before, had_mask
+
+
 def convert_checkpoint(src: str, dst: str, *, mask_token: str = "<|mask|>", dtype=None) -> Path:
     """Convert the AR checkpoint directory `src` into an LLaDA2-MoE checkpoint directory `dst`.
 
@@ -344,63 +373,27 @@ def convert_checkpoint(src: str, dst: str, *, mask_token: str = "<|mask|>", dtyp
     source dtype. `dst` must not exist or be empty; it is written under `dst.partial` and renamed
     when complete. Returns `dst`.
     """
-    source, out = Path(src), Path(dst)
-    if not source.is_dir():
-        raise ValueError(
-            f"--from {src}: not a directory (download the checkpoint first, then pass its directory)"
-        )
-    if out.exists() and any(out.iterdir()):
-        raise ValueError(f"--to {dst}: exists and is not empty; choose a new directory")
-    if isinstance(dtype, str):
-        if dtype not in ("float32", "bfloat16"):
-            raise ValueError(f"--dtype {dtype!r}: choose float32 or bfloat16")
-        dtype = getattr(torch, dtype)
+    source, out, dtype = _check_paths(src, dst, dtype)
     family, cfg = _read_config(source)
     tensors = _SourceTensors(source)
     kwargs = _model_config(family, cfg, tensors, source / "config.json")
-
-    try:
-        tok = AutoTokenizer.from_pretrained(source)
-    except (OSError, ValueError) as e:
-        raise ValueError(
-            f"{source}: could not load its tokenizer (tokenizer.json / tokenizer_config.json): {e}"
-        ) from e
-    n_before = len(tok)
-    had_mask = mask_token in tok.get_vocab()
-    tok.add_special_tokens({"mask_token": mask_token})
+    tok, n_before, had_mask = _tokenizer_with_mask(source, mask_token)
     mask_id = tok.convert_tokens_to_ids(mask_token)
-    if tok.eos_token_id is None:
-        raise ValueError(
-            f"{source}: the tokenizer has no eos token; set `eos_token` in tokenizer_config.json"
-        )
-    if tok.pad_token is None:
-        tok.pad_token = tok.eos_token
     vocab = max(kwargs["vocab_size"], len(tok))
-    mean_rows = [i for i in range(min(n_before, kwargs["vocab_size"])) if i != mask_id]
-
-    config = LLaDA2MoeConfig(
-        **{**kwargs, "vocab_size": vocab},
-        mask_token_id=mask_id,
-        eos_token_id=tok.eos_token_id,
-        pad_token_id=tok.pad_token_id,
-    )
+    config = LLaDA2MoeConfig(**{**kwargs, "vocab_size": vocab}, mask_token_id=mask_id,
+                             eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
     config.architectures = ["LLaDA2MoeModelLM"]
-    expected = _expected_shapes(config)
-
     partial = out.with_name(out.name + ".partial")
     shutil.rmtree(partial, ignore_errors=True)
     partial.mkdir(parents=True)
     try:
-        stream = (
-            _bailing_tensors(tensors, config)
-            if family == "bailing_moe_v2"
-            else _dense_tensors(tensors, config.num_hidden_layers)
-        )
+        stream = (_bailing_tensors(tensors, config) if family == "bailing_moe_v2"
+                  else _dense_tensors(tensors, config.num_hidden_layers))
         if config.tie_word_embeddings:  # some tied checkpoints still store a copy of lm_head
             stream = ((name, t) for name, t in stream if name != "lm_head.weight")
-        weights_dtype, noise_std = _write_weights(
-            source, stream, partial, expected, vocab, mask_id, mean_rows, dtype
-        )
+        mean_rows = [i for i in range(min(n_before, kwargs["vocab_size"])) if i != mask_id]
+        weights_dtype, noise_std = _write_weights(source, stream, partial, _expected_shapes(config), vocab, mask_id,
+                                                  mean_rows, dtype)
         leftover = [k for k in tensors.untaken() if not k.endswith("rotary_emb.inv_freq")]
         if leftover:
             raise ValueError(f"{source}: source tensors with no place in the converted model: {leftover[:8]}")
@@ -408,20 +401,12 @@ def convert_checkpoint(src: str, dst: str, *, mask_token: str = "<|mask|>", dtyp
         config.save_pretrained(partial)
         tok.save_pretrained(partial)
         # LLaDA2.0-style decoding defaults: threshold 0.95, no editing, blocks of 32.
-        generation = generation_config_dict("llada2.0")
-        GenerationConfig(
-            **generation, mask_token_id=mask_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id
-        ).save_pretrained(partial)
-        info = {
-            "source": os.fspath(source.resolve()),
-            "architecture": family,
-            "mask_token": mask_token,
-            "mask_token_id": mask_id,
-            "mask_token_was_in_vocab": had_mask,
-            "embedding_rows_added": vocab - kwargs["vocab_size"],
-            "mask_row_init": "mean of the other token rows",
-            "suggested_mask_embed_noise_std": noise_std,
-        }
+        GenerationConfig(**generation_config_dict("llada2.0"), mask_token_id=mask_id, eos_token_id=tok.eos_token_id,
+                         pad_token_id=tok.pad_token_id).save_pretrained(partial)
+        info = {"source": os.fspath(source.resolve()), "architecture": family, "mask_token": mask_token,
+                "mask_token_id": mask_id, "mask_token_was_in_vocab": had_mask,
+                "embedding_rows_added": vocab - kwargs["vocab_size"], "mask_row_init": "mean of the other token rows",
+                "suggested_mask_embed_noise_std": noise_std}
         (partial / "conversion.json").write_text(json.dumps(info, indent=2) + "\n")
     except BaseException:
         shutil.rmtree(partial, ignore_errors=True)

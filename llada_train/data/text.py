@@ -340,6 +340,32 @@ def _cache_key(sources, tokenizer, **settings) -> str:
     return h.hexdigest()[:20]
 
 
+def _tokenize_split(docs, encoder, eval_fraction: float, num_proc: int):
+    """Token ids per document, split by content hash: (train, eval, index of the train document
+    closest to the eval side)."""
+    batches = iter(lambda: list(itertools.islice(docs, _BATCH_DOCS)), [])
+    train: list[np.ndarray] = []
+    evals: list[np.ndarray] = []
+    first_train = (2.0, -1)  # (hash, index) of the train doc closest to the eval side
+    with tqdm(desc="tokenize", unit="doc", leave=False) as bar:
+        pool = _pool(num_proc, encoder) if num_proc > 1 else None
+        results = pool.imap(_encode_in_worker, batches) if pool is not None else map(encoder, batches)
+        try:
+            for ids, hashes in results:
+                for toks, h in zip(ids, hashes, strict=True):
+                    if h < eval_fraction:
+                        evals.append(toks)
+                    else:
+                        first_train = min(first_train, (h, len(train)))
+                        train.append(toks)
+                bar.update(len(ids))
+        finally:
+            if pool is not None:
+                pool.close()
+                pool.join()
+    return train, evals, first_train[1]
+
+
 def build_corpus(
     paths: Sequence[str] | str,
     tokenizer,
@@ -376,33 +402,9 @@ def build_corpus(
 
     stats: Counter = Counter()
     docs = _iter_documents(sources, text_field, max_docs, MAX_LINE_CHARS, stats)
-    batches = iter(lambda: list(itertools.islice(docs, _BATCH_DOCS)), [])
-    encoder = _Encoder(tokenizer, seed)
-    train: list[np.ndarray] = []  # token ids per document
-    evals: list[np.ndarray] = []
-    first_train = (2.0, -1)  # (hash, index) of the train doc closest to the eval side
-    with tqdm(desc="tokenize", unit="doc", leave=False) as bar:
-        pool = None
-        if num_proc > 1:
-            pool = _pool(num_proc, encoder)
-            results = pool.imap(_encode_in_worker, batches)
-        else:
-            results = map(encoder, batches)
-        try:
-            for ids, hashes in results:
-                for toks, h in zip(ids, hashes, strict=True):
-                    if h < eval_fraction:
-                        evals.append(toks)
-                    else:
-                        first_train = min(first_train, (h, len(train)))
-                        train.append(toks)
-                bar.update(len(ids))
-        finally:
-            if pool is not None:
-                pool.close()
-                pool.join()
+    train, evals, first_train = _tokenize_split(docs, _Encoder(tokenizer, seed), eval_fraction, num_proc)
     if eval_fraction > 0 and not evals and len(train) >= 2:
-        evals.append(train.pop(first_train[1]))  # tiny corpora: keep the eval split non-empty
+        evals.append(train.pop(first_train))  # tiny corpora: keep the eval split non-empty
     if not train:
         raise ValueError(f"data paths {list(paths) if not isinstance(paths, str) else [paths]} "
                          f"yielded no training documents (read stats: {dict(stats)})")

@@ -283,7 +283,7 @@ def test_step_fn_skipped_steps_are_counted(tmp_path):
 
 
 def test_rl_rows_errors_name_file_line_and_field(tmp_path):
-    from llada_train.stages.rl import read_rows
+    from llada_train.data.prompts import read_prompt_rows as read_rows
 
     path = tmp_path / "rows.jsonl"
     path.write_text('{"prompt": "2+2=", "answer": "4"}\n{"question": "3+3=", "answer": "6"}\n')

@@ -17,26 +17,21 @@ padding is response (the model learns to stop).
 
 from __future__ import annotations
 
-import json
 import logging
 from collections import Counter
-from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import torch
 from torch.utils.data import Dataset
+
+from .sources import MalformedRow, open_rows
 
 log = logging.getLogger(__name__)
 
 ROLES = ("system", "user", "assistant")
 TRUNCATE_POLICIES = ("drop", "truncate")
 MAX_REPORTED = 10  # bad rows remembered by line number
-
-
-class MalformedRow(ValueError):
-    """A data row that cannot be used; skipped and counted, never fatal."""
 
 
 @dataclass
@@ -75,50 +70,6 @@ class ChatStats:
 
 # ---------------------------------------------------------------------------------------------
 # Loading and validation
-
-
-def _iter_file(path: Path) -> Iterator[tuple[int, Any]]:
-    """(line or row number, parsed object or a ``MalformedRow``) for a jsonl/json/parquet file."""
-    suffix = path.suffix.lower()
-    if suffix == ".parquet":
-        import pyarrow.parquet as pq
-
-        yield from enumerate(pq.read_table(path).to_pylist(), start=1)
-        return
-    if suffix not in (".jsonl", ".json"):
-        raise ValueError(f"{path}: unsupported data file type {suffix!r}; use .jsonl, .json or .parquet")
-    text = path.read_text(encoding="utf-8")
-    if suffix == ".json":
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError:
-            data = None  # not one JSON document: read it as JSON lines
-        if isinstance(data, list):
-            yield from enumerate(data, start=1)
-            return
-    for number, line in enumerate(text.splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            yield number, json.loads(line)
-        except json.JSONDecodeError as e:
-            yield number, MalformedRow(f"invalid JSON: {e.msg} at column {e.colno}")
-
-
-def _iter_source(path_or_rows, split: str) -> tuple[str, Iterable[tuple[int, Any]]]:
-    if isinstance(path_or_rows, (str, Path)):
-        name = str(path_or_rows)
-        if name.startswith("hf:"):
-            import datasets
-
-            ref, _, config = name[3:].partition(":")
-            return name, enumerate(datasets.load_dataset(ref, config or None, split=split), start=1)
-        path = Path(name).expanduser()
-        if not path.is_file():
-            raise ValueError(f"chat data file {name!r} does not exist (or is not a file); "
-                             "give a .jsonl/.json/.parquet path, 'hf:<dataset name>' or a list of rows")
-        return name, _iter_file(path)
-    return "rows", enumerate(path_or_rows, start=1)
 
 
 def _text(value: Any, what: str, *, allow_empty: bool = False) -> str:
@@ -174,9 +125,11 @@ def normalize_row(raw: Any) -> dict:
 def load_chat_rows(path_or_rows, *, split: str = "train") -> tuple[list[dict], ChatStats]:
     """Read and validate rows from a file, ``hf:name[:config]`` (``split`` picks the split) or an
     iterable of dicts. Returns the normalized rows and the stats (malformed rows are counted)."""
-    source, items = _iter_source(path_or_rows, split)
+    source, items = open_rows(path_or_rows, split)
     rows, stats = [], ChatStats()
     for line, raw in items:
+        if isinstance(raw, MalformedRow) and raw.kind == "empty":
+            continue  # a blank line is not a row
         stats.rows_read += 1
         try:
             rows.append(normalize_row(raw))

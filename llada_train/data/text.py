@@ -24,10 +24,11 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from .sources import ROW_SUFFIXES, MalformedRow, iter_file_rows, iter_hf_rows
+
 log = logging.getLogger(__name__)
 
 TEXT_SUFFIXES = (".txt", ".py", ".md")
-ROW_SUFFIXES = (".jsonl", ".json", ".parquet")
 MAX_LINE_CHARS = 20_000  # longer lines are minified code / data dumps, not prose: skip the doc
 ACCEPTED = (
     "a .txt/.py/.md file (one document), a .jsonl/.json/.parquet file (one document per row, "
@@ -120,75 +121,26 @@ def _text_file_rows(path: Path) -> Iterator[tuple[object, str | None]]:
         yield None, "skipped_undecodable"
 
 
-def _jsonl_rows(path: Path, text_field: str) -> Iterator[tuple[object, str | None]]:
-    with path.open("rb") as f:
-        for raw in f:
-            if not raw.strip():
-                yield None, "skipped_empty"  # still a row, so row numbers stay line numbers
-                continue
-            try:
-                row = json.loads(raw.decode("utf-8"))
-            except UnicodeDecodeError:
-                yield None, "skipped_undecodable"
-                continue
-            except (ValueError, RecursionError):  # RecursionError: absurdly deep nesting
-                yield None, "skipped_bad_json"
-                continue
+# sources.MalformedRow kinds -> this reader's skip counters
+_PARSE_REASONS = {"empty": "skipped_empty", "undecodable": "skipped_undecodable", "bad_json": "skipped_bad_json",
+                  "bad_parquet": "skipped_bad_parquet"}
+
+
+def _field_rows(rows, text_field: str) -> Iterator[tuple[object, str | None]]:
+    for _, row in rows:
+        if isinstance(row, MalformedRow):
+            yield None, _PARSE_REASONS[row.kind]
+        else:
             yield (row.get(text_field) if isinstance(row, dict) else None), None
 
 
-def _json_rows(path: Path, text_field: str) -> Iterator[tuple[object, str | None]]:
-    try:
-        data = json.loads(path.read_bytes().decode("utf-8"))
-    except UnicodeDecodeError:
-        yield None, "skipped_undecodable"
-        return
-    except (ValueError, RecursionError):  # many `.json` files are JSON Lines
-        yield from _jsonl_rows(path, text_field)
-        return
-    for row in data if isinstance(data, list) else [data]:
-        yield (row.get(text_field) if isinstance(row, dict) else None), None
-
-
-def _parquet_rows(path: Path, text_field: str) -> Iterator[tuple[object, str | None]]:
-    import pyarrow as pa  # a `datasets` dependency
-    import pyarrow.parquet as pq
-
-    try:
-        pf = pq.ParquetFile(path)
-    except pa.ArrowException:  # empty, truncated or not Parquet at all: the whole file is one bad row
-        yield None, "skipped_bad_parquet"
-        return
-    if text_field not in pf.schema_arrow.names:
-        raise ValueError(f"data file '{path}' has no column {text_field!r} (columns: "
-                         f"{pf.schema_arrow.names}); set the text field to one of them")
-    for batch in pf.iter_batches(columns=[text_field], batch_size=1024):
-        for text in batch.column(0).to_pylist():
-            yield text, None
-
-
-def _hf_rows(spec: str, text_field: str) -> Iterator[tuple[object, str | None]]:
-    import datasets
-
-    name, config, split = ([*spec[3:].split(":"), None, None])[:3]
-    try:
-        ds = datasets.load_dataset(name, config or None, split=split or "train", streaming=True)
-    except Exception as e:  # offline, unknown name, bad config: all user-facing
-        raise ValueError(f"data path {spec!r}: could not load the dataset ({type(e).__name__}: {e}); "
-                         f"expected {ACCEPTED}") from e
-    if ds.column_names is not None and text_field not in ds.column_names:
-        raise ValueError(f"data path {spec!r} has no column {text_field!r} (columns: {ds.column_names})")
-    for row in ds:
-        yield row.get(text_field), None
-
-
 def _rows(source: str | Path, text_field: str) -> Iterator[tuple[object, str | None]]:
+    """(text or None, skip reason or None) per row of one source."""
     if isinstance(source, str):
-        return _hf_rows(source, text_field)
+        return _field_rows(iter_hf_rows(source, streaming=True, columns=[text_field]), text_field)
     if source.suffix in TEXT_SUFFIXES:
         return _text_file_rows(source)
-    return {".jsonl": _jsonl_rows, ".json": _json_rows, ".parquet": _parquet_rows}[source.suffix](
-        source, text_field)
+    return _field_rows(iter_file_rows(source, columns=[text_field]), text_field)
 
 
 def load_documents(

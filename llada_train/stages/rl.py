@@ -15,7 +15,8 @@ import torch
 import torch.distributed as dist
 
 from ..config import ConfigError
-from ..data.chat import MalformedRow, _iter_source, render_prompt
+from ..data.chat import render_prompt
+from ..data.prompts import read_prompt_rows, response_budget
 from ..data.tasks import is_checkable, make_rows, row_correct
 from ..data.text import BatchIterator
 from ..decoding import complete, generation_config_dict
@@ -40,7 +41,7 @@ def run_rl(cfg, eval_fn=None) -> bool:
     if len(train_rows) < cfg.train.batch_size:
         raise ValueError(f"data.train {cfg.data.train!r}: {len(train_rows)} prompts, fewer than one step's "
                          f"train.batch_size {cfg.train.batch_size}")
-    gen_length = response_budget(cfg, tokenizer, train_rows)
+    gen_length = rl_response_budget(cfg, tokenizer, train_rows)
     ref_model = None
     if cfg.rl.kl_beta > 0:  # the frozen starting policy
         ref_model = build_model(cfg.model, tokenizer, cfg.run.seed).eval().requires_grad_(False)
@@ -88,7 +89,7 @@ def load_rl_rows(cfg) -> tuple[list[dict], list[dict]]:
     if d.train == "tasks":
         train = _task_rows(cfg, "train", d.num_train)
     else:
-        train = read_rows(d.train, d.prompt_field)[: d.num_train]
+        train = read_prompt_rows(d.train, d.prompt_field)[: d.num_train]
     return train, load_heldout_rows(cfg)
 
 
@@ -96,7 +97,7 @@ def load_heldout_rows(cfg) -> list[dict]:
     """`data.eval` (first `data.num_eval` rows), else the task families' eval split, else none."""
     d = cfg.data
     if d.eval:
-        return read_rows(d.eval, d.prompt_field)[: d.num_eval]
+        return read_prompt_rows(d.eval, d.prompt_field)[: d.num_eval]
     return _task_rows(cfg, "eval", d.num_eval) if d.train == "tasks" else []
 
 
@@ -108,33 +109,14 @@ def _task_rows(cfg, split: str, n: int) -> list[dict]:
         raise ConfigError(f"bad value for 'data.tasks' / 'data.task_options' / 'data.num_*': {e}") from e
 
 
-def read_rows(path: str, prompt_field: str) -> list[dict]:
-    """Rows of a jsonl/json/parquet file; a row without the prompt field is an error naming its line."""
-    source, items = _iter_source(path, "train")
-    rows = []
-    for line, raw in items:
-        if isinstance(raw, MalformedRow):
-            raise ValueError(f"{source}:{line}: {raw}")
-        if not isinstance(raw, dict) or not isinstance(raw.get(prompt_field), (str, list)):
-            raise ValueError(f"{source}:{line}: expected an object with a {prompt_field!r} string (or chat "
-                             f"messages list); got keys {sorted(raw) if isinstance(raw, dict) else type(raw).__name__}"
-                             " (set data.prompt_field to the prompt column)")
-        rows.append(dict(raw))
-    if not rows:
-        raise ValueError(f"{source}: no rows")
-    return rows
-
-
-def response_budget(cfg, tokenizer, rows: list[dict]) -> int:
+def rl_response_budget(cfg, tokenizer, rows: list[dict]) -> int:
     """`rl.gen_length`, or the longest `answer` (+ EOS) of the train rows in whole blocks."""
     if cfg.rl.gen_length:
         return cfg.rl.gen_length
     answers = [str(r["answer"]) for r in rows if r.get("answer") is not None]
     if not answers:
         raise ConfigError("rl.gen_length = 0 needs an `answer` column to size responses; set rl.gen_length")
-    longest = max(len(ids) for ids in tokenizer(answers, add_special_tokens=False)["input_ids"]) + 1
-    block = cfg.diffusion.block_size
-    return -(-longest // block) * block
+    return response_budget(tokenizer, answers, cfg.diffusion.block_size)
 
 
 def rollout_decode_params(cfg, gen_length: int) -> dict:
@@ -300,7 +282,6 @@ __all__ = [
     "check_data_parallel",
     "load_heldout_rows",
     "load_rl_rows",
-    "read_rows",
     "rl_eval_fn",
     "rl_step_fn",
     "run_rl",

@@ -12,7 +12,9 @@ import torch
 import torch.nn.functional as F
 
 from ..config import ConfigError
-from ..data.chat import ChatStats, MalformedRow, load_chat_rows, response_spans, tokenize_chat
+from ..data.chat import ChatStats, load_chat_rows, response_spans, tokenize_chat
+from ..data.prompts import response_budget
+from ..data.sources import MalformedRow
 from ..data.tasks import is_checkable, make_rows, row_correct
 from ..data.text import BatchIterator
 from ..decoding import DEFAULT_GEN_LENGTH, complete, generation_config_dict
@@ -180,7 +182,7 @@ def task_accuracy_fn(cfg, tokenizer, rows: list):
     train.batch_size` prompts; also the decoder's tokens per forward. None when no row is
     checkable. The response budget is the longest gold response (with end marker and EOS) in
     whole blocks."""
-    checkable, longest = [], 0
+    checkable, answers = [], []
     for row in rows:
         if not is_checkable(row) or not isinstance(row.get("answer"), str):
             continue
@@ -189,13 +191,13 @@ def task_accuracy_fn(cfg, tokenizer, rows: list):
         except MalformedRow:
             continue
         checkable.append(row)
-        longest = max(longest, len(tokenizer(answer, add_special_tokens=False)["input_ids"]) + 1)
+        answers.append(answer)
         if len(checkable) == cfg.train.eval_batches * cfg.train.batch_size:
             break
     if not checkable:
         return None
     block = cfg.diffusion.block_size
-    gen_length = -(-longest // block) * block
+    gen_length = response_budget(tokenizer, answers, block)
     prompts = [row["messages"][:-1] for row in checkable]
 
     def accuracy(model) -> dict:

@@ -51,8 +51,9 @@ class Trainer:
     eval_fn: Callable | None = None  # (model, step) -> metrics
     generation_config: dict | None = None
     export_model_fn: Callable | None = None  # (engine) -> (model, state_dict) for hf/; default: as trained
-    # (engine, batch, step) -> metrics: a stage that owns its optimizer steps (RL) replaces loss_fn's
-    # step; metrics may carry `step_tokens` (tokens this step) and `bad_step`.
+    # (engine, batch, step, optimizer_step) -> metrics: a stage with its own loop of optimizer steps
+    # (RL) replaces the micro-batch loop and takes each step through `optimizer_step`; metrics may
+    # carry `step_tokens` (tokens this step).
     step_fn: Callable | None = None
     eval_at_start: bool = False  # evaluate before the first step of a fresh run (RL's baseline)
     rank: int = 0
@@ -61,6 +62,7 @@ class Trainer:
     tokens_seen: int = 0
     bad_steps: int = 0  # consecutive non-finite steps
     bad_steps_total: int = 0  # all skipped steps of the run (metrics `bad_steps_total`)
+    _voided: bool = False  # this step met a non-finite loss on some rank
     _stop_signal: list = field(default_factory=list)
 
     @property
@@ -131,42 +133,47 @@ class Trainer:
         seed = hash((self.cfg.run.seed, step, self.rank, micro)) % (2**63)
         return torch.Generator().manual_seed(seed)
 
-    def _all_ranks_true(self, flag: bool) -> bool:
-        return bool(reduce_over_ranks(float(flag), op="min")[0])
-
     def _any_rank(self, flag: bool) -> bool:
         return bool(reduce_over_ranks(float(flag), op="max")[0])
 
     def train_step(self) -> dict:
-        """One step, from `step_fn` (a stage that owns its optimizer steps) or the micro-batch loop;
-        the skipped-step counters are kept here for both."""
+        """One step, from `step_fn` (a stage that owns its loop) or the micro-batch loop; both take
+        their optimizer steps through `optimizer_step`, and the expert-bias update and skipped-step
+        counters are kept here for both."""
         batch = self.batches.next()
+        self._voided = False
+        self.engine.train()
         if self.step_fn is not None:
-            metrics = self.step_fn(self.engine, batch, self.step)
-            bad = bool(metrics.get("bad_step"))
+            metrics = self.step_fn(self.engine, batch, self.step, self.optimizer_step)
         else:
-            metrics, bad = self._micro_batch_step(batch)
-        self.bad_steps = self.bad_steps + 1 if bad else 0
-        self.bad_steps_total += int(bad)
-        metrics["bad_step"] = float(bad)
+            metrics = self._micro_batch_step(batch)
+        if not self._voided:
+            update_expert_bias(self.engine.module, self.cfg.moe.bias_update_rate)
+        self.bad_steps = self.bad_steps + 1 if self._voided else 0
+        self.bad_steps_total += int(self._voided)
+        metrics["bad_step"] = float(self._voided)
         metrics["bad_steps_total"] = self.bad_steps_total
         return metrics
 
-    def _micro_batch_step(self, batch: dict) -> tuple[dict, bool]:
-        """grad_accum micro-batches and one optimizer step; a non-finite loss on any rank voids it."""
+    def optimizer_step(self, loss: torch.Tensor | None) -> torch.Tensor:
+        """Backward + optimizer step. A non-finite loss on any rank voids the rest of this trainer
+        step on every rank (a zero loss at lr 0, so the collectives still match); `loss` None is a
+        rank with nothing to contribute joining the step. Returns the loss used."""
+        nonfinite = loss is not None and not torch.isfinite(loss).item()
+        self._voided = self._any_rank(nonfinite) or self._voided
+        return engine_step(self.engine, loss, void=self._voided)
+
+    def _micro_batch_step(self, batch: dict) -> dict:
+        """grad_accum micro-batches, one optimizer step (DeepSpeed accumulates until the last)."""
         micro = {k: v.chunk(self.cfg.train.grad_accum) for k, v in batch.items()}
-        totals, bad = {}, False
-        self.engine.train()
+        totals = {}
         for i in range(self.cfg.train.grad_accum):
             part = {k: v[i] for k, v in micro.items()}
             loss, metrics = self.loss_fn(self.engine, part, self.step, self._generator(self.step, i))
-            bad = bad or self._any_rank(not torch.isfinite(loss).item())
-            loss = engine_step(self.engine, loss, void=bad)  # voided: a zero loss at lr 0 on every rank
+            loss = self.optimizer_step(loss)
             for k, v in {"loss": loss.detach(), **metrics}.items():
                 totals[k] = totals.get(k, 0.0) + float(v) / self.cfg.train.grad_accum
-        if not bad:
-            update_expert_bias(self.engine.module, self.cfg.moe.bias_update_rate)
-        return totals, bad
+        return totals
 
     def fit(self):
         self.setup()

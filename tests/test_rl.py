@@ -253,19 +253,24 @@ def test_two_rank_data_parallel_rl_trains_exports_and_resumes_exactly(tmp_path):
 
 
 def test_step_fn_skipped_steps_are_counted(tmp_path):
-    """A stage that owns its optimizer steps (RL's step_fn) reports `bad_step`; the trainer counts
-    it like a micro-batch step: bad_steps_total in the metrics and in the checkpoint it resumes from."""
+    """A stage with its own loop of optimizer steps (RL's step_fn) takes them through the trainer's
+    optimizer_step: a non-finite loss voids the step and is counted like a micro-batch step's,
+    bad_steps_total in the metrics and in the checkpoint it resumes from."""
     from llada_train.data.text import BatchIterator
-    from llada_train.engine import engine_step, init_distributed
+    from llada_train.engine import init_distributed
     from llada_train.model import LLaDA2MoeModelLM
     from llada_train.trainer import BatchSource, Trainer
 
     bad_at = {2, 3}
 
-    def step_fn(engine, batch, step):
-        loss = engine.module(batch["index"][:, None] + 2).logits.float().mean()
-        engine_step(engine, loss, void=step + 1 in bad_at)
-        return {"loss": loss.item(), "bad_step": float(step + 1 in bad_at)}
+    def step_fn(engine, batch, step, optimizer_step):
+        losses = []
+        for part in batch["index"].split(1):  # two optimizer steps per trainer step, as RL minibatches
+            loss = engine.module(part[:, None] + 2).logits.float().mean()
+            if step + 1 in bad_at and not losses:
+                loss = loss * float("nan")
+            losses.append(optimizer_step(loss).item())
+        return {"loss": sum(losses) / len(losses)}
 
     def trainer(steps):
         cfg = load_config("rl", str(REPO / "configs/rl_tiny.yaml"),

@@ -20,8 +20,7 @@ from ..data.prompts import read_prompt_rows, response_budget
 from ..data.tasks import is_checkable, make_rows, row_correct
 from ..data.text import BatchIterator
 from ..decoding import complete, generation_config_dict
-from ..engine import engine_step, init_distributed, reduce_over_ranks
-from ..model import update_expert_bias
+from ..engine import init_distributed, reduce_over_ranks
 from ..rl.diffu_grpo import build_diffu_grpo_batch, diffu_grpo_update
 from ..rl.ebpo import EBPOConfig, build_batch, ebpo_update
 from ..rl.rewards import RewardComputer, RewardSpec
@@ -181,7 +180,7 @@ def rl_step_fn(cfg, tokenizer, rows: list[dict], rollouts, rewards: RewardComput
     field = cfg.data.prompt_field
     seed = cfg.run.seed if world == 1 else stable_seed(cfg.run.seed, "rank", rank)
 
-    def step_fn(engine, batch, step) -> dict:
+    def step_fn(engine, batch, step, optimizer_step) -> dict:
         chosen = [rows[i] for i in batch["index"].tolist()]
         model = engine.module
         rollouts.publish(model)  # the weights after the previous step's updates
@@ -198,25 +197,12 @@ def rl_step_fn(cfg, tokenizer, rows: list[dict], rollouts, rewards: RewardComput
                                           torch.tensor(scored.total), ecfg, pad_mask=roll.pad_mask,
                                           ref_model=ref_model, generator=generator)
         engine.train()
-        bad = []
-
-        def optimizer_step(loss):
-            """`loss` None: this rank has no minibatch left in the pass but joins the step with a zero
-            loss. A non-finite loss on any rank voids the step on all (lr 0, zero loss)."""
-            skip = reduce_over_ranks(float(loss is not None and not torch.isfinite(loss)), op="max")[0] > 0
-            if skip:
-                bad.append(True)
-            if world > 1 or not skip:  # one process skips a bad step outright
-                engine_step(engine, loss, void=skip)
-
-        steps_per_pass = None
+        steps_per_pass = None  # data parallelism: every rank joins the most minibatches any rank has
         if world > 1:
             own = len(ebpo_batch.minibatch_bounds(ecfg.minibatch_size))
             steps_per_pass = int(reduce_over_ranks(own, op="max")[0])
         history = update(engine, optimizer_step, ebpo_batch, ecfg, generator=generator,
                          steps_per_pass=steps_per_pass)
-        if not bad:
-            update_expert_bias(model, cfg.moe.bias_update_rate)
         metrics = {k: v for k, v in scored.metrics.items()}
         metrics.update({k: float(v) for k, v in batch_metrics.items()})
         keys = sorted({k for h in history for k in h})
@@ -229,7 +215,6 @@ def rl_step_fn(cfg, tokenizer, rows: list[dict], rollouts, rewards: RewardComput
             "rollout/tokens_per_s": roll.lengths.sum().item() / max(roll.seconds, 1e-9),
             "rollout/seconds": roll.seconds,
             "reward_seconds": reward_s,
-            "bad_step": float(bool(bad)),
             "step_tokens": int(reduce_over_ranks(float(roll.pad_mask.sum()))[0]),
         })
         return _mean_over_ranks(metrics, world)

@@ -27,7 +27,9 @@ from llada_train import checkpoint as ckpt_lib
 from llada_train.config import ConfigError, ModelConfig, load_config
 from llada_train.data.text import MAX_LINE_CHARS, BatchIterator, build_corpus
 from llada_train.data.tokenizer import load_tokenizer
-from llada_train.rl.rewards import LocalRewardPool, RewardComputer, RewardSpec
+from llada_train.rl.reward_calls import RewardSpec
+from llada_train.rl.reward_pool import LocalRewardPool
+from llada_train.rl.reward_scoring import RewardComputer
 from llada_train.stages.common import build_model
 from tests.conftest import REPO
 from tests.test_cpt import free_port, losses, tiny_args

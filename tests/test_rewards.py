@@ -10,16 +10,10 @@ import numpy as np
 import pytest
 
 from llada_train.rl import rewards
-from llada_train.rl.rewards import (
-    LocalRewardPool,
-    RewardComputer,
-    RewardSpec,
-    call_reward,
-    code_exec,
-    exact_match,
-    math_answer,
-    resolve_reward,
-)
+from llada_train.rl.reward_calls import RewardSpec, call_reward, resolve_reward
+from llada_train.rl.reward_pool import LocalRewardPool
+from llada_train.rl.reward_scoring import RewardComputer
+from llada_train.rl.rewards import code_exec, exact_match, math_answer
 
 HERE = Path(__file__).resolve()
 

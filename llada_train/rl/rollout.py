@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import torch
 
 from ..decoding import decode_responses, encode_prompts, generate, mode_params, response_ids, row_blocks
-from .rewards import RewardError, RewardSpec, Scores, call_reward
+from .reward_calls import RewardError, RewardSpec, Scores, call_reward
 
 
 @dataclass

@@ -23,7 +23,8 @@ from ..decoding import complete, generation_config_dict
 from ..engine import init_distributed, reduce_over_ranks
 from ..rl.diffu_grpo import build_diffu_grpo_batch, diffu_grpo_update
 from ..rl.ebpo import EBPOConfig, build_batch, ebpo_update
-from ..rl.rewards import RewardComputer, RewardSpec
+from ..rl.reward_calls import RewardSpec
+from ..rl.reward_scoring import RewardComputer
 from ..rl.rollout import build_rollouts, ray_reward_executor, rollout_step, stable_seed
 from ..trainer import BatchSource, Trainer
 from .common import build_model, build_tokenizer

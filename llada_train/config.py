@@ -19,6 +19,10 @@ from omegaconf.errors import (
     ValidationError,
 )
 
+from .decoding import DECODE_PRESETS, check_sampling
+from .rl.ebpo import EBPOConfig
+from .rl.reward_calls import RewardSpec
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 CONFIG_DIR = REPO_ROOT / "configs"
 
@@ -27,12 +31,25 @@ class ConfigError(ValueError):
     """A config problem the user must fix; the message names the key and what to do."""
 
 
+def _check(cond: bool, key: str, msg: str):
+    if not cond:
+        raise ConfigError(f"bad value for '{key}': {msg}")
+
+
+# Each section validates its own fields in __post_init__ (it runs when the merged config becomes
+# objects), naming the full key; `validate` keeps only the checks that span sections.
+
+
 @dataclass
 class RunConfig:
     name: str = "run"  # label for logs and Slurm job names
     out_dir: str = "runs/run"  # run directory: config.yaml, metrics.jsonl, checkpoints/, hf/
     resume: str = "auto"  # auto | never | PATH to a checkpoint directory
     seed: int = 0  # seeds init, data order, noise and rollouts (per step and rank)
+
+    def __post_init__(self):
+        _check(self.resume in ("auto", "never") or self.resume == MISSING or Path(self.resume).exists(),
+               "run.resume", f"'{self.resume}' is neither auto, never nor an existing checkpoint directory")
 
 
 @dataclass
@@ -43,6 +60,9 @@ class ModelConfig:
     attn_backend: str = "sdpa"  # sdpa | flex
     gradient_checkpointing: bool = False  # recompute layer activations in backward (less memory)
     tokenizer: str = "default"  # HF tokenizer dir; default = data/tokenizer (ignored when init_from has one)
+
+    def __post_init__(self):
+        _check(self.attn_backend in ("sdpa", "flex"), "model.attn_backend", "use sdpa or flex")
 
 
 @dataclass
@@ -68,6 +88,9 @@ class ChatDataConfig:
     truncate: str = "drop"  # drop | truncate
     pack: bool = False  # pack several examples per row with document masks
 
+    def __post_init__(self):
+        _check(self.truncate in ("drop", "truncate"), "data.truncate", "use drop or truncate")
+
 
 @dataclass
 class NoiseConfig:
@@ -76,11 +99,18 @@ class NoiseConfig:
     per: str = "block"  # block | sequence: one t per block or one per sequence
     complementary: bool = False  # pair each example with its complement mask (weights 1/t, 1/(1-t))
 
+    def __post_init__(self):
+        _check(0 < self.t_min <= self.t_max <= 1, "diffusion.noise.t_min/t_max", "need 0 < t_min <= t_max <= 1")
+        _check(self.per in ("block", "sequence"), "diffusion.noise.per", "use 'block' or 'sequence'")
+
 
 @dataclass
 class LossConfig:
     weighting: str = "elbo"  # elbo (1/t) | uniform (1)
     confidence_weight: float = 0.0  # CAP: entropy at correctly predicted masked positions
+
+    def __post_init__(self):
+        _check(self.weighting in ("elbo", "uniform"), "diffusion.loss.weighting", "use 'elbo' or 'uniform'")
 
 
 @dataclass
@@ -89,6 +119,9 @@ class T2TConfig:
     weight: float = 1.0  # CE at replaced positions towards the original token
     keep_weight: float = 0.0  # CE at visible unchanged positions (learn not to edit correct tokens)
 
+    def __post_init__(self):
+        _check(0 <= self.max_ratio <= 1, "diffusion.t2t.max_ratio", "must be in [0, 1]")
+
 
 @dataclass
 class MTFConfig:
@@ -96,18 +129,33 @@ class MTFConfig:
     turns: int = 2  # turn 1..turns-1 draft without grad, the last turn trains
     draft_ratio: float = 1.0  # each draft fills u ~ U[0, draft_ratio] of the still-masked positions
 
+    def __post_init__(self):
+        _check(0 <= self.prob <= 1, "diffusion.mtf.prob", "must be in [0, 1]")
+        _check(self.turns >= 2, "diffusion.mtf.turns", "must be >= 2 (drafts, then the training turn)")
+        _check(0 < self.draft_ratio <= 1, "diffusion.mtf.draft_ratio", "must be in (0, 1]")
+
 
 @dataclass
 class DiffusionConfig:
     block_size: int = 32  # diffusion block (tokens); also the SFT EOS-padding multiple
     # WSD block-size schedule: [[until_step, block_size], ...]; block_size 0 = whole sequence (plain MDM).
-    block_schedule: list = field(default_factory=list)  # [[until_step, block_size], ...]; 0 = whole sequence; empty = block_size
+    block_schedule: list = field(default_factory=list)  # [[until_step, size], ...]; 0 = whole sequence; [] = block_size
     mask_embed_noise_std: float = 0.0  # Gaussian noise on masked-position embeddings (converted AR models)
     mask_embed_noise_steps: int = 0  # apply that noise for the first N steps
     noise: NoiseConfig = field(default_factory=NoiseConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     t2t: T2TConfig = field(default_factory=T2TConfig)
     mtf: MTFConfig = field(default_factory=MTFConfig)
+
+    def __post_init__(self):
+        _check(self.block_size > 0, "diffusion.block_size", "must be positive")
+        last = -1
+        for i, entry in enumerate(self.block_schedule):
+            ok = isinstance(entry, (list, tuple)) and len(entry) == 2 and all(isinstance(v, int) for v in entry)
+            _check(ok, f"diffusion.block_schedule[{i}]", f"expected [until_step, block_size] integers, got {entry}")
+            _check(entry[0] > last, f"diffusion.block_schedule[{i}]", "until_step values must increase")
+            _check(entry[1] >= 0, f"diffusion.block_schedule[{i}]", "block_size must be >= 0 (0 = whole sequence)")
+            last = entry[0]
 
 
 @dataclass
@@ -123,6 +171,11 @@ class OptimConfig:
     decay_fraction: float = 0.2  # wsd: share of steps in the final decay
     grad_clip: float = 1.0  # global gradient-norm clip (0 = off)
 
+    def __post_init__(self):
+        _check(self.lr > 0, "optim.lr", "must be positive")
+        _check(self.schedule in ("cosine", "wsd", "constant"), "optim.schedule", "use cosine, wsd or constant")
+        _check(0 <= self.min_lr_ratio <= 1, "optim.min_lr_ratio", "must be in [0, 1]")
+
 
 @dataclass
 class EngineConfig:
@@ -130,6 +183,10 @@ class EngineConfig:
     precision: str = "fp32"  # fp32 | bf16
     offload_optimizer: bool = False  # ZeRO optimizer state in CPU memory
     offload_params: bool = False  # ZeRO-3 parameters in CPU memory
+
+    def __post_init__(self):
+        _check(self.zero_stage in (0, 1, 2, 3), "engine.zero_stage", "must be 0, 1, 2 or 3")
+        _check(self.precision in ("fp32", "bf16"), "engine.precision", "use fp32 or bf16")
 
 
 @dataclass
@@ -140,6 +197,10 @@ class PrecisionConfig:
     scale_rounding: str = "nearest"  # E4M3 block scales of RTNE operands: nearest | up (docs/fp4.md)
     bf16_first_layers: int = 0  # keep the first N decoder layers in high precision
     bf16_last_layers: int = 0  # keep the last N decoder layers in high precision
+
+    def __post_init__(self):
+        _check(self.fp4 in ("none", "ufp4", "nvfp4"), "precision.fp4", "use none, ufp4 or nvfp4")
+        _check(self.scale_rounding in ("nearest", "up"), "precision.scale_rounding", "use nearest or up")
 
 
 @dataclass
@@ -160,6 +221,16 @@ class TrainConfig:
     max_bad_steps: int = 5  # consecutive non-finite steps before the run stops
     on_save_error: str = "stop"  # a failed checkpoint save (disk full, I/O error): stop | continue
     export_hf: bool = True  # write run_dir/hf (safetensors + config + tokenizer) at the end
+
+    def __post_init__(self):
+        _check(self.steps > 0, "train.steps", "must be positive")
+        _check(self.batch_size > 0 and self.grad_accum > 0, "train.batch_size",
+               "batch_size and grad_accum must be positive")
+        _check(self.batch_size % self.grad_accum == 0, "train.batch_size",
+               f"global batch {self.batch_size} must be divisible by train.grad_accum {self.grad_accum}")
+        _check(self.keep_last >= 1, "train.keep_last", "keep at least one checkpoint")
+        _check(self.max_bad_steps >= 1, "train.max_bad_steps", "must be >= 1")
+        _check(self.on_save_error in ("stop", "continue"), "train.on_save_error", "use stop or continue")
 
 
 @dataclass
@@ -189,6 +260,12 @@ class LoRAConfig:
     target_modules: list = field(default_factory=lambda: ["query_key_value", "dense", "gate_proj", "up_proj",
                                                           "down_proj"])
 
+    def __post_init__(self):
+        _check(self.rank >= 1, "lora.rank", f"must be >= 1, got {self.rank}")
+        _check(not (self.dropout and "experts" in self.target_modules), "lora.dropout",
+               "must be 0 when lora.target_modules includes 'experts' (peft cannot apply dropout inside fused "
+               "expert weights); set lora.dropout=0")
+
 
 @dataclass
 class SFTConfig(StageConfig):
@@ -206,14 +283,11 @@ class RLDataConfig:
     num_eval: int = 64  # held-out prompts scored greedily at every eval
     prompt_field: str = "prompt"  # a string (one user turn) or a list of chat messages
 
-
-@dataclass
-class RewardFnConfig:
-    fn: str = MISSING  # "module.path:function" or "path/to/file.py:function"
-    weight: float = 1.0
-    timeout_s: float = 10.0
-    name: str | None = None  # metrics key; default: the function name
-    kwargs: dict = field(default_factory=dict)  # extra keyword arguments for the function
+    def __post_init__(self):
+        _check(self.train in ("tasks", MISSING) or Path(self.train).is_file(), "data.train",
+               f"'{self.train}' is neither 'tasks' nor an existing file of {{prompt, answer}} rows")
+        _check(not self.eval or Path(self.eval).is_file(), "data.eval", f"'{self.eval}' is not an existing file")
+        _check(self.num_train >= 1 and self.num_eval >= 0, "data.num_train", "need num_train >= 1, num_eval >= 0")
 
 
 @dataclass
@@ -226,22 +300,17 @@ class RayConfig:
     max_chunk_retries: int = 3  # re-runs of one rollout chunk whose actor died
     reward_tasks: bool = True  # reward calls as Ray tasks (false: the local process pool)
 
+    def __post_init__(self):
+        _check(self.num_workers >= 1, "rl.ray.num_workers", "must be >= 1")
+        _check(self.cpus_per_worker > 0, "rl.ray.cpus_per_worker", "must be > 0")
+        _check(self.max_chunk_retries >= 0, "rl.ray.max_chunk_retries", "must be >= 0")
+
 
 @dataclass
-class RLAlgoConfig:
-    group_size: int = 8  # G completions per prompt (prompts per step = train.batch_size)
-    num_timesteps: int = 2  # N stratified noise levels of the ELBO
-    t_min: float = 0.001  # smallest noise level (1/t weights at most 1/t_min)
-    eps_low: float = 0.2  # clip ratio below 1 - eps_low
-    eps_high: float = 0.28  # clip ratio above 1 + eps_high
-    ratio_level: str = "sequence"  # sequence | block (EBPO; unused by diffu_grpo, as num_timesteps and t_min)
-    estimator: str = "ebpo"  # likelihood in the ratio: ebpo (block ELBO) | diffu_grpo (d1, rl/diffu_grpo.py)
-    p_mask_prompt: float = 0.15  # diffu_grpo: probability of masking each prompt token (d1's recipe)
-    advantage: str = "group"  # group | loo | none
-    drop_zero_variance: bool = True  # drop groups whose rewards are all equal
-    kl_beta: float = 0.0  # k3 KL to the frozen initial model (0 = no reference model)
-    updates_per_batch: int = 1  # mu passes over each rollout batch
-    minibatch_size: int | None = None  # sequences per optimizer step; null = the whole batch
+class RLAlgoConfig(EBPOConfig):
+    """The `rl` section: the estimator's own settings (EBPOConfig, validated there) plus rollouts,
+    rewards and Ray. `minibatch_size` counts sequences over all ranks."""
+
     decode_mode: str = "S"  # threshold decoder preset for rollouts (S | Q | llada2.0)
     gen_length: int = 0  # response tokens; 0 = the longest train answer (+ EOS) in whole blocks
     threshold: float | None = None  # override of the preset's unmasking threshold
@@ -252,10 +321,34 @@ class RLAlgoConfig:
     prompts_per_chunk: int = 2  # prompts (x G rows) per decode call; the unit of rollout seeding and sharding
     eval_mode: str = "Q"  # decoder preset for held-out accuracy and the exported generation config
     # [{fn: "module:function" or "file.py:function", weight, timeout_s, name, kwargs}], summed with weights
-    rewards: list[RewardFnConfig] = field(
-        default_factory=lambda: [RewardFnConfig(fn="llada_train.rl.rewards:exact_match")])
+    rewards: list[RewardSpec] = field(default_factory=lambda: [RewardSpec(fn="llada_train.rl.rewards:exact_match")])
     rewards_on_error: float = 0.0  # score of a reward call that raises or times out
     ray: RayConfig = field(default_factory=RayConfig)
+
+    def __post_init__(self):
+        try:
+            super().__post_init__()
+        except ValueError as e:
+            raise ConfigError(f"bad value for {e}") from e
+        for key in ("decode_mode", "eval_mode"):
+            _check(getattr(self, key) in DECODE_PRESETS, f"rl.{key}", f"use one of {sorted(DECODE_PRESETS)}")
+        _check(self.gen_length >= 0, "rl.gen_length", "must be >= 0 (0 = from the longest train answer)")
+        _check(self.prompts_per_chunk >= 1, "rl.prompts_per_chunk", "must be >= 1")
+        try:  # the decoder's own rules for what rollouts will pass it
+            check_sampling(self.threshold, self.editing_threshold, self.temperature, self.top_k, self.top_p)
+        except ValueError as e:
+            raise ConfigError(f"bad value in 'rl': {e}") from e
+        _check(len(self.rewards) > 0, "rl.rewards",
+               "list at least one reward, e.g. [{fn: 'llada_train.rl.rewards:exact_match'}]")
+
+    def rollout_decoding(self, gen_length: int, block_length: int) -> dict:
+        """What rollout decoding gets: {"mode": preset, **generate overrides}."""
+        params = {"mode": self.decode_mode, "gen_length": gen_length, "block_length": block_length,
+                  "temperature": self.temperature, "top_k": self.top_k, "top_p": self.top_p}
+        for key in ("threshold", "editing_threshold"):
+            if getattr(self, key) is not None:
+                params[key] = getattr(self, key)
+        return params
 
 
 @dataclass
@@ -355,9 +448,13 @@ def load_config(stage: str, config_path: str | None = None, overrides: list[str]
         if OmegaConf.select(cfg, key, default="__absent__") == "__absent__":
             raise ConfigError(f"override '{item}': unknown config key '{key}'.{_suggest(key, schema)}")
     try:
-        obj = OmegaConf.to_object(cfg)
+        obj = OmegaConf.to_object(cfg)  # each section's __post_init__ checks its fields here
     except OmegaConfBaseException as e:
         raise _explain(e, schema, config_path or "config") from e
+    except ConfigError:
+        raise
+    except ValueError as e:  # a component defined outside this module (rl.rewards entries)
+        raise ConfigError(f"bad value: {e}") from e
     validate(obj)
     return obj
 
@@ -366,105 +463,19 @@ def to_yaml(cfg) -> str:
     return OmegaConf.to_yaml(OmegaConf.structured(cfg))
 
 
-def _check(cond: bool, key: str, msg: str):
-    if not cond:
-        raise ConfigError(f"bad value for '{key}': {msg}")
-
-
 def validate(cfg) -> None:
-    """Range and consistency checks no type system expresses; all in one place."""
+    """The checks that span sections (each section checked its own fields when it was built)."""
     d = cfg.diffusion
-    _check(0 < d.noise.t_min <= d.noise.t_max <= 1, "diffusion.noise.t_min/t_max", "need 0 < t_min <= t_max <= 1")
-    _check(d.noise.per in ("block", "sequence"), "diffusion.noise.per", "use 'block' or 'sequence'")
-    _check(d.loss.weighting in ("elbo", "uniform"), "diffusion.loss.weighting", "use 'elbo' or 'uniform'")
-    _check(0 <= d.t2t.max_ratio <= 1, "diffusion.t2t.max_ratio", "must be in [0, 1]")
-    _check(0 <= d.mtf.prob <= 1, "diffusion.mtf.prob", "must be in [0, 1]")
-    _check(d.mtf.turns >= 2, "diffusion.mtf.turns", "must be >= 2 (drafts, then the training turn)")
-    _check(0 < d.mtf.draft_ratio <= 1, "diffusion.mtf.draft_ratio", "must be in (0, 1]")
-    _check(d.block_size > 0, "diffusion.block_size", "must be positive")
-    last = -1
-    for i, entry in enumerate(d.block_schedule):
-        ok = isinstance(entry, (list, tuple)) and len(entry) == 2 and all(isinstance(v, int) for v in entry)
-        _check(ok, f"diffusion.block_schedule[{i}]", f"expected [until_step, block_size] integers, got {entry}")
-        _check(entry[0] > last, f"diffusion.block_schedule[{i}]", "until_step values must increase")
-        _check(entry[1] >= 0, f"diffusion.block_schedule[{i}]", "block_size must be >= 0 (0 = whole sequence)")
-        last = entry[0]
-    o = cfg.optim
-    _check(o.lr > 0, "optim.lr", "must be positive")
-    _check(o.schedule in ("cosine", "wsd", "constant"), "optim.schedule", "use cosine, wsd or constant")
-    _check(0 <= o.min_lr_ratio <= 1, "optim.min_lr_ratio", "must be in [0, 1]")
-    e = cfg.engine
-    _check(e.zero_stage in (0, 1, 2, 3), "engine.zero_stage", "must be 0, 1, 2 or 3")
-    _check(e.precision in ("fp32", "bf16"), "engine.precision", "use fp32 or bf16")
-    _check(cfg.precision.fp4 in ("none", "ufp4", "nvfp4"), "precision.fp4", "use none, ufp4 or nvfp4")
-    _check(cfg.precision.scale_rounding in ("nearest", "up"), "precision.scale_rounding", "use nearest or up")
-    _check(cfg.model.attn_backend in ("sdpa", "flex"), "model.attn_backend", "use sdpa or flex")
-    t = cfg.train
-    _check(t.steps > 0, "train.steps", "must be positive")
-    _check(t.batch_size > 0 and t.grad_accum > 0, "train.batch_size", "batch_size and grad_accum must be positive")
-    _check(t.batch_size % t.grad_accum == 0, "train.batch_size",
-           f"global batch {t.batch_size} must be divisible by train.grad_accum {t.grad_accum}")
-    _check(t.keep_last >= 1, "train.keep_last", "keep at least one checkpoint")
-    _check(t.max_bad_steps >= 1, "train.max_bad_steps", "must be >= 1")
-    _check(t.on_save_error in ("stop", "continue"), "train.on_save_error", "use stop or continue")
-    _check(cfg.run.resume == "auto" or cfg.run.resume == "never" or Path(cfg.run.resume).exists(),
-           "run.resume", f"'{cfg.run.resume}' is neither auto, never nor an existing checkpoint directory")
-    if isinstance(cfg, CPTConfig):
-        _check(cfg.data.seq_len % d.block_size == 0, "data.seq_len",
-               f"{cfg.data.seq_len} must be a multiple of diffusion.block_size {d.block_size}")
+    if isinstance(cfg, (CPTConfig, SFTConfig)):
+        key = "data.seq_len" if isinstance(cfg, CPTConfig) else "data.max_len"
+        length = cfg.data.seq_len if isinstance(cfg, CPTConfig) else cfg.data.max_len
+        _check(length % d.block_size == 0, key, f"{length} must be a multiple of diffusion.block_size {d.block_size}")
         for i, (_, size) in enumerate(d.block_schedule):
-            _check(size == 0 or cfg.data.seq_len % size == 0, f"diffusion.block_schedule[{i}]",
-                   f"block size {size} must divide data.seq_len {cfg.data.seq_len} (or be 0 = whole sequence)")
-    if isinstance(cfg, SFTConfig):
-        _check(cfg.data.truncate in ("drop", "truncate"), "data.truncate", "use drop or truncate")
-        _check(cfg.data.max_len % d.block_size == 0, "data.max_len",
-               f"{cfg.data.max_len} must be a multiple of diffusion.block_size {d.block_size}")
-        for i, (_, size) in enumerate(d.block_schedule):
-            _check(size == 0 or cfg.data.max_len % size == 0, f"diffusion.block_schedule[{i}]",
-                   f"block size {size} must divide data.max_len {cfg.data.max_len} (or be 0 = whole sequence)")
+            _check(size == 0 or length % size == 0, f"diffusion.block_schedule[{i}]",
+                   f"block size {size} must divide {key} {length} (or be 0 = whole sequence)")
     if isinstance(cfg, RLConfig):
-        _validate_rl(cfg)
-
-
-def _validate_rl(cfg) -> None:
-    r, data = cfg.rl, cfg.data
-    _check(data.train == "tasks" or Path(data.train).is_file(), "data.train",
-           f"'{data.train}' is neither 'tasks' nor an existing file of {{prompt, answer}} rows")
-    _check(not data.eval or Path(data.eval).is_file(), "data.eval", f"'{data.eval}' is not an existing file")
-    _check(data.num_train >= 1 and data.num_eval >= 0, "data.num_train", "need num_train >= 1, num_eval >= 0")
-    _check(r.advantage in ("group", "loo", "none"), "rl.advantage", "use group, loo or none")
-    _check(r.ratio_level in ("sequence", "block"), "rl.ratio_level", "use sequence or block")
-    min_group = 1 if r.advantage == "none" else 2
-    _check(r.group_size >= min_group, "rl.group_size", f"must be >= {min_group} with rl.advantage={r.advantage}")
-    for key in ("num_timesteps", "updates_per_batch", "prompts_per_chunk"):
-        _check(getattr(r, key) >= 1, f"rl.{key}", "must be >= 1")
-    _check(r.minibatch_size is None or r.minibatch_size >= 1, "rl.minibatch_size", "must be >= 1 or null")
-    _check(0 <= r.eps_low < 1, "rl.eps_low", "must be in [0, 1)")
-    _check(r.eps_high >= 0, "rl.eps_high", "must be >= 0")
-    _check(r.kl_beta >= 0, "rl.kl_beta", "must be >= 0 (0 disables the KL term)")
-    _check(0 < r.t_min < 1, "rl.t_min", "must be in (0, 1)")
-    _check(r.estimator in ("ebpo", "diffu_grpo"), "rl.estimator", "use ebpo or diffu_grpo")
-    _check(0 <= r.p_mask_prompt < 1, "rl.p_mask_prompt", "must be in [0, 1)")
-    for key in ("decode_mode", "eval_mode"):
-        _check(getattr(r, key) in ("S", "Q", "llada2.0"), f"rl.{key}", "use S, Q or llada2.0")
-    _check(r.gen_length >= 0, "rl.gen_length", "must be >= 0 (0 = from the longest train answer)")
-    for key in ("threshold", "editing_threshold"):
-        v = getattr(r, key)
-        _check(v is None or 0 <= v <= 1, f"rl.{key}", "must be in [0, 1] or null (the preset's value)")
-    _check(r.temperature >= 0, "rl.temperature", "must be >= 0 (0 = greedy)")
-    _check(r.top_k is None or r.top_k >= 1, "rl.top_k", "must be >= 1 or null")
-    _check(r.top_p is None or 0 < r.top_p <= 1, "rl.top_p", "must be in (0, 1] or null")
-    _check(len(r.rewards) > 0, "rl.rewards", "list at least one reward, e.g. [{fn: 'llada_train.rl.rewards:exact_match'}]")
-    for i, spec in enumerate(r.rewards):
-        _check(":" in spec.fn, f"rl.rewards[{i}].fn", f"'{spec.fn}' must be 'module.path:function' or 'file.py:function'")
-        _check(spec.timeout_s > 0, f"rl.rewards[{i}].timeout_s", "must be > 0")
-        _check(abs(spec.weight) < float("inf"), f"rl.rewards[{i}].weight", "must be finite")
-    ray = r.ray
-    _check(ray.num_workers >= 1, "rl.ray.num_workers", "must be >= 1")
-    _check(ray.cpus_per_worker > 0, "rl.ray.cpus_per_worker", "must be > 0")
-    _check(ray.max_chunk_retries >= 0, "rl.ray.max_chunk_retries", "must be >= 0")
-    _check(cfg.train.grad_accum == 1, "train.grad_accum",
-           "must be 1 for RL (optimizer steps per rollout batch come from rl.minibatch_size and rl.updates_per_batch)")
+        _check(cfg.train.grad_accum == 1, "train.grad_accum", "must be 1 for RL (optimizer steps per rollout batch "
+               "come from rl.minibatch_size and rl.updates_per_batch)")
 
 
 def model_preset_values(preset: str) -> dict:
@@ -488,12 +499,14 @@ def _field_comments(schema) -> dict[str, str]:
     import inspect
     import re
 
-    comments, above = {}, ""
-    for line in inspect.getsource(schema).splitlines():
-        field_line = re.match(r"\s+(\w+):([^#]*)(#\s?(.*))?$", line)
-        if field_line:
-            comments[field_line.group(1)] = (field_line.group(4) or above).strip()
-        above = line.strip()[1:] if line.strip().startswith("#") else ""
+    comments = {}
+    for cls in reversed([c for c in schema.__mro__ if is_dataclass(c)]):  # a subclass's comment wins
+        above = ""
+        for line in inspect.getsource(cls).splitlines():
+            field_line = re.match(r"\s+(\w+):([^#]*)(#\s?(.*))?$", line)
+            if field_line:
+                comments[field_line.group(1)] = (field_line.group(4) or above).strip()
+            above = line.strip()[1:] if line.strip().startswith("#") else ""
     return comments
 
 

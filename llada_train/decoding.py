@@ -88,21 +88,20 @@ def _prompt_lengths(input_ids, attention_mask, prompt_lengths) -> torch.Tensor:
     return lengths
 
 
-def _validate(gen_length, block_length, threshold, editing_threshold, max_post_steps, steps, temperature,
-              top_k, top_p, mbe_window):
-    checks = [
-        (gen_length >= 1, f"gen_length must be >= 1, got {gen_length}"),
-        (block_length >= 1, f"block_length must be >= 1, got {block_length}"),
-        (0.0 <= threshold <= 1.0, f"threshold must be in [0, 1], got {threshold}"),
+def check_sampling(threshold, editing_threshold, temperature, top_k, top_p) -> None:
+    """The unmasking/editing thresholds and sampling filters `generate` accepts (threshold None:
+    a preset's, not checked here). ValueError naming the argument."""
+    _raise_first([
+        (threshold is None or 0.0 <= threshold <= 1.0, f"threshold must be in [0, 1], got {threshold}"),
         (editing_threshold is None or 0.0 <= editing_threshold <= 1.0,
          f"editing_threshold must be None (editing off) or in [0, 1], got {editing_threshold}"),
-        (max_post_steps >= 0, f"max_post_steps must be >= 0, got {max_post_steps}"),
-        (steps is None or steps >= 1, f"steps must be None or >= 1, got {steps}"),
         (temperature >= 0.0, f"temperature must be >= 0 (0 = greedy), got {temperature}"),
         (top_k is None or top_k >= 1, f"top_k must be None or >= 1, got {top_k}"),
         (top_p is None or 0.0 < top_p <= 1.0, f"top_p must be None or in (0, 1], got {top_p}"),
-        (mbe_window >= 0, f"mbe_window must be >= 0, got {mbe_window}"),
-    ]
+    ])
+
+
+def _raise_first(checks: list[tuple[bool, str]]) -> None:
     for ok, message in checks:
         if not ok:
             raise ValueError(message)
@@ -240,9 +239,17 @@ class DecodeRules:
     draft_ahead: bool
 
     def __post_init__(self):
+        if self.threshold is None:
+            raise ValueError("threshold must be in [0, 1], got None (pick a mode: mode_params)")
         temperature, top_k, top_p, _ = self.sampling
-        _validate(self.gen_length, self.block_length, self.threshold, self.editing_threshold,
-                  self.max_post_steps, self.steps, temperature, top_k, top_p, self.mbe_window)
+        _raise_first([
+            (self.gen_length >= 1, f"gen_length must be >= 1, got {self.gen_length}"),
+            (self.block_length >= 1, f"block_length must be >= 1, got {self.block_length}"),
+            (self.max_post_steps >= 0, f"max_post_steps must be >= 0, got {self.max_post_steps}"),
+            (self.steps is None or self.steps >= 1, f"steps must be None or >= 1, got {self.steps}"),
+            (self.mbe_window >= 0, f"mbe_window must be >= 0, got {self.mbe_window}"),
+        ])
+        check_sampling(self.threshold, self.editing_threshold, temperature, top_k, top_p)
 
     @property
     def editing(self) -> bool:

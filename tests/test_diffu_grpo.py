@@ -109,7 +109,7 @@ def test_clipped_per_token_loss_matches_a_naive_loop(tiny_model):
     model = tiny_model.train()
     ref = copy.deepcopy(model).eval()
     ids, resp, rewards, cfg, gen = _setup(model, beta=0.05)
-    batch, _ = build_diffu_grpo_batch(model, ids, resp, rewards, cfg, ref_model=ref, generator=gen)
+    batch, _ = build_diffu_grpo_batch(model, ids, resp, rewards, cfg, block_size=4, ref_model=ref, generator=gen)
     scored = resp[:, None].expand_as(batch.old_logps)
     batch.old_logps = batch.old_logps + torch.randn(scored.shape, generator=gen) * 0.4 * scored
     batch.ref_logps = batch.ref_logps + torch.randn(scored.shape, generator=gen) * 0.3 * scored
@@ -130,7 +130,7 @@ def test_clipped_per_token_loss_matches_a_naive_loop(tiny_model):
                 count += 1
                 low += ratio < 1 - cfg.eps_low and a < 0
                 high += ratio > 1 + cfg.eps_high and a > 0
-        assert loss.item() == pytest.approx((total + cfg.beta * kl_total) / count, rel=1e-5)
+        assert loss.item() == pytest.approx((total + cfg.kl_beta * kl_total) / count, rel=1e-5)
         assert metrics["kl"] == pytest.approx(kl_total / count, rel=1e-5)
         assert metrics["clip_frac_low"] == pytest.approx(low / count)
         assert metrics["clip_frac_high"] == pytest.approx(high / count)
@@ -146,7 +146,7 @@ def _flat_grad(loss, params) -> torch.Tensor:
 def test_ratio_one_and_per_token_reinforce_gradient_at_theta_old(tiny_model):
     model = tiny_model.train()
     ids, resp, rewards, cfg, gen = _setup(model)
-    batch, metrics = build_diffu_grpo_batch(model, ids, resp, rewards, cfg, generator=gen)
+    batch, metrics = build_diffu_grpo_batch(model, ids, resp, rewards, cfg, block_size=4, generator=gen)
     assert model.training and batch.old_logps.shape == (4, 2, 16)
     assert 0.3 < metrics["prompt_masked_frac"] < 0.7
     params = [p for p in model.parameters() if p.requires_grad]
@@ -177,9 +177,9 @@ def test_prompt_masks_rate_per_pass_and_only_the_prompt():
 def test_update_moves_policy_towards_the_better_completion(tiny_model):
     model = tiny_model.train()
     ids, resp, _, cfg, gen = _setup(model, bsz=6)
-    cfg.drop_zero_variance_groups, cfg.minibatch_size = True, 2
+    cfg.drop_zero_variance, cfg.minibatch_size = True, 2
     rewards = torch.tensor([1.0, 0.0, 0.4, 0.4, 0.2, 0.9])  # group 1 has zero variance: dropped
-    batch, info = build_diffu_grpo_batch(model, ids, resp, rewards, cfg, generator=gen)
+    batch, info = build_diffu_grpo_batch(model, ids, resp, rewards, cfg, block_size=4, generator=gen)
     assert len(batch) == 4 and info["kept_frac"] == pytest.approx(4 / 6)
     opt = torch.optim.SGD(model.parameters(), lr=0.05)
     history = diffu_grpo_update(

@@ -100,7 +100,7 @@ def test_one_pass_terms_match_per_block_loop(tiny_model, case):
     assert torch.all(got[prompt_only[:, None].expand_as(got)] == 0)
 
 
-def _setup(model, level, bsz=4, length=16, block_size=4, beta=0.0, seed=0):
+def _setup(model, level, bsz=4, length=16, beta=0.0, seed=0):
     gen = torch.Generator().manual_seed(seed)
     ids = torch.randint(2, 4096, (bsz, length), generator=gen)
     resp = torch.zeros(bsz, length, dtype=torch.bool)
@@ -108,8 +108,8 @@ def _setup(model, level, bsz=4, length=16, block_size=4, beta=0.0, seed=0):
         ids[r, :3 + r // 2] = ids[r - r % 2, :3 + r // 2]
         resp[r, 3 + r // 2:] = True
     rewards = torch.rand(bsz, generator=gen)
-    cfg = EBPOConfig(group_size=2, num_timesteps=2, block_size=block_size, ratio_level=level,
-                     drop_zero_variance_groups=False, beta=beta)
+    cfg = EBPOConfig(group_size=2, num_timesteps=2, ratio_level=level,
+                     drop_zero_variance=False, kl_beta=beta)
     return ids, resp, rewards, cfg, gen
 
 
@@ -117,7 +117,7 @@ def _setup(model, level, bsz=4, length=16, block_size=4, beta=0.0, seed=0):
 def test_ratio_one_and_reinforce_gradient_at_theta_old(tiny_model, level):
     model = tiny_model.train()
     ids, resp, rewards, cfg, gen = _setup(model, level)
-    batch, _ = build_batch(model, ids, resp, rewards, cfg, generator=gen)
+    batch, _ = build_batch(model, ids, resp, rewards, cfg, block_size=4, generator=gen)
     assert model.training  # scoring restored the mode
     params = [p for p in model.parameters() if p.requires_grad]
 
@@ -125,14 +125,14 @@ def test_ratio_one_and_reinforce_gradient_at_theta_old(tiny_model, level):
     assert metrics["ratio_min"] == metrics["ratio_max"] == 1.0
     grads = torch.autograd.grad(loss, params, allow_unused=True)
 
-    terms = block_elbo_terms(model, batch.input_ids, batch.response_mask, cfg.block_size, batch.t,
+    terms = block_elbo_terms(model, batch.input_ids, batch.response_mask, batch.block_size, batch.t,
                              batch.noise_mask)
     assert torch.equal(terms.detach(), batch.old_terms)  # same masks, same θ: log ρ is exactly 0
     elbo = terms.mean(1)  # (B, nb), w_n = 1/N
     if level == "sequence":
         objective = (batch.advantages * elbo.sum(-1) / batch.response_mask.sum(-1)).mean()
     else:
-        counts = block_token_counts(batch.response_mask, cfg.block_size)
+        counts = block_token_counts(batch.response_mask, batch.block_size)
         valid = counts > 0
         per_block = batch.advantages[:, None] * elbo / counts.clamp_min(1)
         objective = per_block[valid].mean()
@@ -266,8 +266,7 @@ def test_k3_kl_formula_and_expectation():
 
 @pytest.mark.parametrize("key,value", [("group_size", 1), ("num_timesteps", 0), ("eps_low", 1.0),
                                        ("eps_high", -0.1), ("updates_per_batch", 0), ("minibatch_size", 0),
-                                       ("ratio_level", "token"), ("advantage", "ppo"), ("beta", -1.0),
-                                       ("block_size", 0)])
+                                       ("ratio_level", "token"), ("advantage", "ppo"), ("kl_beta", -1.0)])
 def test_config_validation_names_the_key(key, value):
     with pytest.raises(ValueError, match=f"rl.{key}"):
         EBPOConfig(**{key: value})
@@ -280,8 +279,8 @@ def test_update_moves_policy_towards_the_better_completion(tiny_model):
     ref = copy.deepcopy(model).eval()
     ids, resp, _, _, gen = _setup(model, "sequence", bsz=6)
     rewards = torch.tensor([1.0, 0.0, 0.4, 0.4, 0.2, 0.9])  # group 1 has zero variance: dropped
-    cfg = EBPOConfig(group_size=2, block_size=4, updates_per_batch=2, minibatch_size=2, beta=0.01)
-    batch, info = build_batch(model, ids, resp, rewards, cfg, ref_model=ref, generator=gen)
+    cfg = EBPOConfig(group_size=2, updates_per_batch=2, minibatch_size=2, kl_beta=0.01)
+    batch, info = build_batch(model, ids, resp, rewards, cfg, block_size=4, ref_model=ref, generator=gen)
     assert len(batch) == 4 and info["kept_frac"] == pytest.approx(4 / 6)
     opt = torch.optim.SGD(model.parameters(), lr=0.05)
 
@@ -306,9 +305,9 @@ def test_data_parallel_passes_are_padded_to_the_same_number_of_steps(tiny_model)
     minibatches pads each pass with step(None), after its real minibatches."""
     model = tiny_model.train()
     ids, resp, rewards, _, gen = _setup(model, "sequence", bsz=6)
-    cfg = EBPOConfig(group_size=2, block_size=4, updates_per_batch=2, minibatch_size=4,
-                     drop_zero_variance_groups=False)
-    batch, _ = build_batch(model, ids, resp, rewards, cfg, generator=gen)
+    cfg = EBPOConfig(group_size=2, updates_per_batch=2, minibatch_size=4,
+                     drop_zero_variance=False)
+    batch, _ = build_batch(model, ids, resp, rewards, cfg, block_size=4, generator=gen)
     calls = []
     history = ebpo_update(model, lambda loss: calls.append(loss is None), batch, cfg, generator=gen, steps_per_pass=3)
     assert calls == [False, False, True] * 2 and len(history) == 4  # 6 rows = minibatches of 4 and 2, + 1 pad

@@ -178,7 +178,7 @@ def test_rl_config_errors_name_the_key(tmp_path):
         load_config("rl", str(REPO / "configs/rl_tiny.yaml"), ["rl.group_size=1"])
     with pytest.raises(ConfigError, match=r"rl.t_min"):
         load_config("rl", str(REPO / "configs/rl_tiny.yaml"), ["rl.t_min=0"])
-    with pytest.raises(ConfigError, match=r"rl.rewards\[0\].fn"):
+    with pytest.raises(ConfigError, match=r"rl.rewards entry 'no_colon': fn must be 'module.path:function'"):
         load_config("rl", str(REPO / "configs/rl_tiny.yaml"), ["rl.rewards=[{fn: no_colon}]"])
     with pytest.raises(ConfigError, match=r"Did you mean 'rl.group_size'"):
         load_config("rl", str(REPO / "configs/rl_tiny.yaml"), ["rl.group_sise=4"])

@@ -240,9 +240,10 @@ def test_malformed_rows_are_counted_and_reported_not_fatal(tmp_path):
 def test_config_and_data_errors_name_the_key(tmp_path):
     with pytest.raises(ConfigError, match=r"diffusion.block_schedule\[0\].*divide data.max_len 32"):
         load_config("sft", "configs/sft_tiny.yaml", ["diffusion.block_schedule=[[10, 12]]"])
-    cfg = load_config("sft", "configs/sft_tiny_lora.yaml", ["lora.dropout=0.1"])
-    with pytest.raises(ConfigError, match=r"lora.dropout.*experts"):
-        apply_lora(LLaDA2MoeModelLM(tiny_config()), cfg.lora)
+    with pytest.raises(ConfigError, match=r"lora.dropout.*experts"):  # the LoRA section checks itself on load
+        load_config("sft", "configs/sft_tiny_lora.yaml", ["lora.dropout=0.1"])
+    with pytest.raises(ConfigError, match=r"lora.rank"):
+        load_config("sft", "configs/sft_tiny_lora.yaml", ["lora.rank=0"])
     cfg = load_config("sft", "configs/sft_tiny_lora.yaml", ["lora.target_modules=[nope]"])
     with pytest.raises(ConfigError, match=r"lora.target_modules"):
         apply_lora(LLaDA2MoeModelLM(tiny_config()), cfg.lora)

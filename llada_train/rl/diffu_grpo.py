@@ -57,6 +57,7 @@ class DiffuGRPOBatch(RowBatch):
     prompt_noise: torch.Tensor  # (B, μ, L) bool, prompt tokens masked in update pass k
     old_logps: torch.Tensor  # (B, μ, L) log p_θold per scored token, 0 elsewhere; no grad
     advantages: torch.Tensor  # (B,)
+    block_size: int  # the model's diffusion block
     pad_mask: torch.Tensor | None = None  # (B, L) True = real token
     ref_logps: torch.Tensor | None = None  # (B, μ, L) log p_ref, only when beta > 0
 
@@ -106,7 +107,7 @@ def _logps_in_chunks(model, batch: DiffuGRPOBatch, cfg: EBPOConfig, mask_token_i
     """Every pass's per-token log-probs for the whole batch without grad: one forward per pass and
     `minibatch_size` rows, the shapes of the update's forwards (so θ = θ_old gives ratios of exactly 1)."""
     def score(part):
-        return torch.cat([completion_token_logprobs(model, part.input_ids, part.response_mask, cfg.block_size,
+        return torch.cat([completion_token_logprobs(model, part.input_ids, part.response_mask, part.block_size,
                                                     part.prompt_noise[:, k:k + 1], pad_mask=part.pad_mask,
                                                     mask_token_id=mask_token_id)
                           for k in range(part.prompt_noise.shape[1])], dim=1)
@@ -115,20 +116,21 @@ def _logps_in_chunks(model, batch: DiffuGRPOBatch, cfg: EBPOConfig, mask_token_i
 
 
 def build_diffu_grpo_batch(model, input_ids: torch.Tensor, response_mask: torch.Tensor, rewards: torch.Tensor,
-                           cfg: EBPOConfig, *, pad_mask: torch.Tensor | None = None, ref_model=None,
+                           cfg: EBPOConfig, *, block_size: int, pad_mask: torch.Tensor | None = None,
+                           ref_model=None,
                            generator: torch.Generator | None = None,
                            mask_token_id: int | None = None) -> tuple[DiffuGRPOBatch, dict]:
     """Advantages, zero-variance filtering, one prompt mask per update pass and the θ_old (and π_ref)
     per-token log-probs of one rollout batch; `model` is θ_old. Same contract as `ebpo.build_batch`."""
-    if cfg.beta > 0 and ref_model is None:
-        raise ValueError(f"rl.beta = {cfg.beta}: a KL penalty needs a reference model (pass ref_model)")
+    if cfg.kl_beta > 0 and ref_model is None:
+        raise ValueError(f"rl.kl_beta = {cfg.kl_beta}: a KL penalty needs a reference model (pass ref_model)")
     input_ids, scored, pad_mask, adv, metrics = kept_rows(input_ids, response_mask, rewards, cfg, pad_mask)
     prompt = ~scored if pad_mask is None else pad_mask & ~scored  # (B, L)
     noise = sample_prompt_masks(prompt, cfg.updates_per_batch, cfg.p_mask_prompt, generator)
     batch = DiffuGRPOBatch(input_ids, scored, noise, old_logps=torch.empty(0), advantages=adv,
-                           pad_mask=pad_mask)
+                           block_size=block_size, pad_mask=pad_mask)
     batch.old_logps = _logps_in_chunks(model, batch, cfg, mask_token_id)
-    if cfg.beta > 0:
+    if cfg.kl_beta > 0:
         batch.ref_logps = _logps_in_chunks(ref_model, batch, cfg, mask_token_id)
     metrics["prompt_masked_frac"] = (noise.sum() / (prompt.sum() * noise.shape[1]).clamp_min(1)).item()
     return batch, metrics
@@ -139,13 +141,13 @@ def diffu_grpo_minibatch_loss(model, batch: DiffuGRPOBatch, cfg: EBPOConfig, upd
     """Per-token clipped surrogate of one minibatch under the current θ, with pass `update_pass`'s
     prompt mask and θ_old log-probs; mean over the minibatch's scored tokens (+ β·mean per-token k3)."""
     k = update_pass % batch.prompt_noise.shape[1]
-    logp = completion_token_logprobs(model, batch.input_ids, batch.response_mask, cfg.block_size,
+    logp = completion_token_logprobs(model, batch.input_ids, batch.response_mask, batch.block_size,
                                      batch.prompt_noise[:, k:k + 1], pad_mask=batch.pad_mask,
                                      mask_token_id=mask_token_id)[:, 0]  # (B, L)
     log_ratio = logp - batch.old_logps[:, k]  # (B, L), 0 at unscored positions
-    kl = None if batch.ref_logps is None or cfg.beta == 0 else k3_kl(batch.ref_logps[:, k] - logp)
+    kl = None if batch.ref_logps is None or cfg.kl_beta == 0 else k3_kl(batch.ref_logps[:, k] - logp)
     return ebpo_loss(log_ratio, batch.advantages, eps_low=cfg.eps_low, eps_high=cfg.eps_high,
-                     mask=batch.response_mask, kl=kl, beta=cfg.beta)
+                     mask=batch.response_mask, kl=kl, beta=cfg.kl_beta)
 
 
 def diffu_grpo_update(model, step_fn: Callable[[torch.Tensor | None], None], batch: DiffuGRPOBatch,

@@ -37,12 +37,11 @@ class EBPOConfig:
     eps_low: float = 0.2  # ratio clipped below at 1 - eps_low
     eps_high: float = 0.28  # ... and above at 1 + eps_high (clip-higher)
     updates_per_batch: int = 1  # μ passes over each rollout batch
-    minibatch_size: int | None = None  # sequences per optimizer step; None = the whole batch
+    minibatch_size: int | None = None  # sequences per optimizer step (over all ranks); null = the whole batch
     ratio_level: str = "sequence"  # "sequence" (length-normalised) | "block" (clipped per block)
     advantage: str = "group"  # "group" (r - mean)/(std + eps) | "loo" leave-one-out | "none" raw
-    drop_zero_variance_groups: bool = True  # groups whose rewards are all equal carry no signal
-    beta: float = 0.0  # weight of the k3 KL to a frozen reference (0 = no reference model)
-    block_size: int = 32  # diffusion block size of the ELBO (the model's decoding block)
+    drop_zero_variance: bool = True  # drop groups whose rewards are all equal (they carry no signal)
+    kl_beta: float = 0.0  # weight of the k3 KL to the frozen initial model (0 = no reference model)
     t_min: float = T_MIN  # smallest noise level; caps the 1/t weight of short responses' few masked tokens
     estimator: str = "ebpo"  # "ebpo" | "diffu_grpo" (d1; num_timesteps, ratio_level and t_min unused)
     p_mask_prompt: float = 0.15  # diffu_grpo: probability of masking each prompt token (d1's recipe)
@@ -62,7 +61,7 @@ class EBPOConfig:
         min_group = 1 if self.advantage == "none" else 2
         if self.group_size < min_group:
             bad("group_size", f"must be >= {min_group} with rl.advantage={self.advantage!r}")
-        for key in ("num_timesteps", "updates_per_batch", "block_size"):
+        for key in ("num_timesteps", "updates_per_batch"):
             if getattr(self, key) < 1:
                 bad(key, "must be >= 1")
         if self.minibatch_size is not None and self.minibatch_size < 1:
@@ -73,8 +72,8 @@ class EBPOConfig:
             bad("eps_high", "must be >= 0")
         if not 0.0 < self.t_min < 1.0:
             bad("t_min", "must be in (0, 1)")
-        if not self.beta >= 0.0:
-            bad("beta", "must be >= 0 (0 disables the KL term)")
+        if not self.kl_beta >= 0.0:
+            bad("kl_beta", "must be >= 0 (0 disables the KL term)")
 
 
 # ----------------------------------------------------------------------------- noise
@@ -291,8 +290,10 @@ class RowBatch:
         return self.input_ids.shape[0]
 
     def select(self, rows):
-        return type(self)(**{f.name: None if getattr(self, f.name) is None else getattr(self, f.name)[rows]
-                             for f in fields(self)})
+        def pick(value):
+            return value[rows] if isinstance(value, torch.Tensor) else value  # None, block_size
+
+        return type(self)(**{f.name: pick(getattr(self, f.name)) for f in fields(self)})
 
     def minibatch_bounds(self, size: int | None) -> list[tuple[int, int]]:
         """(start, end) of each minibatch of `size` sequences (the last may be smaller); None = one."""
@@ -316,6 +317,7 @@ class EBPOBatch(RowBatch):
     noise_mask: torch.Tensor  # (B, N, L) bool
     old_terms: torch.Tensor  # (B, N, nb) ℓ_θold, no grad
     advantages: torch.Tensor  # (B,)
+    block_size: int  # the model's diffusion block, which the ELBO's blocks follow
     pad_mask: torch.Tensor | None = None  # (B, L) True = real token
     ref_terms: torch.Tensor | None = None  # (B, N, nb) ℓ_ref, only when beta > 0
 
@@ -338,10 +340,10 @@ def score_in_chunks(model, batch: RowBatch, chunk: int | None, score: Callable,
 def _terms_in_chunks(model, batch: EBPOBatch, cfg: EBPOConfig, mask_token_id: int | None) -> torch.Tensor:
     """ℓ for the whole batch without grad, `minibatch_size` rows per forward."""
     def score(part):
-        return block_elbo_terms(model, part.input_ids, part.response_mask, cfg.block_size, part.t,
+        return block_elbo_terms(model, part.input_ids, part.response_mask, part.block_size, part.t,
                                 part.noise_mask, pad_mask=part.pad_mask, mask_token_id=mask_token_id)
 
-    empty = (0, cfg.num_timesteps, num_blocks(batch.input_ids.shape[1], cfg.block_size))
+    empty = (0, cfg.num_timesteps, num_blocks(batch.input_ids.shape[1], batch.block_size))
     return score_in_chunks(model, batch, cfg.minibatch_size, score, empty)
 
 
@@ -352,7 +354,7 @@ def kept_rows(input_ids: torch.Tensor, response_mask: torch.Tensor, rewards: tor
     scored mask (response ∩ real tokens), pad_mask and advantages, and the batch's metrics."""
     adv = advantages(rewards.float(), cfg.group_size, cfg.advantage).to(input_ids.device)
     keep = torch.ones(len(rewards), dtype=torch.bool)
-    if cfg.drop_zero_variance_groups:
+    if cfg.drop_zero_variance:
         keep = ~zero_variance_groups(rewards, cfg.group_size)
     r = rewards.double()
     metrics = {"reward_mean": r.mean().item(), "reward_std": r.std(unbiased=False).item(),
@@ -366,7 +368,7 @@ def kept_rows(input_ids: torch.Tensor, response_mask: torch.Tensor, rewards: tor
 
 
 def build_batch(model, input_ids: torch.Tensor, response_mask: torch.Tensor, rewards: torch.Tensor,
-                cfg: EBPOConfig, *, pad_mask: torch.Tensor | None = None, ref_model=None,
+                cfg: EBPOConfig, *, block_size: int, pad_mask: torch.Tensor | None = None, ref_model=None,
                 generator: torch.Generator | None = None,
                 mask_token_id: int | None = None) -> tuple[EBPOBatch, dict]:
     """Advantages, zero-variance filtering, noise draws and θ_old (and π_ref) terms for one rollout batch.
@@ -374,14 +376,14 @@ def build_batch(model, input_ids: torch.Tensor, response_mask: torch.Tensor, rew
     Rows are prompts × G with each prompt's completions adjacent. `model` is θ_old (the policy
     before this batch's updates). Returns the batch (possibly empty) and its metrics.
     """
-    if cfg.beta > 0 and ref_model is None:
-        raise ValueError(f"rl.beta = {cfg.beta}: a KL penalty needs a reference model (pass ref_model)")
+    if cfg.kl_beta > 0 and ref_model is None:
+        raise ValueError(f"rl.kl_beta = {cfg.kl_beta}: a KL penalty needs a reference model (pass ref_model)")
     input_ids, scored, pad_mask, adv, metrics = kept_rows(input_ids, response_mask, rewards, cfg, pad_mask)
     t = stratified_timesteps(cfg.num_timesteps, len(adv), generator, device=input_ids.device, t_min=cfg.t_min)
     batch = EBPOBatch(input_ids, scored, t, sample_noise_masks(scored, t, generator),
-                      old_terms=torch.empty(0), advantages=adv, pad_mask=pad_mask)
+                      old_terms=torch.empty(0), advantages=adv, block_size=block_size, pad_mask=pad_mask)
     batch.old_terms = _terms_in_chunks(model, batch, cfg, mask_token_id)
-    if cfg.beta > 0:
+    if cfg.kl_beta > 0:
         batch.ref_terms = _terms_in_chunks(ref_model, batch, cfg, mask_token_id)
     return batch, metrics
 
@@ -389,20 +391,20 @@ def build_batch(model, input_ids: torch.Tensor, response_mask: torch.Tensor, rew
 def ebpo_minibatch_loss(model, batch: EBPOBatch, cfg: EBPOConfig, *,
                         mask_token_id: int | None = None) -> tuple[torch.Tensor, dict]:
     """EBPO loss of one minibatch under the current θ, from the batch's stored masks and θ_old terms."""
-    terms = block_elbo_terms(model, batch.input_ids, batch.response_mask, cfg.block_size, batch.t,
+    terms = block_elbo_terms(model, batch.input_ids, batch.response_mask, batch.block_size, batch.t,
                              batch.noise_mask, pad_mask=batch.pad_mask, mask_token_id=mask_token_id)
     if cfg.ratio_level == "sequence":
         counts, mask = batch.response_mask.sum(-1), None  # (B,)
         log_ratio = sequence_log_ratio(terms, batch.old_terms, counts)
         ref_log_ratio = None if batch.ref_terms is None else sequence_log_ratio(batch.ref_terms, terms, counts)
     else:
-        counts = block_token_counts(batch.response_mask, cfg.block_size)  # (B, nb)
+        counts = block_token_counts(batch.response_mask, batch.block_size)  # (B, nb)
         mask = counts > 0  # blocks with no response token carry no ratio
         log_ratio = block_log_ratio(terms, batch.old_terms, counts)
         ref_log_ratio = None if batch.ref_terms is None else block_log_ratio(batch.ref_terms, terms, counts)
-    kl = None if ref_log_ratio is None or cfg.beta == 0 else k3_kl(ref_log_ratio)
+    kl = None if ref_log_ratio is None or cfg.kl_beta == 0 else k3_kl(ref_log_ratio)
     return ebpo_loss(log_ratio, batch.advantages, eps_low=cfg.eps_low, eps_high=cfg.eps_high, mask=mask,
-                     kl=kl, beta=cfg.beta)
+                     kl=kl, beta=cfg.kl_beta)
 
 
 def policy_update(step_fn: Callable[[torch.Tensor | None], None], batch: RowBatch, cfg: EBPOConfig,

@@ -37,10 +37,13 @@ class RewardSpec:
     kwargs: dict = field(default_factory=dict)  # extra keyword arguments, e.g. {pattern: ...} for `format`
 
     def __post_init__(self):
+        """Also the config's check of each `rl.rewards` entry."""
+        if ":" not in self.fn:
+            raise ValueError(f"rl.rewards entry {self.fn!r}: fn must be 'module.path:function' or 'file.py:function'")
         if not math.isfinite(self.weight):
-            raise ValueError(f"reward {self.fn!r}: weight must be finite, got {self.weight}")
+            raise ValueError(f"rl.rewards entry {self.fn!r}: weight must be finite, got {self.weight}")
         if not self.timeout_s > 0:
-            raise ValueError(f"reward {self.fn!r}: timeout_s must be > 0, got {self.timeout_s}")
+            raise ValueError(f"rl.rewards entry {self.fn!r}: timeout_s must be > 0, got {self.timeout_s}")
         if self.name is None:
             self.name = self.fn.rpartition(":")[2]
 

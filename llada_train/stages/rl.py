@@ -10,6 +10,7 @@ and trains on its share of the prompts; gradients are averaged), rollouts in-pro
 """
 
 import time
+from dataclasses import replace
 
 import torch
 import torch.distributed as dist
@@ -22,8 +23,7 @@ from ..data.text import BatchIterator
 from ..decoding import complete, generation_config_dict
 from ..engine import init_distributed, reduce_over_ranks
 from ..rl.diffu_grpo import build_diffu_grpo_batch, diffu_grpo_update
-from ..rl.ebpo import EBPOConfig, build_batch, ebpo_update
-from ..rl.reward_calls import RewardSpec
+from ..rl.ebpo import build_batch, ebpo_update
 from ..rl.reward_scoring import RewardComputer
 from ..rl.rollout import build_rollouts, ray_reward_executor, rollout_step, stable_seed
 from ..trainer import BatchSource, Trainer
@@ -45,9 +45,9 @@ def run_rl(cfg, eval_fn=None) -> bool:
     ref_model = None
     if cfg.rl.kl_beta > 0:  # the frozen starting policy
         ref_model = build_model(cfg.model, tokenizer, cfg.run.seed).eval().requires_grad_(False)
-    rewards = RewardComputer([RewardSpec(**vars(s)) for s in cfg.rl.rewards], cfg.rl.rewards_on_error,
+    rewards = RewardComputer(list(cfg.rl.rewards), cfg.rl.rewards_on_error,
                              executor=ray_reward_executor if cfg.rl.ray.enabled and cfg.rl.ray.reward_tasks else None)
-    decode = rollout_decode_params(cfg, gen_length)
+    decode = cfg.rl.rollout_decoding(gen_length, cfg.diffusion.block_size)
     rollouts = build_rollouts(cfg.rl.ray, model, decode)
     try:
         iterator = BatchIterator(len(train_rows), cfg.train.batch_size, seed=cfg.run.seed, rank=rank, world_size=world)
@@ -119,17 +119,6 @@ def rl_response_budget(cfg, tokenizer, rows: list[dict]) -> int:
     return response_budget(tokenizer, answers, cfg.diffusion.block_size)
 
 
-def rollout_decode_params(cfg, gen_length: int) -> dict:
-    r = cfg.rl
-    params = {"mode": r.decode_mode, "gen_length": gen_length, "block_length": cfg.diffusion.block_size,
-              "temperature": r.temperature, "top_k": r.top_k, "top_p": r.top_p}
-    if r.threshold is not None:
-        params["threshold"] = r.threshold
-    if r.editing_threshold is not None:
-        params["editing_threshold"] = r.editing_threshold
-    return params
-
-
 def _prompt_text(prompt, tokenizer) -> str:
     return prompt if isinstance(prompt, str) else render_prompt(prompt, tokenizer)
 
@@ -140,18 +129,6 @@ def _reward_columns(rows: list[dict], prompt_field: str, group_size: int) -> dic
 
 
 # ---- one RL step ----------------------------------------------------------------------------------
-
-
-def ebpo_config(cfg, world: int = 1) -> EBPOConfig:
-    """`rl.minibatch_size` counts sequences over all ranks; each rank takes its share."""
-    r = cfg.rl
-    return EBPOConfig(group_size=r.group_size, num_timesteps=r.num_timesteps, eps_low=r.eps_low, eps_high=r.eps_high,
-                      updates_per_batch=r.updates_per_batch,
-                      minibatch_size=r.minibatch_size // world if r.minibatch_size else None,
-                      ratio_level=r.ratio_level, advantage=r.advantage,
-                      drop_zero_variance_groups=r.drop_zero_variance, beta=r.kl_beta,
-                      block_size=cfg.diffusion.block_size, t_min=r.t_min, estimator=r.estimator,
-                      p_mask_prompt=r.p_mask_prompt)
 
 
 # rl.estimator -> (rollout batch with θ_old scores, μ passes of minibatch updates); same signatures
@@ -175,7 +152,8 @@ def rl_step_fn(cfg, tokenizer, rows: list[dict], rollouts, rewards: RewardComput
     """Trainer `step_fn`: one rollout batch and its μ × minibatch optimizer steps. Under data
     parallelism each rank rolls out, scores and trains on its own prompts (its own rollout and
     mask seeds); DeepSpeed averages the gradients, and every rank takes the same optimizer steps."""
-    ecfg = ebpo_config(cfg, world)
+    # rl.minibatch_size counts sequences over all ranks; each rank takes its share
+    ecfg = replace(cfg.rl, minibatch_size=cfg.rl.minibatch_size // world if cfg.rl.minibatch_size else None)
     build, update = ESTIMATOR_STEPS[ecfg.estimator]
     group = cfg.rl.group_size
     field = cfg.data.prompt_field
@@ -195,7 +173,8 @@ def rl_step_fn(cfg, tokenizer, rows: list[dict], rollouts, rewards: RewardComput
         reward_s = time.perf_counter() - start
         generator = torch.Generator().manual_seed(stable_seed(seed, step, "ebpo"))
         ebpo_batch, batch_metrics = build(engine, roll.input_ids, roll.response_mask,
-                                          torch.tensor(scored.total), ecfg, pad_mask=roll.pad_mask,
+                                          torch.tensor(scored.total), ecfg, block_size=cfg.diffusion.block_size,
+                                          pad_mask=roll.pad_mask,
                                           ref_model=ref_model, generator=generator)
         engine.train()
         steps_per_pass = None  # data parallelism: every rank joins the most minibatches any rank has

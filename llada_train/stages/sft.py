@@ -131,11 +131,6 @@ def apply_lora(model, lcfg):
     names = list(lcfg.target_modules)
     experts = EXPERTS in names
     linears = [n for n in names if n != EXPERTS]
-    if experts and lcfg.dropout:
-        raise ConfigError("bad value for 'lora.dropout': must be 0 when lora.target_modules includes 'experts' "
-                          "(peft cannot apply dropout inside fused expert weights); set lora.dropout=0")
-    if lcfg.rank < 1:
-        raise ConfigError(f"bad value for 'lora.rank': must be >= 1, got {lcfg.rank}")
     config = LoraConfig(r=lcfg.rank, lora_alpha=lcfg.alpha, lora_dropout=lcfg.dropout, target_modules=linears,
                         target_parameters=[f"{EXPERTS}.{p}" for p in EXPERT_PARAMS] if experts else None)
     try:

@@ -35,12 +35,13 @@ import yaml
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.common import RESULTS, write_results
 from llada_train.config import load_config
+from llada_train.data.prompts import load_rl_rows
 from llada_train.data.tasks import row_correct
 from llada_train.data.tokenizer import load_tokenizer
 from llada_train.decoding import complete
 from llada_train.model import LLaDA2MoeModelLM
 from llada_train.rl.rollout import LocalRollouts, rollout_step
-from llada_train.stages.rl import load_rl_rows, response_budget, rollout_decode_params, run_rl
+from llada_train.stages.rl import rl_response_budget, run_rl
 
 ARMS = {  # name -> RL overrides
     "diffu_grpo": ["rl.estimator=diffu_grpo"],
@@ -133,7 +134,7 @@ def pass_at_k(cfg, tokenizer, model, rows: list[dict], gen_length: int, k: int) 
     """pass@1 (mean over the k samples) and pass@k (any of them) per family, k completions per
     prompt sampled with the rollout decoder settings (rl.decode_mode, rl.temperature, ...)."""
     field = cfg.data.prompt_field
-    executor = LocalRollouts(model, rollout_decode_params(cfg, gen_length))
+    executor = LocalRollouts(model, cfg.rl.rollout_decoding(gen_length, cfg.diffusion.block_size))
     executor.publish(model)
     roll = rollout_step(executor, tokenizer, [r[field] for r in rows], group_size=k,
                         prompts_per_chunk=cfg.rl.prompts_per_chunk, seed=cfg.run.seed, step=-1,
@@ -280,7 +281,7 @@ def main():
     cfg = arm_config(args, overrides, sft_cfg)
     tokenizer = load_tokenizer(args.sft)
     train_rows, heldout = load_rl_rows(cfg)
-    gen_length = response_budget(cfg, tokenizer, train_rows)
+    gen_length = rl_response_budget(cfg, tokenizer, train_rows)
     evaluator = HeldoutEval(cfg, tokenizer, heldout, gen_length, args.eval_batch)
     load = [os.getloadavg()[0]]
     started = time.perf_counter()

@@ -58,10 +58,24 @@ def run_stage(stage: str, argv: list[str]) -> int:
         return 0
     try:
         finished = job()
+        if finished and stage == "pipeline":
+            _pipeline_report(pipe)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0 if finished else 3
+
+
+def _pipeline_report(pipe) -> None:
+    """The report of a finished pipeline (rank 0), rewritten only when a stage ran this time."""
+    from .report import write_report
+    from .stages.pipeline import is_rank0
+
+    report = pipe.out_dir / "report.md"
+    if pipe.report and is_rank0() and (pipe.ran or not report.is_file()):
+        report = write_report(pipe.out_dir)
+    if report.is_file():
+        print(f"[pipeline] report: {report}")
 
 
 def export_main(argv: list[str]) -> int:

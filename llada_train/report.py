@@ -166,7 +166,7 @@ def write_report(run_dir) -> Path:
     models = {s: run_dir / s / "hf" for s in ("sft", "rl") if (run_dir / s / "hf" / "config.json").is_file()}
     if models and (run_dir / "rl" / "config.yaml").is_file():
         from .config import load_config
-        from .stages.rl import load_heldout_rows
+        from .data.prompts import load_heldout_rows
 
         rl_cfg = load_config("rl", str(run_dir / "rl" / "config.yaml"))  # the RL stage's own held-out prompts
         rows, field = load_heldout_rows(rl_cfg), rl_cfg.data.prompt_field

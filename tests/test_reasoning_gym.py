@@ -148,7 +148,7 @@ def test_rg_rows_through_sft_and_rl_clis_and_generate_decodes_as_the_rl_eval(tmp
 
     # The final held-out eval's completions (4 prompts, one completion each) vs the CLI on the export.
     from llada_train.config import load_config
-    from llada_train.stages.rl import load_heldout_rows
+    from llada_train.data.prompts import load_heldout_rows
 
     held = load_heldout_rows(load_config("rl", str(rl / "config.yaml")))
     calls = [json.loads(x) for x in capture.read_text().splitlines()]

@@ -8,7 +8,7 @@ pickling and jsonl files; the reward rebuilds the dataset from (name, options) a
 `score_answer`.
 
 Seeding: entry i of `create_dataset(name, seed=s)` is entry 0 of seed s + i, so the problem sets
-of two seeds overlap. The train/eval split is therefore a hash of the problem (`tasks.split_of`),
+of two seeds overlap. The train/eval split is therefore a hash of the problem (`split.split_of`),
 never the seed: no held-out question can be drawn into any train set. For Countdown and mini
 Sudoku the hashed key is coarser than the question text, so rewordings do not leak either:
 Countdown's templates and number orders state one problem (numbers, target) many ways, and a 4x4
@@ -22,6 +22,8 @@ import dataclasses
 import hashlib
 import json
 from functools import lru_cache
+
+from .split import normalize_completion, split_of
 
 PREFIX = "rg:"
 RESERVED_OPTIONS = ("seed", "size")  # set by the drawing loop, not by the user
@@ -102,8 +104,7 @@ def _base_seed(seed: int, task: str, split: str) -> int:
 
 def draw_entries(task: str, n: int, split: str, seed: int, options: dict) -> list[dict]:
     """`n` entries of `split` with distinct questions, walked from a per-(seed, task, split) start.
-    The split of an entry is the hash of its `split_key` (`tasks.split_of`), so it holds across seeds."""
-    from .tasks import split_of
+    The split of an entry is the hash of its `split_key` (`split.split_of`), so it holds across seeds."""
 
     name = dataset_name(task)
     options = validate_options(name, options)
@@ -136,8 +137,7 @@ def entry_row(task: str, entry: dict, options: dict, kind: str) -> dict:
 
 def score(task: str, completion: str, entry_json: str, options_json: str = "{}") -> float:
     """The dataset's own `score_answer` on the completion's answer part (cut at template markup,
-    as `tasks.normalize_completion` does)."""
-    from .tasks import normalize_completion
+    as `split.normalize_completion` does)."""
 
     data = _dataset(dataset_name(task), options_json)
     return float(data.score_answer(normalize_completion(completion), json.loads(entry_json)))

@@ -17,7 +17,6 @@ surrounding whitespace.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import inspect
 import json
 import random
@@ -28,16 +27,11 @@ from pathlib import Path
 
 from . import reasoning_gym
 from .reasoning_gym import is_rg_task
+from .split import normalize_completion, split_of
 
-EVAL_FRACTION = 0.1
 SPLITS = ("train", "eval")
 KINDS = ("sft", "rl")
 _LETTERS = string.ascii_lowercase
-
-
-def normalize_completion(completion: str) -> str:
-    """The answer part of a completion: text before any template markup, whitespace stripped."""
-    return completion.split("<", 1)[0].strip()
 
 
 def exact_check(answer: str, completion: str) -> bool:
@@ -144,12 +138,6 @@ def row_correct(row: dict, completion: str) -> bool:
     if is_rg_task(row["task"]):
         return reasoning_gym.is_correct(row, completion)
     return check(row["task"], str(row["answer"]), completion)
-
-
-def split_of(task: str, problem: str) -> str:
-    """``"eval"`` or ``"train"``, from a hash of the problem alone (seed-independent)."""
-    digest = hashlib.blake2b(f"{task}\x00{problem}".encode(), digest_size=8).digest()
-    return "eval" if int.from_bytes(digest, "big") / 2**64 < EVAL_FRACTION else "train"
 
 
 def _draw(task: TaskFamily, n: int, split: str, seed: int, kwargs: dict) -> list[tuple[str, str]]:

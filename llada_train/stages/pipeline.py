@@ -33,6 +33,7 @@ class Pipeline:
     stages: list[str]
     report: bool
     configs: dict = field(default_factory=dict)  # stage -> resolved stage config
+    ran: list = field(default_factory=list)  # stages this invocation ran (not finished earlier)
 
     def stage_dir(self, stage: str) -> Path:
         return self.out_dir / stage
@@ -119,30 +120,22 @@ def stage_runner(stage: str):
 
 def run_pipeline(pipe: Pipeline, log=print) -> bool:
     """Run the stages in order; True when all finished (False: a stage was stopped, resume later)."""
-    ran = False
     for stage in pipe.stages:
         done = pipe.stage_dir(stage) / DONE
         if done.is_file() and pipe.configs[stage].run.resume != "never":
             log(f"[pipeline] {stage}: finished earlier ({done}); delete it to run the stage again")
             continue
-        ran = True
+        pipe.ran.append(stage)
         log(f"[pipeline] {stage}: starting in {pipe.stage_dir(stage)}")
         if not stage_runner(stage)(pipe.configs[stage]):
             log(f"[pipeline] {stage}: stopped; run the same command again to resume it")
             return False
-        if _is_rank0():
+        if is_rank0():
             done.write_text(to_yaml(pipe.configs[stage]))
-    report = pipe.out_dir / "report.md"
-    if pipe.report and _is_rank0() and (ran or not report.is_file()):
-        from ..report import write_report
-
-        report = write_report(pipe.out_dir)
-    if report.is_file():
-        log(f"[pipeline] report: {report}")
     return True
 
 
-def _is_rank0() -> bool:
+def is_rank0() -> bool:
     import torch.distributed as dist
 
     return not dist.is_initialized() or dist.get_rank() == 0

@@ -17,8 +17,8 @@ import torch.distributed as dist
 
 from ..config import ConfigError
 from ..data.chat import render_prompt
-from ..data.prompts import read_prompt_rows, response_budget
-from ..data.tasks import is_checkable, make_rows, row_correct
+from ..data.prompts import load_rl_rows, response_budget
+from ..data.tasks import is_checkable, row_correct
 from ..data.text import BatchIterator
 from ..decoding import complete, generation_config_dict
 from ..engine import init_distributed, reduce_over_ranks
@@ -80,33 +80,6 @@ def check_data_parallel(cfg, world: int) -> None:
 
 
 # ---- data -----------------------------------------------------------------------------------------
-
-
-def load_rl_rows(cfg) -> tuple[list[dict], list[dict]]:
-    """Train and held-out rows: dicts with the prompt under `data.prompt_field` plus any columns
-    (`answer`, `task`, `tests`, ...) the reward functions read."""
-    d = cfg.data
-    if d.train == "tasks":
-        train = _task_rows(cfg, "train", d.num_train)
-    else:
-        train = read_prompt_rows(d.train, d.prompt_field)[: d.num_train]
-    return train, load_heldout_rows(cfg)
-
-
-def load_heldout_rows(cfg) -> list[dict]:
-    """`data.eval` (first `data.num_eval` rows), else the task families' eval split, else none."""
-    d = cfg.data
-    if d.eval:
-        return read_prompt_rows(d.eval, d.prompt_field)[: d.num_eval]
-    return _task_rows(cfg, "eval", d.num_eval) if d.train == "tasks" else []
-
-
-def _task_rows(cfg, split: str, n: int) -> list[dict]:
-    d = cfg.data
-    try:
-        return make_rows(list(d.tasks), n, split=split, seed=cfg.run.seed, kind="rl", **d.task_options)
-    except ValueError as e:
-        raise ConfigError(f"bad value for 'data.tasks' / 'data.task_options' / 'data.num_*': {e}") from e
 
 
 def rl_response_budget(cfg, tokenizer, rows: list[dict]) -> int:
@@ -245,8 +218,6 @@ def _task_counts(graded: list[tuple[str, bool]], tasks: list[str]) -> list[int]:
 
 __all__ = [
     "check_data_parallel",
-    "load_heldout_rows",
-    "load_rl_rows",
     "rl_eval_fn",
     "rl_step_fn",
     "run_rl",

@@ -14,7 +14,8 @@ from llada_train.cli import main
 from llada_train.data.reasoning_gym import draw_entries, split_key
 from llada_train.data.tasks import make_rows, row_correct, split_of
 from llada_train.report import paired_gain
-from llada_train.rl.rewards import RewardComputer, RewardSpec
+from llada_train.rl.reward_calls import RewardSpec
+from llada_train.rl.reward_scoring import RewardComputer
 from llada_train.rl.rewards import reasoning_gym as rg_reward
 from tests.conftest import REPO
 

@@ -9,6 +9,9 @@ Train/eval split: a problem belongs to ``eval`` iff a hash of its canonical text
 ``EVAL_FRACTION``. The split depends on the problem only, never on the seed, so no eval problem
 can appear in any train set whatever seeds are used.
 
+``rg:<dataset>`` names a reasoning-gym generator instead (``reasoning_gym.py``: the same rows, its own
+scorer, a split by the same hash); ``row_correct`` checks a row of either kind.
+
 Answers never contain ``<``: ``check`` cuts a completion at the first ``<`` (template markup such
 as ``<|role_end|>`` that a decoder may leave in) and compares the rest exactly, ignoring
 surrounding whitespace.

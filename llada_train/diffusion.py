@@ -26,6 +26,14 @@ class NoisedBatch:
     doc_ids: torch.Tensor  # (B, L) document ids (packing); -1 = padding
     pad_mask: torch.Tensor  # (B, L) bool, True = real token
 
+    def to(self, device) -> "NoisedBatch":
+        return NoisedBatch(**{k: v.to(device) for k, v in self.__dict__.items()})
+
+
+def _rand(shape, generator, device) -> torch.Tensor:
+    """U(0,1) from the generator (drawn where it lives, so CPU noise streams serve GPU batches)."""
+    return torch.rand(shape, generator=generator).to(device)
+
 
 def block_size_at(step: int, cfg: DiffusionConfig, seq_len: int) -> int:
     """Block size from the WSD schedule ([[until_step, size], ...]); 0 means the whole sequence."""
@@ -49,14 +57,20 @@ def sample_masks(maskable, block_size, t_min, t_max, per, generator):
     return masked, t
 
 
+def complementary_pairs(x0, maskable, doc_ids, pad_mask, masked, t):
+    """Each example twice: once with its mask, once with the complement over its maskable tokens
+    (noise level 1 - t), so every maskable token is supervised exactly once per pair. (2B, L) each."""
+    x0, maskable, doc_ids, pad_mask = (torch.cat([v, v]) for v in (x0, maskable, doc_ids, pad_mask))
+    masked = torch.cat([masked, maskable[: len(masked)] & ~masked])
+    return x0, maskable, doc_ids, pad_mask, masked, torch.cat([t, 1 - t])
+
+
 def noise_batch(x0, maskable, doc_ids, pad_mask, block_size, cfg: DiffusionConfig, mask_id, generator):
     """M2T noising (+ the complementary copy when enabled)."""
     n = cfg.noise
     masked, t = sample_masks(maskable, block_size, n.t_min, n.t_max, n.per, generator)
     if n.complementary:
-        x0, maskable, doc_ids, pad_mask = (torch.cat([v, v]) for v in (x0, maskable, doc_ids, pad_mask))
-        masked = torch.cat([masked, maskable[: len(masked)] & ~masked])
-        t = torch.cat([t, 1 - t])
+        x0, maskable, doc_ids, pad_mask, masked, t = complementary_pairs(x0, maskable, doc_ids, pad_mask, masked, t)
     weight = 1.0 / t.clamp_min(1e-6) if cfg.loss.weighting == "elbo" else torch.ones_like(t)
     xt = torch.where(masked, torch.full_like(x0, mask_id), x0)
     return NoisedBatch(x0, xt, maskable, masked, weight, torch.zeros_like(masked), doc_ids, pad_mask)
@@ -83,7 +97,7 @@ def model_inputs(batch: NoisedBatch, block_size: int) -> dict:
     """`[x_t ; x_0]` with the §3 mask (as an `AttentionLayout`: flex makes it block-sparse, sdpa dense);
     when one block covers the sequence, x_t alone (plain MDM)."""
     bsz, seq_len = batch.xt.shape
-    pos = torch.arange(seq_len)[None].expand(bsz, -1)
+    pos = torch.arange(seq_len, device=batch.xt.device)[None].expand(bsz, -1)
     if block_size >= seq_len:
         mask = AttentionLayout("block_causal", seq_len, seq_len, doc_ids=batch.doc_ids,
                                pad_mask=batch.pad_mask)
@@ -161,8 +175,8 @@ def mtf_draft(model, batch: NoisedBatch, block_size, mask_id, draft_ratio, gener
     model.train(was_training)
     draft = batch.xt.masked_scatter(batch.masked, logits.argmax(-1))  # (B, L)
     bsz, seq_len = batch.xt.shape
-    share = draft_ratio * torch.rand(bsz, 1, generator=generator)
-    fill = batch.masked & (torch.rand(bsz, seq_len, generator=generator) < share)
+    share = draft_ratio * _rand((bsz, 1), generator, draft.device)
+    fill = batch.masked & (_rand((bsz, seq_len), generator, draft.device) < share)
     return _replace(batch, xt=torch.where(fill, draft, batch.xt), masked=batch.masked & ~fill,
                     replaced=batch.replaced | fill)
 
@@ -174,6 +188,7 @@ def training_loss(model, x0, maskable, doc_ids, pad_mask, cfg: DiffusionConfig, 
     block = block_size_at(step, cfg, seq_len)
     batch = noise_batch(x0, maskable, doc_ids, pad_mask, block, cfg, mask_id, generator)
     batch = corrupt_t2t(batch, cfg.t2t.max_ratio, vocab_ids, generator)
+    batch = batch.to(next(model.parameters()).device)  # noise is drawn on the CPU, the model may be elsewhere
     used_mtf = cfg.mtf.prob > 0 and torch.rand(1, generator=generator).item() < cfg.mtf.prob
     if used_mtf:
         for _ in range(cfg.mtf.turns - 1):

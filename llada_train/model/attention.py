@@ -83,12 +83,6 @@ class BlockKVCache:
             self.keys[layer], self.values[layer] = new_k, new_v
         return k_all, v_all
 
-    def crop(self, length: int):
-        """Drop cached positions past `length` (used by MBE to reopen recent blocks)."""
-        for layer in self.keys:
-            self.keys[layer] = self.keys[layer][..., :length, :]
-            self.values[layer] = self.values[layer][..., :length, :]
-
     def select_rows(self, rows: torch.Tensor):
         for layer in self.keys:
             self.keys[layer] = self.keys[layer][rows]

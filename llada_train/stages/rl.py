@@ -145,10 +145,13 @@ def rl_step_fn(cfg, tokenizer, rows: list[dict], rollouts, rewards: RewardComput
         scored = rewards.score(prompts, roll.completions, columns)
         reward_s = time.perf_counter() - start
         generator = torch.Generator().manual_seed(stable_seed(seed, step, "ebpo"))
-        ebpo_batch, batch_metrics = build(engine, roll.input_ids, roll.response_mask,
+        device = next(model.parameters()).device  # rollouts come back on the CPU
+        if ref_model is not None:
+            ref_model.to(device)  # built before the engine placed the policy; a no-op after the first step
+        ebpo_batch, batch_metrics = build(engine, roll.input_ids.to(device), roll.response_mask.to(device),
                                           torch.tensor(scored.total), ecfg, block_size=cfg.diffusion.block_size,
-                                          pad_mask=roll.pad_mask,
-                                          ref_model=ref_model, generator=generator)
+                                          pad_mask=roll.pad_mask.to(device), ref_model=ref_model,
+                                          generator=generator)
         engine.train()
         steps_per_pass = None  # data parallelism: every rank joins the most minibatches any rank has
         if world > 1:

@@ -8,9 +8,11 @@ three arms on the same weights, noise and mask, timed interleaved (median of `--
                off, float32 cross-entropy over every position (kept here as the "before" arm);
   upstream     the upstream LLaDA2.1 modeling code (`--upstream DIR`, DIR = dllm/pipelines/llada21/
                models/ of lingjiechen2/dllm, loaded from there, never vendored) with the full-logit loss.
-Peak memory: one step's peak RSS above the RSS before it (VmHWM reset through /proc/self/clear_refs),
-each arm in a fresh spawned process with glibc's mmap threshold at 64 KiB, so freed tensors go back
-to the OS and RSS follows live memory; weights and AdamW state exist before the measured step.
+Peak memory: peak RSS above the RSS before a step (VmHWM reset through /proc/self/clear_refs), over
+forward + backward (activations, logits, their gradients: what the chunked head changes; the
+reduction columns use it) and over the whole step (+ AdamW's temporaries), each arm in a fresh
+spawned process with glibc's mmap threshold at 64 KiB, so freed tensors go back to the OS and RSS
+follows live memory; weights, gradient buffers and AdamW state exist before the measured step.
 FLOPs: executed = matmuls counted by `torch.utils.flop_counter` on a real step (it does not see CPU
 sdpa) + the dense attention sdpa runs (every (q, k) pair, 12·head_dim FLOPs per pair and head,
 forward + backward); useful = the same with the lm_head at the supervised positions only
@@ -21,6 +23,7 @@ Run: python benchmarks/bench_train.py --threads 1 [--upstream DIR] [--quick]
 """
 
 import argparse
+import functools
 import importlib.util
 import math
 import multiprocessing
@@ -79,9 +82,11 @@ def presets(quick: bool) -> dict:
     import yaml
 
     tiny = yaml.safe_load((REPO / "configs/model/tiny.yaml").read_text())
-    return {"tiny": (tiny, 16, 128), "mid": (MID, 4, 256), "vocab157k": (RELEASED_VOCAB, 1, 256 if quick else 512)}
+    return {"tiny": (tiny, 16, 128), "mid": (MID, 4, 256),
+            "vocab157k": (RELEASED_VOCAB, 2, 256 if quick else 512)}
 
 
+@functools.cache
 def load_upstream(path: str):
     """The upstream modeling package (its __init__ imports the config and model modules)."""
     init = Path(path) / "__init__.py"
@@ -156,14 +161,19 @@ class Setup:
 
     def noised(self, generator):
         """The arms' shared noising (the draws `training_loss` makes with the same generator)."""
-        maskable, doc_ids = torch.ones_like(self.x0, dtype=torch.bool), torch.zeros_like(self.x0)
-        batch = noise_batch(self.x0, maskable, doc_ids, doc_ids >= 0, self.cfg.block_size, self.cfg, 1, generator)
+        maskable, doc_ids = self.rows()
+        batch = noise_batch(self.x0, maskable, doc_ids, doc_ids >= 0, self.cfg.block_size, self.cfg, 1,
+                            generator)
         return corrupt_t2t(batch, self.cfg.t2t.max_ratio, self.vocab_ids, generator)
+
+    def rows(self):
+        """Every token maskable, one document per row: (B, L) bool, (B, L) ids."""
+        return torch.ones_like(self.x0, dtype=torch.bool), torch.zeros_like(self.x0)
 
     def forward_backward(self, arm: str, seed: int = 0):
         generator = torch.Generator().manual_seed(seed)
         if arm == "chunked":
-            maskable, doc_ids = torch.ones_like(self.x0, dtype=torch.bool), torch.zeros_like(self.x0)
+            maskable, doc_ids = self.rows()
             loss, _ = training_loss(self.model, self.x0, maskable, doc_ids, doc_ids >= 0, self.cfg, step=0,
                                     mask_id=1, vocab_ids=self.vocab_ids, generator=generator)
         else:
@@ -179,7 +189,7 @@ class Setup:
     def step(self, arm: str, optimizers: dict):
         self.forward_backward(arm)
         optimizers[arm].step()
-        optimizers[arm].zero_grad(set_to_none=True)
+        optimizers[arm].zero_grad(set_to_none=False)  # gradient buffers persist, as DeepSpeed's do
 
 
 def build(name: str, args) -> Setup:
@@ -190,7 +200,8 @@ def build(name: str, args) -> Setup:
     cfg = DiffusionConfig(block_size=32)
     cfg.t2t.max_ratio, cfg.t2t.keep_weight = 0.1, args.keep_weight
     x0 = torch.randint(5, values["vocab_size"], (batch, seq_len), generator=torch.Generator().manual_seed(0))
-    return Setup(values, batch, seq_len, cfg, model, upstream, x0, ordinary_token_ids(values["vocab_size"], range(5)))
+    vocab_ids = ordinary_token_ids(values["vocab_size"], range(5))
+    return Setup(values, batch, seq_len, cfg, model, upstream, x0, vocab_ids)
 
 
 def optimizers_for(setup: Setup, arms) -> dict:
@@ -207,18 +218,22 @@ def _rss_kib(field: str) -> int:
 
 
 def _peak_step_mib(name: str, arm: str, args, result) -> None:
-    """Child process: one warm-up step, then the peak RSS of one step above the RSS before it."""
+    """Child process: one warm-up step (weights, gradient buffers and AdamW state then exist), then
+    the peak RSS above the RSS before the next step, over forward + backward and over the whole step."""
     torch.set_num_threads(args.threads)
     setup = build(name, args)
     optimizers = optimizers_for(setup, [arm])
     setup.step(arm, optimizers)
     Path("/proc/self/clear_refs").write_text("5")  # VmHWM := VmRSS
     before = _rss_kib("VmRSS")
-    setup.step(arm, optimizers)
-    result.put((_rss_kib("VmHWM") - before) / 1024)
+    setup.forward_backward(arm)
+    forward_backward = _rss_kib("VmHWM") - before
+    optimizers[arm].step()
+    result.put((forward_backward / 1024, (_rss_kib("VmHWM") - before) / 1024))
 
 
-def peak_step_mib(name: str, arm: str, args) -> float:
+def peak_step_mib(name: str, arm: str, args) -> tuple[float, float]:
+    """(forward + backward, whole step with AdamW) peak MiB above the memory held between steps."""
     os.environ["MALLOC_MMAP_THRESHOLD_"] = "65536"  # read by the spawned child's glibc at start-up
     ctx = multiprocessing.get_context("spawn")
     result = ctx.Queue()
@@ -238,7 +253,8 @@ def grouped_mm_flops(a_shape, b_shape, *_args, out_shape=None, **_kwargs) -> int
 
 def counted_flops(setup: Setup, arm: str) -> float:
     """Matmul FLOPs (mm, bmm, grouped expert GEMMs) of one forward + backward, counted on a real step."""
-    with FlopCounterMode(display=False, custom_mapping={torch.ops.aten._grouped_mm: grouped_mm_flops}) as counter:
+    grouped = {torch.ops.aten._grouped_mm: grouped_mm_flops}
+    with FlopCounterMode(display=False, custom_mapping=grouped) as counter:
         setup.forward_backward(arm)
     setup.model.zero_grad(set_to_none=True)
     if setup.upstream is not None:
@@ -255,7 +271,8 @@ def flop_terms(setup: Setup) -> dict:
     per_pair = 12 * v["head_dim"] * v["num_attention_heads"] * v["num_hidden_layers"]  # fwd 4d + bwd 8d
     return {"attn_dense": per_pair * batch_rows * mask.shape[-1] ** 2, "attn_kept": per_pair * kept,
             "head_row": 2 * v["hidden_size"] * v["vocab_size"],
-            "supervised": int(supervised_positions(batch, setup.cfg).sum()), "all_rows": batch_rows * mask.shape[-1]}
+            "supervised": int(supervised_positions(batch, setup.cfg).sum()),
+            "all_rows": batch_rows * mask.shape[-1]}
 
 
 def useful_flops(counted_chunked: float, terms: dict) -> float:
@@ -283,11 +300,13 @@ def bench(name: str, args, peak: float) -> list[dict]:
     rows = []
     for arm in arms:
         step_s = sorted(times[arm])[len(times[arm]) // 2]
+        peak_fwd_bwd, peak_step = peak_step_mib(name, arm, args)
         rows.append({"model": name, "arm": arm, "batch x seq": f"{setup.batch}x{setup.seq_len}",
                      "lm_head_rows": terms["supervised"] if arm == "chunked" else terms["all_rows"],
                      "step_s": step_s, "tokens_per_s": setup.batch * setup.seq_len / step_s,
-                     "peak_step_MiB": peak_step_mib(name, arm, args),
-                     "GFLOP_executed": (executed[arm] + terms["attn_dense"]) / 1e9, "GFLOP_useful": useful / 1e9,
+                     "peak_fwd_bwd_MiB": peak_fwd_bwd, "peak_step_MiB": peak_step,
+                     "GFLOP_executed": (executed[arm] + terms["attn_dense"]) / 1e9,
+                     "GFLOP_useful": useful / 1e9,
                      "MFU_executed": (executed[arm] + terms["attn_dense"]) / step_s / peak,
                      "MFU_useful": useful / step_s / peak})
         print(f"{name}/{arm}: {rows[-1]}", flush=True)
@@ -301,7 +320,8 @@ def with_ratios(rows: list[dict]) -> list[dict]:
         for ref in ("full_logits", "upstream"):
             base = by_arm.get(ref)
             row[f"speedup_vs_{ref}"] = row["tokens_per_s"] / base["tokens_per_s"] if base else "-"
-            row[f"mem_reduction_vs_{ref}"] = base["peak_step_MiB"] / row["peak_step_MiB"] if base else "-"
+            mem = base["peak_fwd_bwd_MiB"] / row["peak_fwd_bwd_MiB"] if base else "-"
+            row[f"mem_reduction_vs_{ref}"] = mem
     return rows
 
 
@@ -312,11 +332,13 @@ def matmul_peak_flops(n: int = 1024) -> float:
 
 def main():
     parser = argparse.ArgumentParser()
-    parser.add_argument("--quick", action="store_true", help="L = 256 at the released vocabulary, 3 repeats")
+    parser.add_argument("--quick", action="store_true", help="L 256 at the released vocabulary, 3 repeats")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
-    parser.add_argument("--repeats", type=int, default=None, help="interleaved timed steps per arm (default 5)")
-    parser.add_argument("--upstream", default=None, help="dllm/pipelines/llada21/models/ of lingjiechen2/dllm")
-    parser.add_argument("--keep-weight", type=float, default=0.0, help="t2t.keep_weight (> 0 supervises every token)")
+    parser.add_argument("--repeats", type=int, default=None, help="timed steps per arm, interleaved (5)")
+    parser.add_argument("--upstream", default=None,
+                        help="the dllm/pipelines/llada21/models/ directory of lingjiechen2/dllm")
+    parser.add_argument("--keep-weight", type=float, default=0.0,
+                        help="t2t.keep_weight (> 0 supervises every token)")
     parser.add_argument("--models", default="tiny,mid,vocab157k")
     args = parser.parse_args()
     args.repeats = args.repeats or (3 if args.quick else 5)
@@ -324,11 +346,16 @@ def main():
     peak = matmul_peak_flops()
     rows = [row for name in args.models.split(",") for row in bench(name, args, peak)]
     command = " ".join(["python benchmarks/bench_train.py", *sys.argv[1:]])
-    notes = (f"`{command}`. Measured fp32 matmul peak (1024^3, {args.threads} threads): {peak / 1e9:.1f} "
-             "GFLOP/s. tokens/s counts input tokens (L per row; the model runs over 2L). Median of "
-             f"{args.repeats} interleaved steps per arm (forward + backward + AdamW). peak_step_MiB: one step's "
-             "peak RSS above the RSS before it, in a fresh process per arm. GFLOP_useful counts the lm_head "
-             "at the supervised positions and attention over the pairs the mask keeps; see the module docstring.")
+    notes = (
+        f"`{command}`. Measured fp32 matmul peak (1024^3, {args.threads} threads, before the run): "
+        f"{peak / 1e9:.1f} GFLOP/s. tokens/s counts input tokens (L per row; the model runs over 2L). "
+        f"Median of {args.repeats} interleaved steps per arm (forward + backward + AdamW). Peak memory: RSS "
+        "above what is held between steps (weights, gradient buffers, AdamW state), over forward + backward "
+        "(peak_fwd_bwd_MiB; the mem_reduction columns) and over the whole step (peak_step_MiB), in a fresh "
+        "process per arm. GFLOP_useful counts the "
+        "lm_head at the supervised positions and attention over the pairs the mask keeps (the same for "
+        "every arm); see the module docstring."
+    )
     write_results("bench_train", rows, notes)
 
 

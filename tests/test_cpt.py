@@ -108,29 +108,24 @@ def test_two_process_zero2_trains_checkpoints_and_resumes(tmp_path):
         *tiny_args(run, tmp_path / "cache", "engine.zero_stage=2", "train.save_every=3", "train.eval_every=100"),
     ]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu"}
-    first = subprocess.run(
-        [sys.executable, *base, "train.steps=3"],
-        check=False,
-        cwd=REPO,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    def launch(steps):
+        return subprocess.run(
+            [sys.executable, *base, f"train.steps={steps}"],
+            check=False,
+            cwd=REPO,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
+
+    first = launch(3)
     assert first.returncode == 0, first.stderr[-3000:]
     ckpt = run / "checkpoints" / "step_000003"
     assert ckpt_lib.verify_checkpoint(ckpt) is None
     # ZeRO-2 shards the optimizer state: one partition file per rank.
     assert len(list((ckpt / "engine").glob("*optim_states.pt"))) == 2
-    second = subprocess.run(
-        [sys.executable, *base, "train.steps=5"],
-        check=False,
-        cwd=REPO,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    second = launch(5)
     assert second.returncode == 0, second.stderr[-3000:]
     assert "resumed from" in second.stderr + second.stdout
     assert max(losses(run)) == 5

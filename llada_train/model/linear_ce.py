@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-CHUNK_ELEMENTS = 1 << 25  # logits per chunk: 128 MiB in float32 (213 rows at vocab 157,184)
+CHUNK_ELEMENTS = 1 << 23  # logits per chunk: 32 MiB in float32 (53 rows at vocab 157,184)
 
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -65,8 +65,10 @@ class _LinearCrossEntropy(torch.autograd.Function):
             grad_weight = torch.zeros(weight.shape, dtype=_compute_dtype(weight.dtype), device=weight.device)
         for lo in range(0, hidden.shape[0], ctx.chunk):
             hi = min(lo + ctx.chunk, hidden.shape[0])
-            logits = one_chunk if one_chunk.numel() else _chunk_logits(hidden[lo:hi], weight)  # (C, V)
-            logp, logits = logits - lse[lo:hi, None], None  # a fresh buffer: the rest works in place on it
+            if one_chunk.numel():  # the saved chunk: a fresh buffer, since the rest works in place on it
+                logp = one_chunk - lse[lo:hi, None]  # (C, V)
+            else:
+                logp = _chunk_logits(hidden[lo:hi], weight).sub_(lse[lo:hi, None])  # (C, V)
             grad_logits = _chunk_grad_logits(logp, targets[lo:hi], grad_ce[lo:hi],
                                              entropy[lo:hi] if ctx.with_entropy else None,
                                              grad_entropy[lo:hi] if ctx.with_entropy else None)
@@ -86,10 +88,10 @@ class _LinearCrossEntropy(torch.autograd.Function):
 def _chunk_grad_logits(logp, targets, grad_ce, entropy, grad_entropy) -> torch.Tensor:
     """d/dz of Σ g_ce·CE + g_H·H for one chunk, overwriting `logp` (C, V):
     p·(g_ce - g_H·(log p + H)) - g_ce·onehot."""
-    probs = logp.exp()
     if entropy is None:
-        grad = probs.mul_(grad_ce[:, None])
+        grad = logp.exp_().mul_(grad_ce[:, None])
     else:
+        probs = logp.exp()
         grad = logp.add_(entropy[:, None]).mul_(-grad_entropy[:, None]).add_(grad_ce[:, None]).mul_(probs)
     return grad.scatter_add_(1, targets[:, None], -grad_ce[:, None].to(grad.dtype))
 

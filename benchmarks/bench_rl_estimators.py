@@ -1,7 +1,8 @@
 """RL likelihood estimators side by side from ONE SFT export (DESIGN §14): EBPO vs d1's diffu-GRPO.
 
 Arms: no RL (the SFT start), `rl.estimator=diffu_grpo`, EBPO with the sequence ratio and N = 1, 2, 4
-noise levels, EBPO with the block ratio (N = 2). Every arm starts from the same export with the same
+noise levels (and N = 2 as one complementary pair, `rl.complementary`), EBPO with the block ratio
+(N = 2). Every arm starts from the same export with the same
 RL config and `run.seed`, so it sees the same prompts in the same order with the same rollout and
 mask seeds, and gets the same rollout budget (train.steps x train.batch_size x rl.group_size
 completions); only the likelihood estimate in the clipped ratio differs. Arms run one after the other
@@ -12,7 +13,9 @@ Measured per arm, every --eval-every RL steps: greedy held-out accuracy per fami
 RL stage's own held-out rows, decoded as its evaluation does), against RL step and against training
 wall-clock (evaluation time excluded), with 95% Wilson intervals, and the final gain over the start
 with a paired 95% interval (same prompts). For the start: pass@1 and pass@8 from 8 completions per
-held-out prompt sampled with the rollout decoder (what RL can convert into greedy accuracy).
+held-out prompt sampled with the rollout decoder (what RL can convert into greedy accuracy), and how
+those samples spread (distinct answers, modal sample right, integer error sizes): hits that are
+guesses around the answer are not a mode RL can sharpen.
 The step-0 evaluation is computed once and shared by the arms (same weights, greedy decoding).
 
 Families and their options are read from the SFT run's config.yaml (the directory above --sft).
@@ -21,6 +24,7 @@ Writes benchmarks/results/<--name, default bench_rl_estimators>.{json,md,png} (-
 """
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -48,6 +52,8 @@ ARMS = {  # name -> RL overrides
     "ebpo seq N=1": ["rl.estimator=ebpo", "rl.ratio_level=sequence", "rl.num_timesteps=1"],
     "ebpo seq N=2": ["rl.estimator=ebpo", "rl.ratio_level=sequence", "rl.num_timesteps=2"],
     "ebpo seq N=4": ["rl.estimator=ebpo", "rl.ratio_level=sequence", "rl.num_timesteps=4"],
+    "ebpo seq N=2 complementary": ["rl.estimator=ebpo", "rl.ratio_level=sequence", "rl.num_timesteps=2",
+                                   "rl.complementary=true"],
     "ebpo block N=2": ["rl.estimator=ebpo", "rl.ratio_level=block", "rl.num_timesteps=2"],
 }
 START = "no RL (SFT start)"
@@ -142,14 +148,37 @@ def pass_at_k(cfg, tokenizer, model, rows: list[dict], gen_length: int, k: int) 
     hits = [row_correct(rows[i // k], text) for i, text in enumerate(roll.completions)]
     out = {}
     for family in sorted({r["task"] for r in rows}):
-        per_prompt = [hits[i * k:(i + 1) * k] for i, r in enumerate(rows) if r["task"] == family]
+        picked = [i for i, r in enumerate(rows) if r["task"] == family]
+        per_prompt = [hits[i * k:(i + 1) * k] for i in picked]
         p1, lo1, hi1 = mean_interval([sum(h) / k for h in per_prompt])
         lo1, hi1 = max(lo1, 0.0), min(hi1, 1.0)
         anyk = sum(any(h) for h in per_prompt)
         n = len(per_prompt)
         out[family] = {"n": n, "pass@1": p1, "pass@1_ci95": [lo1, hi1], f"pass@{k}": anyk / n,
-                       f"pass@{k}_ci95": list(wilson(anyk, n))}
+                       f"pass@{k}_ci95": list(wilson(anyk, n)),
+                       **answer_spread([rows[i] for i in picked],
+                                       [roll.completions[i * k:(i + 1) * k] for i in picked])}
     return out
+
+
+def answer_spread(rows: list[dict], samples: list[list[str]]) -> dict:
+    """Whether sampled hits are guesses around the answer or a mode RL can sharpen: distinct answers
+    among a prompt's k samples, the share of prompts whose most frequent sample is right, and (integer
+    answers) the share of samples |answer - gold| = 0, 1, 2, >= 3."""
+    distinct, mode_right, errors = [], 0, [0, 0, 0, 0]
+    for row, texts in zip(rows, samples, strict=True):
+        texts = [t.strip() for t in texts]
+        distinct.append(len(set(texts)))
+        mode_right += row_correct(row, max(set(texts), key=texts.count))
+        for text in texts:
+            with contextlib.suppress(ValueError):  # not an integer answer (or a non-integer sample)
+                errors[min(abs(int(text) - int(str(row["answer"]).strip())), 3)] += 1
+    n, counted = max(len(rows), 1), max(sum(errors), 1)
+    spread = {"distinct_of_k": sum(distinct) / n, "mode_correct": mode_right / n}
+    if sum(errors):
+        spread["int_abs_error_share"] = {"0": errors[0] / counted, "1": errors[1] / counted, "2": errors[2] / counted,
+                                         ">=3": errors[3] / counted}
+    return spread
 
 
 # ---- arms -----------------------------------------------------------------------------------------

@@ -17,6 +17,7 @@ from llada_train.rl.ebpo import (
     block_log_ratio,
     block_token_counts,
     build_batch,
+    draw_noise,
     ebpo_loss,
     ebpo_minibatch_loss,
     ebpo_update,
@@ -222,6 +223,45 @@ def test_noise_masks_rate_and_prompt_clean():
     rate = mask[..., 1000:].double().mean(-1)
     tol = 5 * torch.sqrt(t * (1 - t) / 4000).double() + 1e-9
     assert torch.all((rate - t.double()).abs() < tol)
+
+
+def test_complementary_noise_masks_every_response_token_once_per_pair():
+    resp = torch.zeros(64, 12, dtype=torch.bool)
+    resp[:, 5:] = True
+    cfg = EBPOConfig(num_timesteps=4, complementary=True, t_min=0.1)
+    t, mask = draw_noise(resp, cfg, torch.Generator().manual_seed(0))
+    assert t.shape == (64, 4) and mask.shape == (64, 4, 12) and not mask[..., :5].any()
+    torch.testing.assert_close(t[:, :2] + t[:, 2:], torch.ones(64, 2))
+    assert t.min() >= 0.1 - 1e-7 and t.max() <= 0.9 + 1e-7
+    assert torch.equal(mask[:, :2] ^ mask[:, 2:], resp[:, None].expand(-1, 2, -1))  # exactly one of each pair
+
+
+@pytest.mark.parametrize("complementary", [False, True])
+def test_elbo_weights_are_unbiased_and_complements_cut_short_answer_variance(complementary):
+    """With token scores c_i independent of the context, the N-level estimate Σ_n w_n (1/t_n) Σ_i m_ni c_i
+    has expectation Σ_i c_i exactly (the t_min clamp included: a clamped level also masks at its
+    clamped rate). For a one-token answer the complementary pairs have the lower variance."""
+    draws = 200_000
+    resp = torch.zeros(draws, 4, dtype=torch.bool)
+    resp[:, 2:] = True  # a 2-token response
+    c = torch.tensor([0.0, 0.0, -1.5, -0.5], dtype=torch.float64)
+    cfg = EBPOConfig(num_timesteps=2, complementary=complementary, t_min=0.1)
+    t, mask = draw_noise(resp, cfg, torch.Generator().manual_seed(3))
+    estimate = ((mask.double() * c).sum(-1) / t.double()).mean(1)  # (draws,)
+    se = estimate.std() / math.sqrt(draws)
+    assert abs(estimate.mean().item() - c.sum().item()) < 4 * se.item()
+    one = torch.zeros(draws, 2, dtype=torch.bool)
+    one[:, 1] = True
+    t1, m1 = draw_noise(one, cfg, torch.Generator().manual_seed(4))
+    var = ((m1[..., 1].double() / t1.double()).mean(1)).var().item()
+    # by integration over u (t_min 0.1): independent stratified pair (1/4)E[1/t1 + 1/t2] - 1/2,
+    # complementary pair (1/4)E[1/t + 1/(1 - t)] - 1 with t = clamp(u, 0.1, 0.9)
+    assert var == pytest.approx(0.6542 if complementary else 1.1513, rel=0.03)
+
+
+def test_complementary_needs_even_levels():
+    with pytest.raises(ValueError, match=r"rl\.complementary"):
+        EBPOConfig(num_timesteps=3, complementary=True)
 
 
 @pytest.mark.parametrize("mode", ["group", "loo", "none"])

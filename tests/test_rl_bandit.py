@@ -19,7 +19,7 @@ PROMPTS = ["pick a token", "say anything", "one token please", "go"]
 GROUP = 8
 BLOCK = 4
 DECODE = {"mode": "Q", "gen_length": 1, "block_length": BLOCK, "temperature": 1.0}
-LR = 1e-2  # a fresh policy: each rewarded token's logit is its own parameter row
+LR = 3e-2  # a fresh policy: each rewarded token's logit is its own parameter row
 ESTIMATORS = {"ebpo": (build_batch, ebpo_update), "diffu_grpo": (build_diffu_grpo_batch, diffu_grpo_update)}
 
 
@@ -35,14 +35,14 @@ def _rewarded_share(model, tokenizer, step: int) -> float:
     return sum(bool(ids) and ids[0] % 2 == 0 for ids in roll.completion_ids) / len(roll.completion_ids)
 
 
-def _train(estimator: str, steps: int = 24) -> tuple[float, float]:
+def _train(estimator: str, steps: int = 16, seed: int = 0, **rl) -> tuple[float, float]:
     from llada_train.model import LLaDA2MoeModelLM
 
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
     model = LLaDA2MoeModelLM(tiny_config())
     tokenizer = load_tokenizer(None)
     rewards = RewardComputer([RewardSpec(fn="tests.test_rl_bandit:first_token_even")])
-    cfg = EBPOConfig(group_size=GROUP, num_timesteps=2, estimator=estimator, minibatch_size=16)
+    cfg = EBPOConfig(group_size=GROUP, num_timesteps=2, estimator=estimator, minibatch_size=16, **rl)
     build, update = ESTIMATORS[estimator]
     opt = torch.optim.Adam(model.parameters(), lr=LR)
 
@@ -56,10 +56,10 @@ def _train(estimator: str, steps: int = 24) -> tuple[float, float]:
     for step in range(steps):
         model.eval()
         roll = rollout_step(LocalRollouts(model, DECODE), tokenizer, PROMPTS, group_size=GROUP, prompts_per_chunk=4,
-                            seed=0, step=step, eos_token_id=model.config.eos_token_id, block_length=BLOCK)
+                            seed=seed, step=step, eos_token_id=model.config.eos_token_id, block_length=BLOCK)
         prompts = [p for p in PROMPTS for _ in range(GROUP)]
         scored = torch.tensor(rewards.score(prompts, roll.completions, {"completion_ids": roll.completion_ids}).total)
-        gen = torch.Generator().manual_seed(step)
+        gen = torch.Generator().manual_seed(1000 * seed + step)
         batch, _ = build(model, roll.input_ids, roll.response_mask, scored, cfg, block_size=BLOCK,
                          pad_mask=roll.pad_mask, generator=gen)
         model.train()
@@ -69,8 +69,11 @@ def _train(estimator: str, steps: int = 24) -> tuple[float, float]:
     return before, _rewarded_share(model, tokenizer, steps)
 
 
-@pytest.mark.parametrize("estimator", ["ebpo", "diffu_grpo"])
-def test_rl_update_drives_the_policy_to_the_known_optimal_action(estimator):
-    before, after = _train(estimator)
-    assert 0.25 < before < 0.75  # random init: about half the first tokens are even
-    assert after > 0.9 and after > before + 0.25, (before, after)
+@pytest.mark.parametrize(("estimator", "rl"), [("ebpo", {}), ("ebpo", {"complementary": True}), ("diffu_grpo", {})])
+def test_rl_update_drives_the_policy_to_the_known_optimal_action(estimator, rl):
+    """Two seeds: with random rewards a policy drifts to > 0.9 on about 1 seed in 8 (measured), so a
+    broken path passes both with probability about 1/64."""
+    for seed in (0, 1):
+        before, after = _train(estimator, seed=seed, **rl)
+        assert 0.25 < before < 0.75  # random init: about half the first tokens are even
+        assert after > 0.9, (seed, before, after)

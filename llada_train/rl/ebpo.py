@@ -45,6 +45,7 @@ class EBPOConfig:
     t_min: float = T_MIN  # smallest noise level; caps the 1/t weight of short responses' few masked tokens
     estimator: str = "ebpo"  # "ebpo" | "diffu_grpo" (d1; num_timesteps, ratio_level and t_min unused)
     p_mask_prompt: float = 0.15  # diffu_grpo: probability of masking each prompt token (d1's recipe)
+    complementary: bool = False  # ebpo: levels in pairs (t, 1 - t) with complementary masks (N even)
 
     def __post_init__(self):
         def bad(key, must):
@@ -72,6 +73,9 @@ class EBPOConfig:
             bad("eps_high", "must be >= 0")
         if not 0.0 < self.t_min < 1.0:
             bad("t_min", "must be in (0, 1)")
+        if self.complementary and (self.num_timesteps % 2 or self.t_min >= 0.5):
+            bad("complementary", f"pairs each level t with 1 - t: needs an even rl.num_timesteps (got "
+                f"{self.num_timesteps}) and rl.t_min < 0.5 (got {self.t_min})")
         if not self.kl_beta >= 0.0:
             bad("kl_beta", "must be >= 0 (0 disables the KL term)")
 
@@ -102,6 +106,29 @@ def sample_noise_masks(response_mask: torch.Tensor, t: torch.Tensor,
     bsz, length = response_mask.shape
     u = _rand((bsz, t.shape[1], length), generator, response_mask.device)  # (B, N, L)
     return (u < t[..., None]) & response_mask.bool()[:, None]
+
+
+def complementary_noise(response_mask: torch.Tensor, t: torch.Tensor, noise_mask: torch.Tensor
+                        ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(t, m) -> levels [t, 1 - t] (B, 2N) and masks [m, response & ~m] (B, 2N, L): every response token
+    is masked exactly once per pair. Each draw is still an ELBO sample at its level (1 - t ~ U on the
+    mirrored stratum, ~m ~ Bernoulli(1 - t)), so the estimate stays unbiased; a short answer's tokens
+    always reach the gradient, where independent draws leave each one unmasked in every level with
+    probability Π(1 - t_n)."""
+    complement = response_mask.bool()[:, None] & ~noise_mask  # (B, N, L)
+    return torch.cat([t, 1 - t], dim=1), torch.cat([noise_mask, complement], dim=1)
+
+
+def draw_noise(response_mask: torch.Tensor, cfg: EBPOConfig, generator: torch.Generator | None = None
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The batch's levels (B, N) and masks (B, N, L): N stratified independent draws, or N/2 stratified
+    draws and their complements (`rl.complementary`)."""
+    draws = cfg.num_timesteps // 2 if cfg.complementary else cfg.num_timesteps
+    t = stratified_timesteps(draws, response_mask.shape[0], generator, device=response_mask.device, t_min=cfg.t_min)
+    if cfg.complementary:
+        t = t.clamp_max(1 - cfg.t_min)  # so the complement 1 - t keeps the same 1/t cap
+    noise = sample_noise_masks(response_mask, t, generator)
+    return complementary_noise(response_mask, t, noise) if cfg.complementary else (t, noise)
 
 
 # ----------------------------------------------------------------------------- ELBO terms
@@ -379,8 +406,8 @@ def build_batch(model, input_ids: torch.Tensor, response_mask: torch.Tensor, rew
     if cfg.kl_beta > 0 and ref_model is None:
         raise ValueError(f"rl.kl_beta = {cfg.kl_beta}: a KL penalty needs a reference model (pass ref_model)")
     input_ids, scored, pad_mask, adv, metrics = kept_rows(input_ids, response_mask, rewards, cfg, pad_mask)
-    t = stratified_timesteps(cfg.num_timesteps, len(adv), generator, device=input_ids.device, t_min=cfg.t_min)
-    batch = EBPOBatch(input_ids, scored, t, sample_noise_masks(scored, t, generator),
+    t, noise = draw_noise(scored, cfg, generator)
+    batch = EBPOBatch(input_ids, scored, t, noise,
                       old_terms=torch.empty(0), advantages=adv, block_size=block_size, pad_mask=pad_mask)
     batch.old_terms = _terms_in_chunks(model, batch, cfg, mask_token_id)
     if cfg.kl_beta > 0:

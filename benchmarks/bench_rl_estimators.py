@@ -46,6 +46,7 @@ from llada_train.decoding import complete
 from llada_train.model import LLaDA2MoeModelLM
 from llada_train.rl.rollout import LocalRollouts, rollout_step
 from llada_train.stages.rl import rl_response_budget, run_rl
+from llada_train.stages.sft import run_sft
 
 ARMS = {  # name -> RL overrides
     "diffu_grpo": ["rl.estimator=diffu_grpo"],
@@ -57,6 +58,7 @@ ARMS = {  # name -> RL overrides
     "ebpo block N=2": ["rl.estimator=ebpo", "rl.ratio_level=block", "rl.num_timesteps=2"],
 }
 START = "no RL (SFT start)"
+SFT_ARM = "more SFT (same export)"  # --sft-baseline: the yardstick an RL arm must beat
 Z95 = 1.959964
 
 
@@ -212,6 +214,20 @@ def run_arm(name: str, overrides: list[str], args, sft_cfg: dict, evaluator: Hel
     return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
 
 
+def run_sft_baseline(args, evaluator: HeldoutEval, work: Path) -> None:
+    """More SFT (gold answers) from the same export for --sft-baseline-steps, sized to about an RL
+    arm's training wall-clock: does RL's reward signal beat simply training on the labels?"""
+    out, steps = work / "sft_baseline", args.sft_baseline_steps
+    cfg = load_config("sft", args.sft_baseline, [f"model.init_from={args.sft}", f"run.out_dir={out}",
+                                                 f"train.steps={steps}", f"optim.lr={args.sft_baseline_lr}",
+                                                 f"train.eval_every={steps}", f"train.save_every={steps}"])
+    evaluator.begin(SFT_ARM)
+    evaluator.clock_start = time.perf_counter()
+    if not run_sft(cfg):
+        raise RuntimeError(f"{SFT_ARM} stopped early; see {out}/metrics.jsonl")
+    evaluator(LLaDA2MoeModelLM.from_pretrained(out / "hf").eval(), steps)
+
+
 def paired(evaluator: HeldoutEval, hits: list[bool], base: list[bool], family: str) -> str:
     """Mean difference of two arms on the same held-out prompts of `family`, with its 95% interval."""
     diffs = [h - b for r, h, b in zip(evaluator.rows, hits, base, strict=True) if r["task"] == family]
@@ -258,6 +274,8 @@ def plot(evaluator: HeldoutEval, path: Path):
             shift = (i - (len(arms) - 1) / 2) * 0.01 * last_step  # side by side: the intervals overlap
             steps = [r["step"] + shift for r in recs]
             for col, xs in enumerate((steps, [r["train_seconds"] for r in recs])):
+                if col == 0 and arm == SFT_ARM:  # its steps are SFT steps: wall-clock panel only
+                    continue
                 axes[row][col].errorbar(xs, acc, yerr=err, marker="o", capsize=3, label=arm)
         axes[row][0].set(xlabel="RL step", ylabel=f"{family} held-out accuracy")
         axes[row][1].set(xlabel="training wall-clock (s, evaluation excluded)")
@@ -285,6 +303,10 @@ def parse_args():
     p.add_argument("--set", action="append", default=[], help="extra RL override key=value (repeatable)")
     p.add_argument("--name", default="bench_rl_estimators", help="results file stem in benchmarks/results")
     p.add_argument("--reference", default="diffu_grpo", help="arm the paired vs_<arm> column compares with")
+    p.add_argument("--sft-baseline", default=None, metavar="SFT_YAML",
+                   help="also train the export on with this SFT config (its families) for --sft-baseline-steps")
+    p.add_argument("--sft-baseline-steps", type=int, default=300, help="SFT steps (match an RL arm's train_s)")
+    p.add_argument("--sft-baseline-lr", type=float, default=5e-4, help="its optim.lr (cosine from a warm-up)")
     p.add_argument("--quick", action="store_true", help="smoke run: 2 steps, 16 held-out per family, 2 arms")
     args = p.parse_args()
     if args.quick:
@@ -329,6 +351,10 @@ def main():
             records = run_arm(name, overrides, args, sft_cfg, evaluator, Path(work))
             train_logs[name] = [r for r in records if "loss" in r]
             load.append(os.getloadavg()[0])
+        if args.sft_baseline:
+            run_sft_baseline(args, evaluator, Path(work))
+            train_logs[SFT_ARM] = []
+            load.append(os.getloadavg()[0])
     rows = summary_rows(evaluator, train_logs, args.reference)
     name = args.name + ("_quick" if args.quick else "")
     budget = cfg.train.batch_size * cfg.rl.group_size
@@ -343,7 +369,10 @@ def main():
              "training wall-clock of the arm (evaluation excluded); arms sequential in one process; load "
              "average "
              f"{' -> '.join(f'{x:.1f}' for x in load)} on {os.cpu_count()} cores; total "
-             f"{time.perf_counter() - started:.0f} s. pass@1/pass@{args.pass_k} of the start ({args.pass_k} "
+             f"{time.perf_counter() - started:.0f} s. "
+             + (f"'{SFT_ARM}': {args.sft_baseline} from the export, {args.sft_baseline_steps} steps at lr "
+                f"{args.sft_baseline_lr} (its rl_steps column counts SFT steps). " if args.sft_baseline else "")
+             + f"pass@1/pass@{args.pass_k} of the start ({args.pass_k} "
              f"sampled completions per prompt, first {args.pass_prompts} held-out prompts per family): "
              f"{json.dumps(passk)}")
     write_results(name, rows, notes)

@@ -110,12 +110,12 @@ def sample_noise_masks(response_mask: torch.Tensor, t: torch.Tensor,
 
 def complementary_noise(response_mask: torch.Tensor, t: torch.Tensor, noise_mask: torch.Tensor
                         ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(t, m) -> levels [t, 1 - t] (B, 2N) and masks [m, response & ~m] (B, 2N, L): every response token
+    """(t, m) of K draws -> levels [t, 1 - t] (B, 2K) and masks [m, response & ~m] (B, 2K, L): every response token
     is masked exactly once per pair. Each draw is still an ELBO sample at its level (1 - t ~ U on the
     mirrored stratum, ~m ~ Bernoulli(1 - t)), so the estimate stays unbiased; a short answer's tokens
     always reach the gradient, where independent draws leave each one unmasked in every level with
     probability Π(1 - t_n)."""
-    complement = response_mask.bool()[:, None] & ~noise_mask  # (B, N, L)
+    complement = response_mask.bool()[:, None] & ~noise_mask  # (B, K, L)
     return torch.cat([t, 1 - t], dim=1), torch.cat([noise_mask, complement], dim=1)
 
 

@@ -186,6 +186,15 @@ def answer_spread(rows: list[dict], samples: list[list[str]]) -> dict:
 # ---- arms -----------------------------------------------------------------------------------------
 
 
+def read_sft_run(export: str) -> dict:
+    """The config.yaml of the SFT run whose hf/ export is `export` (its families, options, objective)."""
+    sft_config = Path(export).parent / "config.yaml"
+    if not (Path(export) / "config.json").is_file() or not sft_config.is_file():
+        raise SystemExit(f"--sft {export}: expected an SFT export (config.json) inside a run directory "
+                         f"with config.yaml ({sft_config}); run `llada-train sft` or the reasoning pipeline")
+    return yaml.safe_load(sft_config.read_text())
+
+
 def base_overrides(args, sft_cfg: dict) -> list[str]:
     families = sft_cfg["data"]["tasks"]
     return [f"model.init_from={args.sft}", f"diffusion.block_size={sft_cfg['diffusion']['block_size']}",
@@ -323,11 +332,7 @@ def parse_args():
 
 def main():
     args = parse_args()
-    sft_config = Path(args.sft).parent / "config.yaml"
-    if not (Path(args.sft) / "config.json").is_file() or not sft_config.is_file():
-        raise SystemExit(f"--sft {args.sft}: expected an SFT export (config.json) inside a run directory "
-                         f"with config.yaml ({sft_config}); run `llada-train sft` or the reasoning pipeline")
-    sft_cfg = yaml.safe_load(sft_config.read_text())
+    sft_cfg = read_sft_run(args.sft)
     overrides = base_overrides(args, sft_cfg)
     cfg = arm_config(args, overrides, sft_cfg)
     tokenizer = load_tokenizer(args.sft)

@@ -100,7 +100,7 @@ def save_checkpoint(engine, run_dir: Path, step: int, trainer_state: dict, keep_
     _barrier()
     error = None
     try:
-        engine.save_checkpoint(str(tmp), tag="engine", save_latest=False)
+        engine.save_state(tmp)
     except (OSError, RuntimeError) as e:  # torch.save reports a failed write as RuntimeError
         error = e
     rngs = [None] * (dist.get_world_size() if dist.is_initialized() else 1)
@@ -166,22 +166,10 @@ def load_checkpoint(engine, ckpt: Path) -> dict:
     problem = verify_checkpoint(ckpt)
     if problem is not None:
         raise ValueError(f"cannot resume: {problem}")
-    engine.load_checkpoint(str(ckpt), tag="engine", load_module_strict=True)
+    engine.load_state(ckpt)
     rngs = torch.load(ckpt / "rng_states.pt", weights_only=True)
     set_rng_state(rngs[min(_rank(), len(rngs) - 1)])
     return json.loads((ckpt / STATE).read_text())
-
-
-def full_state_dict(engine) -> dict:
-    """Unsharded model weights on CPU (gathers ZeRO-3 partitions); valid on rank 0."""
-    module = engine.module if hasattr(engine, "module") else engine
-    if getattr(engine, "zero_optimization_partition_weights", lambda: False)():
-        import deepspeed
-
-        params = list(module.parameters())
-        with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
-            return {k: v.detach().cpu().clone() for k, v in module.state_dict().items()}
-    return {k: v.detach().cpu() for k, v in module.state_dict().items()}
 
 
 def export_hf(model, state_dict: dict, tokenizer, out_dir: Path, generation_config: dict | None = None):

@@ -4,6 +4,8 @@ import argparse
 import sys
 from functools import partial
 
+from .errors import UserError
+
 USAGE = """llada-train <command> [args]
 
 training stages (each: --config FILE [--resume auto|never|PATH] [--print-config] [key=value ...]):
@@ -11,6 +13,7 @@ training stages (each: --config FILE [--resume auto|never|PATH] [--print-config]
   sft           supervised fine-tuning on chat data
   rl            EBPO reinforcement learning
   pipeline      CPT -> SFT -> RL in one run directory
+  --config takes a YAML path or a preset shipped in llada_train/configs by name (e.g. pipeline_tiny)
 
 tools:
   generate      threshold decoding from a model directory
@@ -60,7 +63,7 @@ def run_stage(stage: str, argv: list[str]) -> int:
         finished = job()
         if finished and stage == "pipeline":
             _pipeline_report(pipe)
-    except ValueError as e:
+    except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0 if finished else 3
@@ -89,8 +92,8 @@ def export_main(argv: list[str]) -> int:
 
 
 def _delegate(module: str, func: str, argv: list[str]) -> int:
-    """Run a tool's main. A user mistake (a ValueError: bad path, value or file) is one `error:`
-    line and exit code 2, as for the training stages."""
+    """Run a tool's main. A user mistake (a UserError: bad path, value or file) is one `error:`
+    line and exit code 2, as for the training stages; anything else keeps its traceback."""
     import importlib
 
     try:
@@ -100,7 +103,7 @@ def _delegate(module: str, func: str, argv: list[str]) -> int:
         return 2
     try:
         return getattr(mod, func)(argv) or 0
-    except ValueError as e:
+    except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
 

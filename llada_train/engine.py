@@ -9,9 +9,12 @@ import os
 import socket
 import sys
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
+
+from .errors import UserError
 
 
 def _free_port() -> int:
@@ -72,19 +75,6 @@ def reduce_over_ranks(*values: float, op: str = "sum") -> list[float]:
     return t.tolist()
 
 
-def engine_step(engine, loss: torch.Tensor | None, *, void: bool = False) -> torch.Tensor:
-    """Backward + optimizer step. `loss` None or `void`: a zero loss, so every rank still joins the
-    step's collectives; `void` also sets the lr to 0 for it (the update is dropped). Returns the loss used."""
-    if loss is None or void:
-        loss = sum(p.sum() * 0.0 for p in engine.module.parameters() if p.requires_grad)
-    engine.backward(loss)
-    if void:
-        for group in engine.optimizer.param_groups:
-            group["lr"] = 0.0
-    engine.step()
-    return loss
-
-
 def lr_factor(step: int, optim, total_steps: int) -> float:
     """Linear warm-up, then cosine to min_lr_ratio, WSD (stable, then linear decay) or constant."""
     if step < optim.warmup_steps:
@@ -134,14 +124,136 @@ def param_groups(model, weight_decay: float) -> list[dict]:
     return [g for g in groups if g["params"]]
 
 
-def build_engine(model, cfg, micro_batch: int):
-    """DeepSpeed engine with a torch AdamW (runs on CPU and GPU) and our LR schedule."""
+class SkippableAdamW(torch.optim.AdamW):
+    """AdamW whose next step can be dropped: DeepSpeed's ZeRO and bf16 wrappers all end in this
+    optimizer's `step`, so a voided step leaves weights, moments and lr untouched at every stage."""
+
+    skip_next_step = False
+
+    def step(self, closure=None):
+        if self.skip_next_step:
+            self.skip_next_step = False
+            return None
+        return super().step(closure)
+
+
+class Engine:
+    """What the trainer and stages need of the training engine (DeepSpeed here): forward, backward,
+    step, the trained module, checkpoint state and a full state dict for export. Nothing outside
+    this module calls the DeepSpeed API."""
+
+    def __init__(self, ds_engine, optimizer: SkippableAdamW):
+        self._ds = ds_engine
+        self._optimizer = optimizer  # the innermost optimizer, under DeepSpeed's wrappers
+        self._step_hooks: list = []
+
+    def __call__(self, *args, **kwargs):
+        return self._ds(*args, **kwargs)
+
+    @property
+    def module(self) -> torch.nn.Module:
+        """The model as trained (a peft wrapper under LoRA); forwards through it skip DeepSpeed."""
+        return self._ds.module
+
+    @property
+    def config(self):
+        return self._ds.module.config
+
+    @property
+    def training(self) -> bool:
+        return self._ds.training
+
+    def train(self, mode: bool = True):
+        self._ds.train(mode)
+        return self
+
+    def eval(self):
+        return self.train(False)
+
+    def parameters(self):
+        return self._ds.module.parameters()
+
+    def get_input_embeddings(self):
+        return self._ds.module.get_input_embeddings()
+
+    @property
+    def lr(self) -> float:
+        return self._optimizer.param_groups[0]["lr"]
+
+    def step(self, loss: torch.Tensor | None, *, void: bool = False) -> torch.Tensor:
+        """Backward + optimizer step. `loss` None or `void`: a zero loss, so every rank still joins the
+        step's collectives; `void` drops the update (weights, optimizer moments and lr untouched; the
+        schedule still advances). Returns the loss used."""
+        if loss is None or void:
+            loss = sum(p.sum() * 0.0 for p in self._ds.module.parameters() if p.requires_grad)
+        self._ds.backward(loss)
+        if void and self._ds.is_gradient_accumulation_boundary():
+            self._optimizer.skip_next_step = True
+        self._ds.step()
+        self._optimizer.skip_next_step = False
+        return loss
+
+    def register_step_hook(self, hook) -> None:
+        """`hook()` runs after each trainer step whose updates were applied (not after a voided one)."""
+        self._step_hooks.append(hook)
+
+    def run_step_hooks(self) -> None:
+        for hook in self._step_hooks:
+            hook()
+
+    def save_state(self, directory: Path) -> None:
+        """Model, optimizer and schedule state of this rank under `directory/engine` (collective)."""
+        self._ds.save_checkpoint(str(directory), tag=ENGINE_TAG, save_latest=False)
+
+    def load_state(self, directory: Path) -> None:
+        self._ds.load_checkpoint(str(directory), tag=ENGINE_TAG, load_module_strict=True)
+
+    @contextmanager
+    def gathered(self):
+        """The whole module's parameters materialised on every rank (ZeRO-3 partitions gathered)."""
+        if self._ds.zero_optimization_partition_weights():
+            import deepspeed
+
+            with deepspeed.zero.GatheredParameters(list(self.module.parameters()), modifier_rank=None):
+                yield self.module
+        else:
+            yield self.module
+
+    def full_state_dict(self) -> dict:
+        """Unsharded model weights on CPU (ZeRO-3 partitions gathered); valid on rank 0."""
+        with self.gathered() as module:
+            return {k: v.detach().cpu().clone() for k, v in module.state_dict().items()}
+
+
+ENGINE_TAG = "engine"  # the engine state's sub-directory of a checkpoint
+
+
+def saved_state_dict(ckpt: Path) -> dict:
+    """Full model weights of a checkpoint written by `Engine.save_state`, whatever its ZeRO stage."""
+    engine_dir = Path(ckpt) / ENGINE_TAG
+    if any(engine_dir.glob("*zero_pp_rank_*optim_states.pt")):
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+        return get_fp32_state_dict_from_zero_checkpoint(str(ckpt), tag=ENGINE_TAG)
+    states = sorted(engine_dir.glob("mp_rank_*_model_states.pt"))
+    if not states:
+        raise UserError(f"{engine_dir}: no DeepSpeed model states found; is this a llada-train checkpoint?")
+    # DeepSpeed's metadata in this file is plain containers, so the weights-only unpickler reads it.
+    return torch.load(states[0], map_location="cpu", weights_only=True)["module"]
+
+
+def build_engine(model, cfg, micro_batch: int) -> Engine:
+    """DeepSpeed engine with a torch AdamW (runs on CPU and GPU) and our LR schedule; the model then
+    registers its own step hooks (MoE balancing)."""
     import deepspeed
 
     o = cfg.optim
-    optimizer = torch.optim.AdamW(param_groups(model, o.weight_decay), lr=o.lr, betas=(o.beta1, o.beta2),
-                                  eps=o.eps)
+    optimizer = SkippableAdamW(param_groups(model, o.weight_decay), lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, o, cfg.train.steps))
-    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=schedule,
-                                           config=deepspeed_config(cfg, micro_batch))
+    ds_engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=schedule,
+                                              config=deepspeed_config(cfg, micro_batch))
+    engine = Engine(ds_engine, optimizer)
+    register = getattr(model, "register_step_hooks", None)
+    if register is not None:
+        register(engine, cfg)
     return engine

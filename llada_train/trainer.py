@@ -18,8 +18,8 @@ from tqdm import tqdm
 
 from . import checkpoint as ckpt_lib
 from .config import to_yaml
-from .engine import build_engine, engine_step, init_distributed, reduce_over_ranks
-from .model import update_expert_bias
+from .errors import ConfigError
+from .engine import Engine, build_engine, init_distributed, reduce_over_ranks
 
 
 @dataclass
@@ -64,6 +64,11 @@ class Trainer:
     bad_steps_total: int = 0  # all skipped steps of the run (metrics `bad_steps_total`)
     _voided: bool = False  # this step met a non-finite loss on some rank
     _stop_signal: list = field(default_factory=list)
+    # set by setup()
+    micro_batch: int = field(init=False, default=0)  # sequences per forward on this rank
+    engine: Engine | None = field(init=False, default=None)
+    config_hash: str = field(init=False, default="")  # of the resolved config, stored in checkpoints
+    tb: object = field(init=False, default=None)  # TensorBoard SummaryWriter (rank 0)
 
     @property
     def run_dir(self) -> Path:
@@ -80,7 +85,7 @@ class Trainer:
                 (self.run_dir / ckpt_lib.GENERATION_CONFIG).write_text(json.dumps(self.generation_config, indent=1))
         per_rank = self.cfg.train.batch_size // self.world_size
         if per_rank * self.world_size != self.cfg.train.batch_size or per_rank % self.cfg.train.grad_accum:
-            raise ValueError(
+            raise ConfigError(
                 f"train.batch_size {self.cfg.train.batch_size} must split evenly over {self.world_size} ranks "
                 f"and train.grad_accum {self.cfg.train.grad_accum} micro-batches"
             )
@@ -90,7 +95,6 @@ class Trainer:
         for sig in (signal.SIGTERM, signal.SIGUSR1):
             signal.signal(sig, lambda signum, _frame: self._stop_signal.append(signum))
         self._maybe_resume()
-        self.tb = None
         if self.rank == 0:
             from torch.utils.tensorboard import SummaryWriter
 
@@ -148,7 +152,7 @@ class Trainer:
         else:
             metrics = self._micro_batch_step(batch)
         if not self._voided:
-            update_expert_bias(self.engine.module, self.cfg.moe.bias_update_rate)
+            self.engine.run_step_hooks()
         self.bad_steps = self.bad_steps + 1 if self._voided else 0
         self.bad_steps_total += int(self._voided)
         metrics["bad_step"] = float(self._voided)
@@ -161,7 +165,7 @@ class Trainer:
         rank with nothing to contribute joining the step. Returns the loss used."""
         nonfinite = loss is not None and not torch.isfinite(loss).item()
         self._voided = self._any_rank(nonfinite) or self._voided
-        return engine_step(self.engine, loss, void=self._voided)
+        return self.engine.step(loss, void=self._voided)
 
     def _micro_batch_step(self, batch: dict) -> dict:
         """grad_accum micro-batches, one optimizer step (DeepSpeed accumulates until the last)."""
@@ -175,7 +179,16 @@ class Trainer:
                 totals[k] = totals.get(k, 0.0) + float(v) / self.cfg.train.grad_accum
         return totals
 
-    def fit(self):
+    def fit(self) -> bool:
+        """Train to `train.steps`; True when finished, False when stopped (signal, bad steps, failed
+        save). Whatever happens, the metric writers are closed before returning or raising."""
+        try:
+            return self._fit()
+        finally:
+            if self.tb is not None:
+                self.tb.close()
+
+    def _fit(self) -> bool:
         self.setup()
         cfg = self.cfg.train
         tokens_per_step = cfg.batch_size * next(iter(self.batches.tensors.values())).shape[-1]
@@ -191,7 +204,7 @@ class Trainer:
             bar.set_postfix(loss=f"{metrics['loss']:.3f}")
             if self.step % cfg.log_every == 0 or self.step == cfg.steps or self.bad_steps:
                 record = {"step": self.step, "tokens": self.tokens_seen,
-                          "lr": self.engine.optimizer.param_groups[0]["lr"],
+                          "lr": self.engine.lr,
                           "elapsed_s": round(time.time() - start, 2), **metrics}
                 self._write_metrics(record)
             if self.bad_steps >= cfg.max_bad_steps:
@@ -248,7 +261,7 @@ class Trainer:
         if self.export_model_fn is not None:
             model, state = self.export_model_fn(self.engine)
         else:
-            model, state = self.engine.module, ckpt_lib.full_state_dict(self.engine)
+            model, state = self.engine.module, self.engine.full_state_dict()
         if self.rank == 0:
             out = ckpt_lib.export_hf(model, state, self.tokenizer, self.run_dir / "hf", self.generation_config)
             self.log(f"exported {out}")

@@ -9,6 +9,7 @@ import json
 import os
 import re
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -19,10 +20,12 @@ from torch.utils.checkpoint import checkpoint
 from transformers import GenerationMixin, PreTrainedModel
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
+from ..errors import UserError
+
 from .attention import BlockKVCache, LLaDA2MoeAttention, RMSNorm, RotaryEmbedding
 from .configuration_llada2_moe import LLaDA2MoeConfig
 from .linear_ce import LMHead
-from .moe import LLaDA2MoeExperts, LLaDA2MoeMLP, LLaDA2MoeSparseMoeBlock
+from .moe import LLaDA2MoeExperts, LLaDA2MoeMLP, LLaDA2MoeSparseMoeBlock, update_expert_bias
 
 EXPERT_PROJS = ("gate_proj", "up_proj", "down_proj")
 _FUSED_KEY = re.compile(r"^(.*\.mlp\.experts)\.(gate_proj|up_proj|down_proj)$")
@@ -142,6 +145,11 @@ class LLaDA2MoeModelLM(LLaDA2MoePreTrainedModel, GenerationMixin):
         self.lm_head = LMHead(config.hidden_size, config.vocab_size, bias=False)
         self.post_init()
 
+    def register_step_hooks(self, engine, cfg) -> None:
+        """Aux-loss-free MoE balancing as the model's own hook: after each applied trainer step, every
+        expert bias moves towards the mean load at rate `moe.bias_update_rate` (docs/design.md §2)."""
+        engine.register_step_hook(partial(update_expert_bias, self, cfg.moe.bias_update_rate))
+
     def get_input_embeddings(self):
         return self.model.word_embeddings
 
@@ -192,12 +200,17 @@ class LLaDA2MoeModelLM(LLaDA2MoePreTrainedModel, GenerationMixin):
         """Load a directory in the released layout (safetensors only; pickles are refused)."""
         path = Path(pretrained_model_name_or_path)
         if not path.is_dir():
-            raise ValueError(
+            raise UserError(
                 f"{pretrained_model_name_or_path}: not a directory. Download the checkpoint first "
                 "(e.g. `huggingface-cli download inclusionAI/LLaDA2.0-mini --local-dir DIR`) and pass DIR."
             )
         if config is None:
-            config = LLaDA2MoeConfig.from_pretrained(path)
+            try:
+                config = LLaDA2MoeConfig.from_pretrained(path)
+            except UserError as e:  # a shape check of LLaDA2MoeConfig
+                raise UserError(f"{path / 'config.json'}: {e}") from e
+            except OSError as e:  # no config.json, or not JSON (transformers reports both as OSError)
+                raise UserError(f"{path}: cannot read the model's config.json ({e})") from e
         for key, value in kwargs.items():  # config overrides; HF loading kwargs are ignored
             if key in LLaDA2MoeConfig().to_dict():
                 setattr(config, key, value)
@@ -208,7 +221,7 @@ class LLaDA2MoeModelLM(LLaDA2MoePreTrainedModel, GenerationMixin):
             state.setdefault("lm_head.weight", state["model.word_embeddings.weight"])
         missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
         if missing or unexpected:
-            raise ValueError(
+            raise UserError(
                 f"{path}: checkpoint does not match LLaDA2MoeConfig: missing keys {sorted(missing)[:8]}, "
                 f"unexpected keys {sorted(unexpected)[:8]}"
             )
@@ -257,7 +270,7 @@ def from_released_layout(state: dict, config: LLaDA2MoeConfig) -> dict:
     for (prefix, proj), by_index in experts.items():
         if sorted(by_index) != list(range(config.num_experts)):
             missing = sorted(set(range(config.num_experts)) - set(by_index))
-            raise ValueError(f"{prefix}.{proj}: experts {missing[:8]} missing from the checkpoint")
+            raise UserError(f"{prefix}.{proj}: experts {missing[:8]} missing from the checkpoint")
         out[f"{prefix}.{proj}"] = torch.stack([by_index[e] for e in range(config.num_experts)])
     return out
 
@@ -273,7 +286,7 @@ def load_safetensors_dir(path: Path) -> dict:
         pickles = [p.name for p in path.glob("*.bin")] + [p.name for p in path.glob("*.pt")]
         hint = (f" Found pickle files {pickles}: they can run arbitrary code when loaded and are refused; "
                 "convert them to safetensors in a trusted environment first." if pickles else "")
-        raise ValueError(f"{path}: no *.safetensors weights found.{hint}")
+        raise UserError(f"{path}: no *.safetensors weights found.{hint}")
     state = {}
     for name in files:
         state.update(load_file(os.fspath(path / name)))

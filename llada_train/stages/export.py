@@ -8,37 +8,20 @@ checkpoint (ZeRO partitions merged to fp32 by DeepSpeed's own reader), LoRA adap
 import json
 from pathlib import Path
 
-import torch
-
 from .. import checkpoint as ckpt_lib
 from ..config import load_config
+from ..engine import saved_state_dict
+from ..errors import UserError
 from .common import build_model, build_tokenizer
-
-ENGINE_TAG = "engine"  # checkpoint.save_checkpoint writes the DeepSpeed state under this tag
-
-
-def engine_state_dict(ckpt: Path) -> dict:
-    """Full model weights of a checkpoint, whatever the ZeRO stage it was written with."""
-    engine_dir = ckpt / ENGINE_TAG
-    if any(engine_dir.glob("*zero_pp_rank_*optim_states.pt")):
-        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-
-        return get_fp32_state_dict_from_zero_checkpoint(str(ckpt), tag=ENGINE_TAG)
-    states = sorted(engine_dir.glob("mp_rank_*_model_states.pt"))
-    if not states:
-        raise ValueError(f"{engine_dir}: no DeepSpeed model states found; is this a llada-train checkpoint?")
-    # DeepSpeed's metadata in this file is plain containers, so the weights-only unpickler reads it.
-    return torch.load(states[0], map_location="cpu", weights_only=True)["module"]
-
 
 def export_run(run_dir) -> Path:
     run_dir = Path(run_dir)
     config_file = run_dir / "config.yaml"
     if not config_file.is_file():
-        raise ValueError(f"{run_dir}: no config.yaml; pass a stage's run directory (run.out_dir), e.g. runs/cpt")
+        raise UserError(f"{run_dir}: no config.yaml; pass a stage's run directory (run.out_dir), e.g. runs/cpt")
     ckpt = ckpt_lib.find_resume_checkpoint(run_dir)
     if ckpt is None:
-        raise ValueError(f"{run_dir}: no complete checkpoint under {run_dir / 'checkpoints'} to export")
+        raise UserError(f"{run_dir}: no complete checkpoint under {run_dir / 'checkpoints'} to export")
     stage = json.loads((ckpt / ckpt_lib.STATE).read_text())["stage"]
     cfg = load_config(stage, str(config_file))
     tokenizer = build_tokenizer(cfg.model)
@@ -48,10 +31,10 @@ def export_run(run_dir) -> Path:
         from .sft import apply_lora, merged_state_dict
 
         model = apply_lora(model, lora)
-        model.load_state_dict(engine_state_dict(ckpt))
+        model.load_state_dict(saved_state_dict(ckpt))
         model, state = model.get_base_model(), merged_state_dict(model)
     else:
-        model.load_state_dict(engine_state_dict(ckpt))
+        model.load_state_dict(saved_state_dict(ckpt))
         state = model.state_dict()
     gen_file = run_dir / ckpt_lib.GENERATION_CONFIG
     generation_config = json.loads(gen_file.read_text()) if gen_file.is_file() else None

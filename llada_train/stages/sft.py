@@ -159,13 +159,8 @@ def merged_state_dict(peft_model) -> dict:
 
 def merged_lora_export(engine):
     """Trainer `export_model_fn`: the plain model and its merged weights (ZeRO-3 shards gathered)."""
-    module = engine.module
-    if getattr(engine, "zero_optimization_partition_weights", lambda: False)():
-        import deepspeed
-
-        with deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=None):
-            return module.get_base_model(), merged_state_dict(module)
-    return module.get_base_model(), merged_state_dict(module)
+    with engine.gathered() as module:
+        return module.get_base_model(), merged_state_dict(module)
 
 
 # ---- eval -----------------------------------------------------------------------------------------
@@ -212,7 +207,7 @@ def sft_eval_fn(loss_eval, accuracy):
     def eval_fn(engine, step) -> dict:
         metrics = loss_eval(engine, step)
         if accuracy is not None:
-            metrics.update(accuracy(engine.module if hasattr(engine, "module") else engine))
+            metrics.update(accuracy(engine.module))
         return metrics
 
     return eval_fn

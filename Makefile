@@ -27,7 +27,7 @@ test: install
 	$(PY) -m pytest -q -x --durations=15 $(PYTEST_ARGS)
 
 demo: install
-	$(VENV)/bin/llada-train pipeline --config configs/pipeline_tiny.yaml
+	$(VENV)/bin/llada-train pipeline --config pipeline_tiny
 
 lint: install
 	$(VENV)/bin/ruff check llada_train tests benchmarks

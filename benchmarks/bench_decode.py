@@ -31,6 +31,7 @@ from llada_train.data.tasks import check, make_rows
 from llada_train.data.tokenizer import load_tokenizer
 from llada_train.decoding import DECODE_PRESETS, encode_prompts, generate, load_decode_defaults
 from llada_train.model import LLaDA2MoeConfig, LLaDA2MoeModelLM
+from llada_train.presets import MODEL_PRESET_DIR
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
@@ -68,7 +69,7 @@ def trained_on_tasks(export: Path) -> bool:
 
 
 def random_model(**overrides) -> LLaDA2MoeModelLM:
-    values = yaml.safe_load((ROOT / "configs/model/tiny.yaml").read_text())
+    values = yaml.safe_load((MODEL_PRESET_DIR / "tiny.yaml").read_text())
     values.update(overrides)
     torch.manual_seed(0)
     return LLaDA2MoeModelLM(LLaDA2MoeConfig(**values)).eval()

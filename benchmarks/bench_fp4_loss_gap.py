@@ -27,9 +27,9 @@ from tqdm import tqdm
 from llada_train.data.text import stdlib_files
 from llada_train.kernels.ufp4_linear import apply_fp4
 from llada_train.model import LLaDA2MoeConfig, LLaDA2MoeModelLM
+from llada_train.presets import MODEL_PRESET_DIR
 
 RESULTS = Path(__file__).resolve().parent / "results"
-REPO = Path(__file__).resolve().parents[1]
 RECIPES = ("none", "ufp4", "nvfp4")
 T_975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262}
 
@@ -69,7 +69,7 @@ def lr_factor(step: int, args) -> float:
 
 
 def tiny_config() -> LLaDA2MoeConfig:
-    return LLaDA2MoeConfig(**yaml.safe_load((REPO / "configs/model/tiny.yaml").read_text()))
+    return LLaDA2MoeConfig(**yaml.safe_load((MODEL_PRESET_DIR / "tiny.yaml").read_text()))
 
 
 def train_one(fp4: str, seed: int, args, train_ids, heldout) -> dict:

@@ -34,7 +34,7 @@ def run(ranks: int, run_dir: Path, args) -> list[dict]:
     overrides = [f"run.out_dir={run_dir}", "model.init_from=", f"train.steps={args.steps}",
                  f"train.batch_size={args.prompts}", f"rl.minibatch_size={args.prompts * 8 // 2}",
                  "train.log_every=1", "train.eval_every=100000", "train.save_every=100000", "rl.ray.enabled=false"]
-    cli = ["-m", "llada_train.cli", "rl", "--config", str(ROOT / "configs/rl_tiny.yaml"), *overrides]
+    cli = ["-m", "llada_train.cli", "rl", "--config", "rl_tiny", *overrides]
     launch = ([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(ranks), "--master_port",
                str(free_port()), *cli] if ranks > 1 else [sys.executable, *cli])
     env = {**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu"}

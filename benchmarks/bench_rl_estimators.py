@@ -1,7 +1,7 @@
-"""RL likelihood estimators side by side from ONE SFT export (DESIGN §14): EBPO vs d1's diffu-GRPO.
+"""RL likelihood estimators side by side from ONE SFT export (docs/design.md §14): EBPO vs d1's diffu-GRPO.
 
 Arms: no RL (the SFT start), `rl.estimator=diffu_grpo`, EBPO with the sequence ratio and N = 1, 2, 4
-noise levels (and N = 2 as one complementary pair, `rl.complementary`), EBPO with the block ratio
+noise levels (and N = 2 as one complementary pair, `rl.ebpo.complementary`), EBPO with the block ratio
 (N = 2). Every arm starts from the same export with the same
 RL config and `run.seed`, so it sees the same prompts in the same order with the same rollout and
 mask seeds, and gets the same rollout budget (train.steps x train.batch_size x rl.group_size
@@ -50,12 +50,12 @@ from llada_train.stages.sft import run_sft
 
 ARMS = {  # name -> RL overrides
     "diffu_grpo": ["rl.estimator=diffu_grpo"],
-    "ebpo seq N=1": ["rl.estimator=ebpo", "rl.ratio_level=sequence", "rl.num_timesteps=1"],
-    "ebpo seq N=2": ["rl.estimator=ebpo", "rl.ratio_level=sequence", "rl.num_timesteps=2"],
-    "ebpo seq N=4": ["rl.estimator=ebpo", "rl.ratio_level=sequence", "rl.num_timesteps=4"],
-    "ebpo seq N=2 complementary": ["rl.estimator=ebpo", "rl.ratio_level=sequence", "rl.num_timesteps=2",
-                                   "rl.complementary=true"],
-    "ebpo block N=2": ["rl.estimator=ebpo", "rl.ratio_level=block", "rl.num_timesteps=2"],
+    "ebpo seq N=1": ["rl.estimator=ebpo", "rl.ebpo.ratio_level=sequence", "rl.ebpo.num_timesteps=1"],
+    "ebpo seq N=2": ["rl.estimator=ebpo", "rl.ebpo.ratio_level=sequence", "rl.ebpo.num_timesteps=2"],
+    "ebpo seq N=4": ["rl.estimator=ebpo", "rl.ebpo.ratio_level=sequence", "rl.ebpo.num_timesteps=4"],
+    "ebpo seq N=2 complementary": ["rl.estimator=ebpo", "rl.ebpo.ratio_level=sequence", "rl.ebpo.num_timesteps=2",
+                                   "rl.ebpo.complementary=true"],
+    "ebpo block N=2": ["rl.estimator=ebpo", "rl.ebpo.ratio_level=block", "rl.ebpo.num_timesteps=2"],
 }
 START = "no RL (SFT start)"
 SFT_ARM = "more SFT (same export)"  # --sft-baseline: the yardstick an RL arm must beat
@@ -300,8 +300,8 @@ def parse_args():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--sft", default="runs/reasoning/sft/hf",
                    help="SFT export; its run's config.yaml names the families")
-    p.add_argument("--rl-config", default=None,
-                   help="RL stage YAML (default: configs/rl_reasoning.yaml if present, else rl_tiny.yaml)")
+    p.add_argument("--rl-config", default="rl_reasoning",
+                   help="RL stage YAML or preset name (default: the rl_reasoning preset)")
     p.add_argument("--steps", type=int, default=20, help="RL steps per arm")
     p.add_argument("--eval-every", type=int, default=10)
     p.add_argument("--heldout", type=int, default=300, help="held-out problems per family")
@@ -321,9 +321,6 @@ def parse_args():
     if args.quick:
         args.steps, args.eval_every, args.heldout, args.pass_prompts = 2, 2, 16, 8
         args.arms = "diffu_grpo,ebpo seq N=2"
-    if args.rl_config is None:
-        reasoning = Path("configs/rl_reasoning.yaml")
-        args.rl_config = str(reasoning if reasoning.is_file() else Path("configs/rl_tiny.yaml"))
     unknown = [a for a in args.arms.split(",") if a not in ARMS]
     if unknown:
         p.error(f"--arms: unknown {unknown}; choose from {list(ARMS)}")
@@ -336,7 +333,7 @@ def main():
     overrides = base_overrides(args, sft_cfg)
     cfg = arm_config(args, overrides, sft_cfg)
     tokenizer = load_tokenizer(args.sft)
-    train_rows, heldout = load_rl_rows(cfg)
+    train_rows, heldout = load_rl_rows(cfg.data, cfg.run.seed)
     gen_length = rl_response_budget(cfg, tokenizer, train_rows)
     evaluator = HeldoutEval(cfg, tokenizer, heldout, gen_length, args.eval_batch)
     load = [os.getloadavg()[0]]

@@ -33,6 +33,7 @@ from llada_train.data.tokenizer import load_tokenizer, special_token_ids
 from llada_train.diffusion import ordinary_token_ids, training_loss
 from llada_train.model import LLaDA2MoeModelLM
 from llada_train.rl import ebpo
+from llada_train.rl.policy import zero_variance_groups
 from llada_train.rl.rollout import LocalRollouts, rollout_step
 from llada_train.stages.rl import rl_response_budget
 
@@ -57,10 +58,10 @@ def rl_gradients(model, cfg, roll, rewards, draws: int) -> list[torch.Tensor]:
     """EBPO gradients of the rollout batch, one per noise draw (the RL stage's batch and loss)."""
     grads = []
     for seed in range(draws):
-        batch, _ = ebpo.build_batch(model, roll.input_ids, roll.response_mask, rewards, cfg.rl,
+        batch, _ = ebpo.build_batch(model, roll.input_ids, roll.response_mask, rewards, cfg.rl, cfg.rl.ebpo,
                                     block_size=cfg.diffusion.block_size, pad_mask=roll.pad_mask,
                                     generator=torch.Generator().manual_seed(seed))
-        loss, _ = ebpo.ebpo_minibatch_loss(model, batch, cfg.rl)
+        loss, _ = ebpo.ebpo_minibatch_loss(model, batch, cfg.rl, cfg.rl.ebpo)
         grads.append(flat_grad(model, loss))
     return grads
 
@@ -89,7 +90,7 @@ def rollouts_and_pushed(model, cfg, tokenizer, rows: list[dict], gen_length: int
     roll = rollout_step(decoder, tokenizer, prompts, group_size=group, prompts_per_chunk=cfg.rl.prompts_per_chunk,
                         seed=seed, step=0, eos_token_id=model.config.eos_token_id, block_length=block)
     rewards = torch.tensor([float(row_correct(rows[i // group], c)) for i, c in enumerate(roll.completions)])
-    pushed = (rewards > 0) & ~ebpo.zero_variance_groups(rewards, group)
+    pushed = (rewards > 0) & ~zero_variance_groups(rewards, group)
     chats = [{"messages": [{"role": "user", "content": prompts[i // group]},
                            {"role": "assistant", "content": roll.completions[i]}]}
              for i in pushed.nonzero().squeeze(1).tolist()]
@@ -101,7 +102,7 @@ def rollouts_and_pushed(model, cfg, tokenizer, rows: list[dict], gen_length: int
 def parse_args():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--sft", default="runs/rg_arith_sft_longer/hf", help="SFT export (hf/ inside its run dir)")
-    p.add_argument("--rl-config", default="configs/rl_reasoning.yaml", help="RL YAML: decoder, group size, noise")
+    p.add_argument("--rl-config", default="rl_reasoning", help="RL YAML or preset: decoder, group size, noise")
     p.add_argument("--prompts", type=int, default=48, help="train prompts to roll out")
     p.add_argument("--draws", type=int, default=3, help="noise draws per gradient estimate")
     p.add_argument("--seed", type=int, default=1, help="rollout seed")
@@ -117,7 +118,7 @@ def main():
     sft_cfg = load_config("sft", str(Path(args.sft).parent / "config.yaml"), [])
     tokenizer = load_tokenizer(args.sft)
     model = LLaDA2MoeModelLM.from_pretrained(args.sft)
-    train_rows, _ = load_rl_rows(cfg)
+    train_rows, _ = load_rl_rows(cfg.data, cfg.run.seed)
     rows, gen_length = train_rows[:args.prompts], rl_response_budget(cfg, tokenizer, train_rows)
     roll, rewards, chats = rollouts_and_pushed(model, cfg, tokenizer, rows, gen_length, args.seed)
     model.train()

@@ -51,8 +51,8 @@ from llada_train.diffusion import (
 )
 from llada_train.model import LLaDA2MoeConfig, LLaDA2MoeModelLM
 from llada_train.model.modeling_llada2_moe import to_released_layout
+from llada_train.presets import MODEL_PRESET_DIR
 
-REPO = Path(__file__).resolve().parents[1]
 ARMS = ("chunked", "full_logits", "upstream")
 MID = {
     "vocab_size": 4096,
@@ -81,7 +81,7 @@ def presets(quick: bool) -> dict:
     """name -> (model values, batch, seq_len)."""
     import yaml
 
-    tiny = yaml.safe_load((REPO / "configs/model/tiny.yaml").read_text())
+    tiny = yaml.safe_load((MODEL_PRESET_DIR / "tiny.yaml").read_text())
     return {"tiny": (tiny, 16, 128), "mid": (MID, 4, 256),
             "vocab157k": (RELEASED_VOCAB, 2, 256 if quick else 512)}
 

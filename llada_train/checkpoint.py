@@ -17,6 +17,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from .errors import UserError
+
 MANIFEST = "manifest.json"
 STATE = "trainer_state.json"
 GENERATION_CONFIG = "generation_config.json"  # run-dir copy, so `llada-train export` can rebuild hf/
@@ -165,7 +167,8 @@ def load_checkpoint(engine, ckpt: Path) -> dict:
     """Restore engine (model, optimizer, schedule) and this rank's RNG; returns the trainer state."""
     problem = verify_checkpoint(ckpt)
     if problem is not None:
-        raise ValueError(f"cannot resume: {problem}")
+        raise UserError(f"cannot resume: {problem}; pass a complete checkpoint (RUN_DIR/checkpoints/step_N) to "
+                        "--resume, or --resume never")
     engine.load_state(ckpt)
     rngs = torch.load(ckpt / "rng_states.pt", weights_only=True)
     set_rng_state(rngs[min(_rank(), len(rngs) - 1)])

@@ -1,4 +1,5 @@
-"""`llada-train <command>`: cpt sft rl pipeline generate convert export submit status fp4-analysis report."""
+"""`llada-train <command>`: the registered training stages, pipeline, and the tools (generate convert export
+submit status fp4-analysis report)."""
 
 import argparse
 import sys
@@ -6,16 +7,7 @@ from functools import partial
 
 from .errors import UserError
 
-USAGE = """llada-train <command> [args]
-
-training stages (each: --config FILE [--resume auto|never|PATH] [--print-config] [key=value ...]):
-  cpt           continual pre-training on a text corpus
-  sft           supervised fine-tuning on chat data
-  rl            EBPO reinforcement learning
-  pipeline      CPT -> SFT -> RL in one run directory
-  --config takes a YAML path or a preset shipped in llada_train/configs by name (e.g. pipeline_tiny)
-
-tools:
+TOOLS = """tools:
   generate      threshold decoding from a model directory
   convert       AR checkpoint -> LLaDA2-MoE checkpoint
   export        RUN_DIR: write RUN_DIR/hf from the newest checkpoint
@@ -24,6 +16,19 @@ tools:
   fp4-analysis  UFP4 vs NVFP4 quantizer analysis
   report        RUN_DIR: plots and a markdown summary
 """
+
+
+def usage() -> str:
+    """The command list, training stages read from the stage registry."""
+    from .stages.registry import STAGES
+
+    lines = ["llada-train <command> [args]", "",
+             "training stages (each: --config FILE [--resume auto|never|PATH] [--print-config] [key=value ...]):"]
+    lines += [f"  {s.name:<13} {s.summary}" for s in STAGES.values()]
+    lines += [f"  {'pipeline':<13} {' -> '.join(STAGES)} in one run directory",
+              "  --config takes a YAML path or a preset shipped in llada_train/configs by name (e.g. pipeline_tiny)",
+              ""]
+    return "\n".join(lines) + "\n" + TOOLS
 
 
 def _stage_args(stage: str, argv: list[str]):
@@ -40,33 +45,40 @@ def _stage_args(stage: str, argv: list[str]):
 
 
 def run_stage(stage: str, argv: list[str]) -> int:
-    from .config import ConfigError, load_config, to_yaml
-    from .stages.pipeline import load_pipeline, run_pipeline, stage_runner
-
+    """A training stage or the pipeline. A UserError (config, data, paths, reward code) is one
+    `error:` line and exit 2; any other exception is a bug and keeps its traceback."""
     args, overrides = _stage_args(stage, argv)
     try:
-        if stage == "pipeline":
-            pipe = load_pipeline(args.config, overrides, args.resume)
-            text = "".join(f"# ---- {s} ----\n{to_yaml(c)}" for s, c in pipe.configs.items())
-            job = partial(run_pipeline, pipe)
-        else:
-            cfg = load_config(stage, args.config, overrides)
-            text = to_yaml(cfg)
-            job = partial(stage_runner(stage), cfg)
-    except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    if args.print_config:
-        print(text, end="")
-        return 0
-    try:
+        text, job = _load_job(stage, args, overrides)
+        if args.print_config:
+            print(text, end="")
+            return 0
         finished = job()
-        if finished and stage == "pipeline":
-            _pipeline_report(pipe)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0 if finished else 3
+
+
+def _load_job(stage: str, args, overrides: list[str]):
+    """(the resolved config as YAML, the job to run) for a stage or the pipeline."""
+    from .config import load_config, to_yaml
+    from .stages.pipeline import load_pipeline, run_pipeline
+    from .stages.registry import get_stage
+
+    if stage == "pipeline":
+        pipe = load_pipeline(args.config, overrides, args.resume)
+        text = "".join(f"# ---- {s} ----\n{to_yaml(c)}" for s, c in pipe.configs.items())
+
+        def job():
+            finished = run_pipeline(pipe)
+            if finished:
+                _pipeline_report(pipe)
+            return finished
+
+        return text, job
+    cfg = load_config(stage, args.config, overrides)
+    return to_yaml(cfg), partial(get_stage(stage).runner(), cfg)
 
 
 def _pipeline_report(pipe) -> None:
@@ -120,16 +132,18 @@ COMMANDS = {
 
 
 def main(argv: list[str] | None = None) -> int:
+    from .stages.registry import STAGES
+
     argv = sys.argv[1:] if argv is None else argv
     if not argv or argv[0] in ("-h", "--help"):
-        print(USAGE)
+        print(usage())
         return 0 if argv else 2
     command, rest = argv[0], argv[1:]
-    if command in ("cpt", "sft", "rl", "pipeline"):
+    if command in STAGES or command == "pipeline":
         return run_stage(command, rest)
     if command in COMMANDS:
         return _delegate(*COMMANDS[command], rest)
-    print(f"error: unknown command '{command}'\n\n{USAGE}", file=sys.stderr)
+    print(f"error: unknown command '{command}'\n\n{usage()}", file=sys.stderr)
     return 2
 
 

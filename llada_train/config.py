@@ -19,19 +19,12 @@ from omegaconf.errors import (
     ValidationError,
 )
 
-from .decoding import DECODE_PRESETS, check_sampling
-from .rl.ebpo import EBPOConfig
-from .rl.reward_calls import RewardSpec
-
-REPO_ROOT = Path(__file__).resolve().parents[1]
-CONFIG_DIR = REPO_ROOT / "configs"
+from .errors import ConfigError
+from .presets import model_preset_path, resolve_config
 
 
-class ConfigError(ValueError):
-    """A config problem the user must fix; the message names the key and what to do."""
-
-
-def _check(cond: bool, key: str, msg: str):
+def check_value(cond: bool, key: str, msg: str) -> None:
+    """Raise a ConfigError naming `key` unless `cond`."""
     if not cond:
         raise ConfigError(f"bad value for '{key}': {msg}")
 
@@ -48,21 +41,21 @@ class RunConfig:
     seed: int = 0  # seeds init, data order, noise and rollouts (per step and rank)
 
     def __post_init__(self):
-        _check(self.resume in ("auto", "never") or self.resume == MISSING or Path(self.resume).exists(),
+        check_value(self.resume in ("auto", "never") or self.resume == MISSING or Path(self.resume).exists(),
                "run.resume", f"'{self.resume}' is neither auto, never nor an existing checkpoint directory")
 
 
 @dataclass
 class ModelConfig:
-    preset: str = "tiny"  # configs/model/<preset>.yaml or a path to a YAML of LLaDA2MoeConfig keys
+    preset: str = "tiny"  # a name in llada_train/configs/model/ or a path to a YAML of LLaDA2MoeConfig keys
     init_from: str = ""  # an HF directory (previous stage's hf/ export); empty = random init from preset
     overrides: dict = field(default_factory=dict)  # LLaDA2MoeConfig keys to change on top of the preset
     attn_backend: str = "sdpa"  # sdpa | flex
     gradient_checkpointing: bool = False  # recompute layer activations in backward (less memory)
-    tokenizer: str = "default"  # HF tokenizer dir; default = data/tokenizer (ignored when init_from has one)
+    tokenizer: str = "default"  # HF tokenizer dir; default = the packaged one (ignored when init_from has one)
 
     def __post_init__(self):
-        _check(self.attn_backend in ("sdpa", "flex"), "model.attn_backend", "use sdpa or flex")
+        check_value(self.attn_backend in ("sdpa", "flex"), "model.attn_backend", "use sdpa or flex")
 
 
 @dataclass
@@ -89,7 +82,7 @@ class ChatDataConfig:
     pack: bool = False  # pack several examples per row with document masks
 
     def __post_init__(self):
-        _check(self.truncate in ("drop", "truncate"), "data.truncate", "use drop or truncate")
+        check_value(self.truncate in ("drop", "truncate"), "data.truncate", "use drop or truncate")
 
 
 @dataclass
@@ -100,8 +93,8 @@ class NoiseConfig:
     complementary: bool = False  # pair each example with its complement mask (weights 1/t, 1/(1-t))
 
     def __post_init__(self):
-        _check(0 < self.t_min <= self.t_max <= 1, "diffusion.noise.t_min/t_max", "need 0 < t_min <= t_max <= 1")
-        _check(self.per in ("block", "sequence"), "diffusion.noise.per", "use 'block' or 'sequence'")
+        check_value(0 < self.t_min <= self.t_max <= 1, "diffusion.noise.t_min/t_max", "need 0 < t_min <= t_max <= 1")
+        check_value(self.per in ("block", "sequence"), "diffusion.noise.per", "use 'block' or 'sequence'")
 
 
 @dataclass
@@ -110,7 +103,7 @@ class LossConfig:
     confidence_weight: float = 0.0  # CAP: entropy at correctly predicted masked positions
 
     def __post_init__(self):
-        _check(self.weighting in ("elbo", "uniform"), "diffusion.loss.weighting", "use 'elbo' or 'uniform'")
+        check_value(self.weighting in ("elbo", "uniform"), "diffusion.loss.weighting", "use 'elbo' or 'uniform'")
 
 
 @dataclass
@@ -120,7 +113,7 @@ class T2TConfig:
     keep_weight: float = 0.0  # CE at visible unchanged positions (learn not to edit correct tokens)
 
     def __post_init__(self):
-        _check(0 <= self.max_ratio <= 1, "diffusion.t2t.max_ratio", "must be in [0, 1]")
+        check_value(0 <= self.max_ratio <= 1, "diffusion.t2t.max_ratio", "must be in [0, 1]")
 
 
 @dataclass
@@ -130,9 +123,9 @@ class MTFConfig:
     draft_ratio: float = 1.0  # each draft fills u ~ U[0, draft_ratio] of the still-masked positions
 
     def __post_init__(self):
-        _check(0 <= self.prob <= 1, "diffusion.mtf.prob", "must be in [0, 1]")
-        _check(self.turns >= 2, "diffusion.mtf.turns", "must be >= 2 (drafts, then the training turn)")
-        _check(0 < self.draft_ratio <= 1, "diffusion.mtf.draft_ratio", "must be in (0, 1]")
+        check_value(0 <= self.prob <= 1, "diffusion.mtf.prob", "must be in [0, 1]")
+        check_value(self.turns >= 2, "diffusion.mtf.turns", "must be >= 2 (drafts, then the training turn)")
+        check_value(0 < self.draft_ratio <= 1, "diffusion.mtf.draft_ratio", "must be in (0, 1]")
 
 
 @dataclass
@@ -148,13 +141,13 @@ class DiffusionConfig:
     mtf: MTFConfig = field(default_factory=MTFConfig)
 
     def __post_init__(self):
-        _check(self.block_size > 0, "diffusion.block_size", "must be positive")
+        check_value(self.block_size > 0, "diffusion.block_size", "must be positive")
         last = -1
         for i, entry in enumerate(self.block_schedule):
             ok = isinstance(entry, (list, tuple)) and len(entry) == 2 and all(isinstance(v, int) for v in entry)
-            _check(ok, f"diffusion.block_schedule[{i}]", f"expected [until_step, block_size] integers, got {entry}")
-            _check(entry[0] > last, f"diffusion.block_schedule[{i}]", "until_step values must increase")
-            _check(entry[1] >= 0, f"diffusion.block_schedule[{i}]", "block_size must be >= 0 (0 = whole sequence)")
+            check_value(ok, f"diffusion.block_schedule[{i}]", f"expected [until_step, block_size] integers, got {entry}")
+            check_value(entry[0] > last, f"diffusion.block_schedule[{i}]", "until_step values must increase")
+            check_value(entry[1] >= 0, f"diffusion.block_schedule[{i}]", "block_size must be >= 0 (0 = whole sequence)")
             last = entry[0]
 
 
@@ -172,9 +165,9 @@ class OptimConfig:
     grad_clip: float = 1.0  # global gradient-norm clip (0 = off)
 
     def __post_init__(self):
-        _check(self.lr > 0, "optim.lr", "must be positive")
-        _check(self.schedule in ("cosine", "wsd", "constant"), "optim.schedule", "use cosine, wsd or constant")
-        _check(0 <= self.min_lr_ratio <= 1, "optim.min_lr_ratio", "must be in [0, 1]")
+        check_value(self.lr > 0, "optim.lr", "must be positive")
+        check_value(self.schedule in ("cosine", "wsd", "constant"), "optim.schedule", "use cosine, wsd or constant")
+        check_value(0 <= self.min_lr_ratio <= 1, "optim.min_lr_ratio", "must be in [0, 1]")
 
 
 @dataclass
@@ -185,8 +178,12 @@ class EngineConfig:
     offload_params: bool = False  # ZeRO-3 parameters in CPU memory
 
     def __post_init__(self):
-        _check(self.zero_stage in (0, 1, 2, 3), "engine.zero_stage", "must be 0, 1, 2 or 3")
-        _check(self.precision in ("fp32", "bf16"), "engine.precision", "use fp32 or bf16")
+        check_value(self.zero_stage in (0, 1, 2, 3), "engine.zero_stage", "must be 0, 1, 2 or 3")
+        check_value(self.precision in ("fp32", "bf16"), "engine.precision", "use fp32 or bf16")
+
+
+FP4_BLOCKS = (8, 16, 32, 64, 128)  # elements per 4-bit scale block the quantizers accept
+RHT_DIMS = (16, 32, 64, 128)  # Hadamard sizes the RHT kernels accept
 
 
 @dataclass
@@ -199,8 +196,13 @@ class PrecisionConfig:
     bf16_last_layers: int = 0  # keep the last N decoder layers in high precision
 
     def __post_init__(self):
-        _check(self.fp4 in ("none", "ufp4", "nvfp4"), "precision.fp4", "use none, ufp4 or nvfp4")
-        _check(self.scale_rounding in ("nearest", "up"), "precision.scale_rounding", "use nearest or up")
+        check_value(self.fp4 in ("none", "ufp4", "nvfp4"), "precision.fp4", "use none, ufp4 or nvfp4")
+        check_value(self.scale_rounding in ("nearest", "up"), "precision.scale_rounding", "use nearest or up")
+        # the kernels' own sets (kernels/fp4.py, kernels/hadamard.py RHT_DIMS; a test keeps them equal)
+        check_value(self.fp4_block in FP4_BLOCKS, "precision.fp4_block", f"use one of {FP4_BLOCKS}")
+        check_value(self.rht_dim in RHT_DIMS, "precision.rht_dim", f"use one of {RHT_DIMS}")
+        for key in ("bf16_first_layers", "bf16_last_layers"):
+            check_value(getattr(self, key) >= 0, f"precision.{key}", "must be >= 0")
 
 
 @dataclass
@@ -223,14 +225,14 @@ class TrainConfig:
     export_hf: bool = True  # write run_dir/hf (safetensors + config + tokenizer) at the end
 
     def __post_init__(self):
-        _check(self.steps > 0, "train.steps", "must be positive")
-        _check(self.batch_size > 0 and self.grad_accum > 0, "train.batch_size",
+        check_value(self.steps > 0, "train.steps", "must be positive")
+        check_value(self.batch_size > 0 and self.grad_accum > 0, "train.batch_size",
                "batch_size and grad_accum must be positive")
-        _check(self.batch_size % self.grad_accum == 0, "train.batch_size",
+        check_value(self.batch_size % self.grad_accum == 0, "train.batch_size",
                f"global batch {self.batch_size} must be divisible by train.grad_accum {self.grad_accum}")
-        _check(self.keep_last >= 1, "train.keep_last", "keep at least one checkpoint")
-        _check(self.max_bad_steps >= 1, "train.max_bad_steps", "must be >= 1")
-        _check(self.on_save_error in ("stop", "continue"), "train.on_save_error", "use stop or continue")
+        check_value(self.keep_last >= 1, "train.keep_last", "keep at least one checkpoint")
+        check_value(self.max_bad_steps >= 1, "train.max_bad_steps", "must be >= 1")
+        check_value(self.on_save_error in ("stop", "continue"), "train.on_save_error", "use stop or continue")
 
 
 @dataclass
@@ -244,10 +246,24 @@ class StageConfig:
     moe: MoETrainConfig = field(default_factory=MoETrainConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
 
+    def validate(self) -> None:
+        """The checks that span sections (each section checked its own fields when it was built)."""
+
+
+def check_length_fits_blocks(d: DiffusionConfig, key: str, length: int) -> None:
+    """Rows of `length` tokens split into whole diffusion blocks, at every block size the schedule uses."""
+    check_value(length % d.block_size == 0, key, f"{length} must be a multiple of diffusion.block_size {d.block_size}")
+    for i, (_, size) in enumerate(d.block_schedule):
+        check_value(size == 0 or length % size == 0, f"diffusion.block_schedule[{i}]",
+               f"block size {size} must divide {key} {length} (or be 0 = whole sequence)")
+
 
 @dataclass
 class CPTConfig(StageConfig):
     data: TextDataConfig = field(default_factory=TextDataConfig)
+
+    def validate(self) -> None:
+        check_length_fits_blocks(self.diffusion, "data.seq_len", self.data.seq_len)
 
 
 @dataclass
@@ -261,8 +277,8 @@ class LoRAConfig:
                                                           "down_proj"])
 
     def __post_init__(self):
-        _check(self.rank >= 1, "lora.rank", f"must be >= 1, got {self.rank}")
-        _check(not (self.dropout and "experts" in self.target_modules), "lora.dropout",
+        check_value(self.rank >= 1, "lora.rank", f"must be >= 1, got {self.rank}")
+        check_value(not (self.dropout and "experts" in self.target_modules), "lora.dropout",
                "must be 0 when lora.target_modules includes 'experts' (peft cannot apply dropout inside fused "
                "expert weights); set lora.dropout=0")
 
@@ -272,92 +288,8 @@ class SFTConfig(StageConfig):
     data: ChatDataConfig = field(default_factory=ChatDataConfig)
     lora: LoRAConfig = field(default_factory=LoRAConfig)
 
-
-@dataclass
-class RLDataConfig:
-    train: str = "tasks"  # "tasks" (built-in families) or a jsonl/json/parquet file of {prompt, answer, ...} rows
-    eval: str = ""  # held-out rows (same format); empty with train=tasks = the families' eval split
-    tasks: list = field(default_factory=lambda: ["addition"])  # when train == "tasks"
-    task_options: dict = field(default_factory=dict)  # per-task generator options, e.g. {addition: {max_digits: 2}}
-    num_train: int = 2000  # generated training prompts (data.train = tasks)
-    num_eval: int = 64  # held-out prompts scored greedily at every eval
-    prompt_field: str = "prompt"  # a string (one user turn) or a list of chat messages
-
-    def __post_init__(self):
-        _check(self.train in ("tasks", MISSING) or Path(self.train).is_file(), "data.train",
-               f"'{self.train}' is neither 'tasks' nor an existing file of {{prompt, answer}} rows")
-        _check(not self.eval or Path(self.eval).is_file(), "data.eval", f"'{self.eval}' is not an existing file")
-        _check(self.num_train >= 1 and self.num_eval >= 0, "data.num_train", "need num_train >= 1, num_eval >= 0")
-
-
-@dataclass
-class RayConfig:
-    enabled: bool = False  # false: rollouts and rewards run in-process (same results)
-    address: str = ""  # "" = start a local Ray; "auto" = join a running cluster (Slurm)
-    num_workers: int = 2  # RolloutWorker actors, each with a model copy
-    cpus_per_worker: float = 1.0  # Ray CPUs reserved per rollout actor
-    num_cpus: int | None = None  # local Ray only: logical CPUs (default num_workers * cpus_per_worker + 1)
-    max_chunk_retries: int = 3  # re-runs of one rollout chunk whose actor died
-    reward_tasks: bool = True  # reward calls as Ray tasks (false: the local process pool)
-
-    def __post_init__(self):
-        _check(self.num_workers >= 1, "rl.ray.num_workers", "must be >= 1")
-        _check(self.cpus_per_worker > 0, "rl.ray.cpus_per_worker", "must be > 0")
-        _check(self.max_chunk_retries >= 0, "rl.ray.max_chunk_retries", "must be >= 0")
-
-
-@dataclass
-class RLAlgoConfig(EBPOConfig):
-    """The `rl` section: the estimator's own settings (EBPOConfig, validated there) plus rollouts,
-    rewards and Ray. `minibatch_size` counts sequences over all ranks."""
-
-    decode_mode: str = "S"  # threshold decoder preset for rollouts (S | Q | llada2.0)
-    gen_length: int = 0  # response tokens; 0 = the longest train answer (+ EOS) in whole blocks
-    threshold: float | None = None  # override of the preset's unmasking threshold
-    editing_threshold: float | None = None  # override of the preset's T2T editing threshold
-    temperature: float = 1.0  # rollout sampling temperature (evals decode greedily)
-    top_k: int | None = None  # rollout top-k sampling (null = off)
-    top_p: float | None = None  # rollout nucleus sampling (null = off)
-    prompts_per_chunk: int = 2  # prompts (x G rows) per decode call; the unit of rollout seeding and sharding
-    eval_mode: str = "Q"  # decoder preset for held-out accuracy and the exported generation config
-    # [{fn: "module:function" or "file.py:function", weight, timeout_s, name, kwargs}], summed with weights
-    rewards: list[RewardSpec] = field(default_factory=lambda: [RewardSpec(fn="llada_train.rl.rewards:exact_match")])
-    rewards_on_error: float = 0.0  # score of a reward call that raises or times out
-    ray: RayConfig = field(default_factory=RayConfig)
-
-    def __post_init__(self):
-        try:
-            super().__post_init__()
-        except ValueError as e:
-            raise ConfigError(f"bad value for {e}") from e
-        for key in ("decode_mode", "eval_mode"):
-            _check(getattr(self, key) in DECODE_PRESETS, f"rl.{key}", f"use one of {sorted(DECODE_PRESETS)}")
-        _check(self.gen_length >= 0, "rl.gen_length", "must be >= 0 (0 = from the longest train answer)")
-        _check(self.prompts_per_chunk >= 1, "rl.prompts_per_chunk", "must be >= 1")
-        try:  # the decoder's own rules for what rollouts will pass it
-            check_sampling(self.threshold, self.editing_threshold, self.temperature, self.top_k, self.top_p)
-        except ValueError as e:
-            raise ConfigError(f"bad value in 'rl': {e}") from e
-        _check(len(self.rewards) > 0, "rl.rewards",
-               "list at least one reward, e.g. [{fn: 'llada_train.rl.rewards:exact_match'}]")
-
-    def rollout_decoding(self, gen_length: int, block_length: int) -> dict:
-        """What rollout decoding gets: {"mode": preset, **generate overrides}."""
-        params = {"mode": self.decode_mode, "gen_length": gen_length, "block_length": block_length,
-                  "temperature": self.temperature, "top_k": self.top_k, "top_p": self.top_p}
-        for key in ("threshold", "editing_threshold"):
-            if getattr(self, key) is not None:
-                params[key] = getattr(self, key)
-        return params
-
-
-@dataclass
-class RLConfig(StageConfig):
-    data: RLDataConfig = field(default_factory=RLDataConfig)
-    rl: RLAlgoConfig = field(default_factory=RLAlgoConfig)
-
-
-SCHEMAS = {"cpt": CPTConfig, "sft": SFTConfig, "rl": RLConfig}
+    def validate(self) -> None:
+        check_length_fits_blocks(self.diffusion, "data.max_len", self.data.max_len)
 
 
 def _known_keys(schema, prefix="") -> list[str]:
@@ -418,16 +350,17 @@ def _missing_keys(node, prefix: str = "") -> list[str]:
     return keys
 
 
-def load_config(stage: str, config_path: str | None = None, overrides: list[str] | None = None):
-    """Resolved, validated config object (a dataclass instance) for `stage`."""
-    if stage not in SCHEMAS:
-        raise ConfigError(f"unknown stage '{stage}'; expected one of {sorted(SCHEMAS)}")
-    schema = SCHEMAS[stage]
+def load_config(stage, config_path: str | None = None, overrides: list[str] | None = None):
+    """Resolved, validated config object (a dataclass instance) for `stage`: a registered stage's name
+    or a schema class."""
+    if isinstance(stage, str):
+        from .stages.registry import get_stage
+
+        stage = get_stage(stage).config_schema()
+    schema = stage
     cfg = OmegaConf.structured(schema)
     if config_path:
-        path = Path(config_path)
-        if not path.is_file():
-            raise ConfigError(f"config file not found: {config_path}")
+        path = resolve_config(config_path)  # a file, else a preset name (llada_train/configs)
         try:
             user = OmegaConf.load(path)
         except Exception as e:  # YAML syntax errors carry line numbers
@@ -451,11 +384,7 @@ def load_config(stage: str, config_path: str | None = None, overrides: list[str]
         obj = OmegaConf.to_object(cfg)  # each section's __post_init__ checks its fields here
     except OmegaConfBaseException as e:
         raise _explain(e, schema, config_path or "config") from e
-    except ConfigError:
-        raise
-    except ValueError as e:  # a component defined outside this module (rl.rewards entries)
-        raise ConfigError(f"bad value: {e}") from e
-    validate(obj)
+    obj.validate()
     return obj
 
 
@@ -463,32 +392,11 @@ def to_yaml(cfg) -> str:
     return OmegaConf.to_yaml(OmegaConf.structured(cfg))
 
 
-def validate(cfg) -> None:
-    """The checks that span sections (each section checked its own fields when it was built)."""
-    d = cfg.diffusion
-    if isinstance(cfg, (CPTConfig, SFTConfig)):
-        key = "data.seq_len" if isinstance(cfg, CPTConfig) else "data.max_len"
-        length = cfg.data.seq_len if isinstance(cfg, CPTConfig) else cfg.data.max_len
-        _check(length % d.block_size == 0, key, f"{length} must be a multiple of diffusion.block_size {d.block_size}")
-        for i, (_, size) in enumerate(d.block_schedule):
-            _check(size == 0 or length % size == 0, f"diffusion.block_schedule[{i}]",
-                   f"block size {size} must divide {key} {length} (or be 0 = whole sequence)")
-    if isinstance(cfg, RLConfig):
-        _check(cfg.train.grad_accum == 1, "train.grad_accum", "must be 1 for RL (optimizer steps per rollout batch "
-               "come from rl.minibatch_size and rl.updates_per_batch)")
-
-
 def model_preset_values(preset: str) -> dict:
-    """LLaDA2MoeConfig keys from configs/model/<preset>.yaml or a YAML path."""
+    """LLaDA2MoeConfig keys from llada_train/configs/model/<preset>.yaml or a YAML path."""
     import yaml
 
-    path = Path(preset)
-    if not path.suffix:
-        path = CONFIG_DIR / "model" / f"{preset}.yaml"
-    if not path.is_file():
-        names = sorted(p.stem for p in (CONFIG_DIR / "model").glob("*.yaml"))
-        raise ConfigError(f"model.preset: '{preset}' is neither a file nor one of {names}")
-    return yaml.safe_load(path.read_text())
+    return yaml.safe_load(model_preset_path(preset).read_text())
 
 
 # ---- reference ------------------------------------------------------------------------------------
@@ -530,17 +438,19 @@ def _plain(value):
 
 def reference_markdown() -> str:
     """docs/config.md: every key of every stage with its default and meaning (`python -m llada_train.config`)."""
-    intro = ("Generated by `python -m llada_train.config > docs/config.md` from the schemas in "
-             "`llada_train/config.py` (a test keeps it in sync). Set keys in a YAML file (`--config`) or as "
+    intro = ("Generated by `python -m llada_train.config > docs/config.md` from the registered stages' "
+             "schemas (`llada_train/config.py`, `llada_train/rl/config.py`; a test keeps it in sync). Set keys in a YAML file (`--config`) or as "
              "`dot.key=value` overrides; `--print-config` shows the resolved result.")
     out = ["# Config reference", "", intro, ""]
     shared = dict.fromkeys(r[0] for r in _reference_rows(StageConfig))
     out += ["## Keys every training stage shares (`cpt`, `sft`, `rl`)", "", "| key | default | meaning |",
             "|---|---|---|"]
     out += [f"| `{k}` | `{d}` | {c} |" for k, d, c in _reference_rows(StageConfig)]
-    for stage, schema in SCHEMAS.items():
-        out += ["", f"## `{stage}` only", "", "| key | default | meaning |", "|---|---|---|"]
-        out += [f"| `{k}` | `{d}` | {c} |" for k, d, c in _reference_rows(schema) if k not in shared]
+    from .stages.registry import STAGES
+
+    for stage in STAGES.values():
+        out += ["", f"## `{stage.name}` only", "", "| key | default | meaning |", "|---|---|---|"]
+        out += [f"| `{k}` | `{d}` | {c} |" for k, d, c in _reference_rows(stage.config_schema()) if k not in shared]
     return "\n".join(out) + "\n"
 
 

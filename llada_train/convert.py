@@ -24,6 +24,7 @@ from safetensors.torch import save_file
 from transformers import AutoConfig, AutoTokenizer, GenerationConfig
 
 from .decoding import generation_config_dict
+from .errors import UserError
 from .model import LLaDA2MoeConfig, LLaDA2MoeModelLM
 from .model.modeling_llada2_moe import to_released_layout
 
@@ -44,7 +45,10 @@ class _SourceTensors:
     def __init__(self, path: Path):
         index = path / "model.safetensors.index.json"
         if index.exists():
-            weight_map = json.loads(index.read_text())["weight_map"]
+            try:
+                weight_map = json.loads(index.read_text())["weight_map"]
+            except (json.JSONDecodeError, KeyError, TypeError) as e:
+                raise UserError(f"{index}: not a safetensors index with a 'weight_map' ({e})") from e
             files = sorted(set(weight_map.values()))
         else:
             files = sorted(p.name for p in path.glob("*.safetensors"))
@@ -58,7 +62,7 @@ class _SourceTensors:
                 if pickles
                 else ""
             )
-            raise ValueError(f"{path}: no *.safetensors weights found.{hint}")
+            raise UserError(f"{path}: no *.safetensors weights found.{hint}")
         self.path = path
         self._handles = {name: safe_open(os.fspath(path / name), framework="pt") for name in files}
         self._where = {key: name for name, h in self._handles.items() for key in h.keys()}  # noqa: SIM118 (safe_open is not iterable)
@@ -72,7 +76,7 @@ class _SourceTensors:
 
     def take(self, key: str) -> torch.Tensor:
         if key not in self._where:
-            raise ValueError(
+            raise UserError(
                 f"{self.path}: no tensor {key!r}; the weights do not match the architecture in config.json"
             )
         self._taken.add(key)
@@ -131,12 +135,15 @@ class _ShardWriter:
 def _read_config(src: Path) -> tuple[str, dict]:
     path = src / "config.json"
     if not path.exists():
-        raise ValueError(f"{src}: no config.json; pass a Hugging Face checkpoint directory")
-    cfg = json.loads(path.read_text())
+        raise UserError(f"{src}: no config.json; pass a Hugging Face checkpoint directory")
+    try:
+        cfg = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise UserError(f"{path}: not valid JSON ({e})") from e
     archs = cfg.get("architectures") or []
     family = next((SUPPORTED[a] for a in archs if a in SUPPORTED), None)
     if family is None:
-        raise ValueError(
+        raise UserError(
             f"{path}: architecture {archs or cfg.get('model_type')!r} is not supported by "
             f"`llada-train convert`; supported: {', '.join(SUPPORTED)}"
         )
@@ -144,7 +151,7 @@ def _read_config(src: Path) -> tuple[str, dict]:
         try:
             cfg = {**AutoConfig.from_pretrained(src).to_dict(), "architectures": archs}
         except (KeyError, ValueError, OSError) as e:
-            raise ValueError(f"{path}: transformers cannot read this config: {e}") from e
+            raise UserError(f"{path}: transformers cannot read this config: {e}") from e
     return family, cfg
 
 
@@ -154,7 +161,7 @@ def _rope(cfg: dict, where: Path) -> tuple[float, float]:
     scaling = cfg.get("rope_scaling") or {}
     kind = params.get("rope_type") or scaling.get("rope_type") or scaling.get("type") or "default"
     if kind != "default":
-        raise ValueError(
+        raise UserError(
             f"{where}: RoPE scaling type {kind!r} is not implemented by LLaDA2MoeConfig (plain RoPE with "
             "rope_theta only); converting would silently change the position encoding. Supported: no "
             "rope_scaling / rope_type 'default'."
@@ -167,7 +174,7 @@ def _rope(cfg: dict, where: Path) -> tuple[float, float]:
 def _model_config(family: str, cfg: dict, keys: _SourceTensors, where: Path) -> dict:
     """LLaDA2MoeConfig keyword arguments describing the same network as the source."""
     if cfg.get("hidden_act", "silu") != "silu":
-        raise ValueError(
+        raise UserError(
             f"{where}: hidden_act {cfg['hidden_act']!r} unsupported; LLaDA2 MLPs are SwiGLU (silu)"
         )
     theta, factor = _rope(cfg, where)
@@ -191,7 +198,7 @@ def _model_config(family: str, cfg: dict, keys: _SourceTensors, where: Path) -> 
     }
     if family == "bailing_moe_v2":
         if cfg.get("score_function", "sigmoid") != "sigmoid":
-            raise ValueError(
+            raise UserError(
                 f"{where}: router score_function {cfg['score_function']!r} unsupported (sigmoid only)"
             )
         return dict(
@@ -212,10 +219,10 @@ def _model_config(family: str, cfg: dict, keys: _SourceTensors, where: Path) -> 
             use_qkv_bias=cfg.get("use_qkv_bias", False),
         )
     if cfg.get("mlp_bias"):
-        raise ValueError(f"{where}: mlp_bias=true unsupported (LLaDA2 MLPs have no bias)")
+        raise UserError(f"{where}: mlp_bias=true unsupported (LLaDA2 MLPs have no bias)")
     windows = [t for t in cfg.get("layer_types") or [] if t != "full_attention"]
     if cfg.get("use_sliding_window") or windows:
-        raise ValueError(
+        raise UserError(
             f"{where}: sliding-window attention layers unsupported; LLaDA2 attends to the whole sequence"
         )
     attn = "model.layers.0.self_attn."
@@ -320,14 +327,14 @@ def _write_weights(
             tensor = tensor.to(dtype)  # the router bias stays fp32, as the router runs in fp32
         want = expected.pop(name, None)
         if want != tensor.shape:
-            raise ValueError(
+            raise UserError(
                 f"{source}: tensor {name} has shape {tuple(tensor.shape)}, the converted model expects "
                 f"{'no such tensor' if want is None else tuple(want)}; config.json and weights disagree"
             )
         writer.add(name, tensor)
         weights_dtype = weights_dtype or tensor.dtype
     if expected:
-        raise ValueError(
+        raise UserError(
             f"{source}: the checkpoint lacks tensors the converted model needs: {sorted(expected)[:8]}"
         )
     writer.close()
@@ -340,12 +347,12 @@ def _write_weights(
 def _check_paths(src: str, dst: str, dtype):
     source, out = Path(src), Path(dst)
     if not source.is_dir():
-        raise ValueError(f"--from {src}: not a directory (download the checkpoint first, then pass its directory)")
+        raise UserError(f"--from {src}: not a directory (download the checkpoint first, then pass its directory)")
     if out.exists() and any(out.iterdir()):
-        raise ValueError(f"--to {dst}: exists and is not empty; choose a new directory")
+        raise UserError(f"--to {dst}: exists and is not empty; choose a new directory")
     if isinstance(dtype, str):
         if dtype not in ("float32", "bfloat16"):
-            raise ValueError(f"--dtype {dtype!r}: choose float32 or bfloat16")
+            raise UserError(f"--dtype {dtype!r}: choose float32 or bfloat16")
         dtype = getattr(torch, dtype)
     return source, out, dtype
 
@@ -356,11 +363,11 @@ def _tokenizer_with_mask(source: Path, mask_token: str):
     try:
         tok = AutoTokenizer.from_pretrained(source)
     except (OSError, ValueError) as e:
-        raise ValueError(f"{source}: could not load its tokenizer (tokenizer.json / tokenizer_config.json): {e}") from e
+        raise UserError(f"{source}: could not load its tokenizer (tokenizer.json / tokenizer_config.json): {e}") from e
     n_before, had_mask = len(tok), mask_token in tok.get_vocab()
     tok.add_special_tokens({"mask_token": mask_token})
     if tok.eos_token_id is None:
-        raise ValueError(f"{source}: the tokenizer has no eos token; set `eos_token` in tokenizer_config.json")
+        raise UserError(f"{source}: the tokenizer has no eos token; set `eos_token` in tokenizer_config.json")
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     return tok, n_before, had_mask
@@ -376,12 +383,18 @@ def convert_checkpoint(src: str, dst: str, *, mask_token: str = "<|mask|>", dtyp
     source, out, dtype = _check_paths(src, dst, dtype)
     family, cfg = _read_config(source)
     tensors = _SourceTensors(source)
-    kwargs = _model_config(family, cfg, tensors, source / "config.json")
+    try:
+        kwargs = _model_config(family, cfg, tensors, source / "config.json")
+    except KeyError as e:  # a key the architecture needs that config.json lacks
+        raise UserError(f"{source / 'config.json'}: no {e} key, which a {family} config must have") from e
     tok, n_before, had_mask = _tokenizer_with_mask(source, mask_token)
     mask_id = tok.convert_tokens_to_ids(mask_token)
     vocab = max(kwargs["vocab_size"], len(tok))
-    config = LLaDA2MoeConfig(**{**kwargs, "vocab_size": vocab}, mask_token_id=mask_id,
-                             eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    try:  # its shape checks (heads vs kv heads, expert groups, rotary_dim) are about the source config
+        config = LLaDA2MoeConfig(**{**kwargs, "vocab_size": vocab}, mask_token_id=mask_id,
+                                 eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    except UserError as e:
+        raise UserError(f"{source / 'config.json'}: {e}") from e
     config.architectures = ["LLaDA2MoeModelLM"]
     partial = out.with_name(out.name + ".partial")
     shutil.rmtree(partial, ignore_errors=True)
@@ -396,7 +409,7 @@ def convert_checkpoint(src: str, dst: str, *, mask_token: str = "<|mask|>", dtyp
                                                   mean_rows, dtype)
         leftover = [k for k in tensors.untaken() if not k.endswith("rotary_emb.inv_freq")]
         if leftover:
-            raise ValueError(f"{source}: source tensors with no place in the converted model: {leftover[:8]}")
+            raise UserError(f"{source}: source tensors with no place in the converted model: {leftover[:8]}")
         config.dtype = str(weights_dtype).removeprefix("torch.")
         config.save_pretrained(partial)
         tok.save_pretrained(partial)

@@ -39,6 +39,7 @@ from pathlib import Path
 
 import torch
 
+from .errors import UserError
 from .model.attention import BlockKVCache
 from .model.masks import AttentionLayout
 
@@ -90,8 +91,9 @@ def _prompt_lengths(input_ids, attention_mask, prompt_lengths) -> torch.Tensor:
 
 def check_sampling(threshold, editing_threshold, temperature, top_k, top_p) -> None:
     """The unmasking/editing thresholds and sampling filters `generate` accepts (threshold None:
-    a preset's, not checked here). ValueError naming the argument."""
-    _raise_first([
+    a preset's, not checked here). They are the user's (rl config, `generate` flags, a saved
+    generation_config.json): UserError naming the argument."""
+    _raise_first(UserError, [
         (threshold is None or 0.0 <= threshold <= 1.0, f"threshold must be in [0, 1], got {threshold}"),
         (editing_threshold is None or 0.0 <= editing_threshold <= 1.0,
          f"editing_threshold must be None (editing off) or in [0, 1], got {editing_threshold}"),
@@ -101,10 +103,10 @@ def check_sampling(threshold, editing_threshold, temperature, top_k, top_p) -> N
     ])
 
 
-def _raise_first(checks: list[tuple[bool, str]]) -> None:
+def _raise_first(error: type[Exception], checks: list[tuple[bool, str]]) -> None:
     for ok, message in checks:
         if not ok:
-            raise ValueError(message)
+            raise error(message)
 
 
 def _pick(logits, mask_token_id, temperature, top_k, top_p, generator):
@@ -242,7 +244,7 @@ class DecodeRules:
         if self.threshold is None:
             raise ValueError("threshold must be in [0, 1], got None (pick a mode: mode_params)")
         temperature, top_k, top_p, _ = self.sampling
-        _raise_first([
+        _raise_first(ValueError, [  # callers check user settings where they read them (generate_cli, config)
             (self.gen_length >= 1, f"gen_length must be >= 1, got {self.gen_length}"),
             (self.block_length >= 1, f"block_length must be >= 1, got {self.block_length}"),
             (self.max_post_steps >= 0, f"max_post_steps must be >= 0, got {self.max_post_steps}"),
@@ -498,7 +500,7 @@ def mode_params(mode: str, model_config, **overrides) -> dict:
     params.update(overrides)
     for key in ("eos_token_id", "mask_token_id"):
         if params[key] is None:
-            raise ValueError(f"{key} is not set in the model config; pass {key}=...")
+            raise UserError(f"{key} is not set in the model's config (config.json); set it there or pass {key}=...")
     return params
 
 
@@ -522,7 +524,7 @@ def load_decode_defaults(model_dir) -> dict:
     try:
         saved = json.loads(path.read_text())
     except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: not valid JSON ({e}); fix or delete the file") from e
+        raise UserError(f"{path}: not valid JSON ({e}); fix or delete the file") from e
     return {key: saved[key] for key in GENERATION_CONFIG_KEYS if key in saved}
 
 

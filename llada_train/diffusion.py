@@ -13,6 +13,7 @@ import torch.nn.functional as F
 
 from .config import DiffusionConfig
 from .model.masks import AttentionLayout
+from .random_draws import uniform
 
 
 @dataclass
@@ -28,11 +29,6 @@ class NoisedBatch:
 
     def to(self, device) -> "NoisedBatch":
         return NoisedBatch(**{k: v.to(device) for k, v in self.__dict__.items()})
-
-
-def _rand(shape, generator, device) -> torch.Tensor:
-    """U(0,1) from the generator (drawn where it lives, so CPU noise streams serve GPU batches)."""
-    return torch.rand(shape, generator=generator).to(device)
 
 
 def block_size_at(step: int, cfg: DiffusionConfig, seq_len: int) -> int:
@@ -175,8 +171,8 @@ def mtf_draft(model, batch: NoisedBatch, block_size, mask_id, draft_ratio, gener
     model.train(was_training)
     draft = batch.xt.masked_scatter(batch.masked, logits.argmax(-1))  # (B, L)
     bsz, seq_len = batch.xt.shape
-    share = draft_ratio * _rand((bsz, 1), generator, draft.device)
-    fill = batch.masked & (_rand((bsz, seq_len), generator, draft.device) < share)
+    share = draft_ratio * uniform((bsz, 1), generator, draft.device)
+    fill = batch.masked & (uniform((bsz, seq_len), generator, draft.device) < share)
     return _replace(batch, xt=torch.where(fill, draft, batch.xt), masked=batch.masked & ~fill,
                     replaced=batch.replaced | fill)
 

@@ -18,10 +18,12 @@ from .decoding import (
     DECODE_PRESETS,
     DEFAULT_BLOCK_LENGTH,
     DEFAULT_GEN_LENGTH,
+    check_sampling,
     encode_prompts,
     generate,
     load_decode_defaults,
 )
+from .errors import UserError
 
 
 def _threshold_or_off(text: str) -> float | None:
@@ -62,7 +64,8 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _decode_params(args, model) -> dict:
+def _settings(args) -> dict:
+    """Decoding settings, weakest first: built-in defaults < the saved generation_config.json < --mode < flags."""
     params = dict(gen_length=DEFAULT_GEN_LENGTH, block_length=DEFAULT_BLOCK_LENGTH, max_post_steps=16,
                   mbe_window=0, **DECODE_PRESETS["Q"])
     params.update(load_decode_defaults(args.model))
@@ -74,15 +77,44 @@ def _decode_params(args, model) -> dict:
     if hasattr(args, "editing_threshold"):  # given on the command line (None = off)
         params["editing_threshold"] = args.editing_threshold
     params.update(steps=args.steps, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-                  use_cache=not args.no_cache, eos_early_stop=not args.no_eos_stop,
-                  eos_token_id=model.config.eos_token_id, mask_token_id=model.config.mask_token_id,
+                  use_cache=not args.no_cache, eos_early_stop=not args.no_eos_stop)
+    return params
+
+
+def _check_settings(args, params: dict) -> None:
+    """The merged settings as `generate` will check them, before the model loads: each comes from a
+    flag or the model's saved generation_config.json, so a bad one is the user's to fix."""
+    where = f"(a flag, or {Path(args.model) / 'generation_config.json'})"
+    if params["threshold"] is None:
+        raise UserError(f"threshold is unset {where}; pass --threshold or --mode")
+    try:
+        check_sampling(params["threshold"], params["editing_threshold"], params["temperature"], params["top_k"],
+                       params["top_p"])
+    except UserError as e:
+        raise UserError(f"{e} {where}") from e
+    for key, low in (("gen_length", 1), ("block_length", 1), ("max_post_steps", 0), ("mbe_window", 0)):
+        if not isinstance(params[key], int) or params[key] < low:
+            raise UserError(f"{key} must be an integer >= {low}, got {params[key]!r} {where}")
+    if params["steps"] is not None and params["steps"] < 1:
+        raise UserError(f"--steps must be >= 1, got {params['steps']}")
+    if args.batch_size < 1:
+        raise UserError(f"--batch-size must be >= 1, got {args.batch_size}")
+
+
+def _decode_params(args, model) -> dict:
+    """`generate` keywords: the settings plus the model's token ids and the seeded generator."""
+    params = _settings(args)
+    for key in ("eos_token_id", "mask_token_id"):
+        if getattr(model.config, key, None) is None:
+            raise UserError(f"--model {args.model}: its config.json sets no {key}")
+    params.update(eos_token_id=model.config.eos_token_id, mask_token_id=model.config.mask_token_id,
                   generator=torch.Generator(args.device).manual_seed(args.seed))
     return params
 
 
 def _read_prompts(path: Path) -> list[dict]:
     if not path.exists():
-        raise ValueError(f"--prompts {path}: no such file")
+        raise UserError(f"--prompts {path}: no such file")
     rows = []
     for n, line in enumerate(path.read_text().splitlines(), 1):
         if not line.strip():
@@ -90,24 +122,32 @@ def _read_prompts(path: Path) -> list[dict]:
         try:
             row = json.loads(line)
         except json.JSONDecodeError as e:
-            raise ValueError(f"{path}:{n}: not valid JSON ({e})") from e
+            raise UserError(f"{path}:{n}: not valid JSON ({e})") from e
         if not isinstance(row, dict) or not any(isinstance(row.get(k), (str, list)) for k in PROMPT_FIELDS):
-            raise ValueError(f"{path}:{n}: each line needs a 'prompt' or 'question' string or a 'messages' list")
+            raise UserError(f"{path}:{n}: each line needs a 'prompt' or 'question' string or a 'messages' list")
         rows.append(row)
     return rows
 
 
+def _check_model_dir(model_dir: str) -> None:
+    config = Path(model_dir) / "config.json"
+    if not config.is_file():
+        raise UserError(f"--model {model_dir}: not a model directory (no config.json); pass an export such as "
+                        "runs/demo/rl/hf or a downloaded LLaDA2.x checkpoint")
+    try:
+        model_type = json.loads(config.read_text()).get("model_type")
+    except (json.JSONDecodeError, AttributeError) as e:
+        raise UserError(f"{config}: not a JSON object ({e})") from e
+    if model_type != "llada2_moe":
+        raise UserError(f"--model {model_dir}: model_type {model_type!r} is not an LLaDA2-MoE model ('llada2_moe'); "
+                        "convert an autoregressive checkpoint with `llada-train convert` first")
+
+
 def _load(args):
-    from transformers import AutoModelForCausalLM
-
-    import llada_train.model  # noqa: F401  (registers the Auto classes)
-
     from .data.tokenizer import load_tokenizer
+    from .model import LLaDA2MoeModelLM
 
-    if not (Path(args.model) / "config.json").is_file():
-        raise ValueError(f"--model {args.model}: not a model directory (no config.json); pass an export such as "
-                         "runs/demo/rl/hf or a downloaded LLaDA2.x checkpoint")
-    model = AutoModelForCausalLM.from_pretrained(args.model).to(args.device).eval()
+    model = LLaDA2MoeModelLM.from_pretrained(args.model).to(args.device).eval()
     name = args.tokenizer or (args.model if (Path(args.model) / "tokenizer.json").exists() else None)
     return model, load_tokenizer(name)
 
@@ -154,7 +194,7 @@ def _run_file(args, model, tok, params):
             batch = rows[i:i + args.batch_size]
             prompts = [next(r[k] for k in PROMPT_FIELDS if k in r) for r in batch]
             if not args.chat and not all(isinstance(p, str) for p in prompts):
-                raise ValueError(f"{args.prompts}: 'messages' rows need the chat template; drop --no-chat")
+                raise UserError(f"{args.prompts}: 'messages' rows need the chat template; drop --no-chat")
             with torch.no_grad():
                 done = complete(model, tok, prompts, mode=args.mode or "Q", gen_length=params["gen_length"],
                                 block_length=params["block_length"], chat=args.chat, batch_size=len(batch),
@@ -172,6 +212,8 @@ def _run_file(args, model, tok, params):
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    _check_model_dir(args.model)
+    _check_settings(args, _settings(args))  # before the (possibly slow) model load
     model, tok = _load(args)
     params = _decode_params(args, model)
     if args.prompt is not None:

@@ -12,6 +12,8 @@ from pathlib import Path
 
 import torch
 
+from .errors import UserError
+
 PLOTS = {"loss": "loss.png", "rl": "rl.png", "decoding": "decoding.png"}
 SAMPLES = 6  # held-out prompts shown with their generations
 
@@ -147,7 +149,7 @@ def write_report(run_dir) -> Path:
     run_dir = Path(run_dir)
     stages = [s for s in ("cpt", "sft", "rl") if (run_dir / s / "metrics.jsonl").is_file()]
     if not stages:
-        raise ValueError(f"{run_dir}: no stage directories with metrics.jsonl (expected cpt/, sft/, rl/)")
+        raise UserError(f"{run_dir}: no stage directories with metrics.jsonl (expected cpt/, sft/, rl/)")
     lines = [f"# llada-train report: `{run_dir}`", ""]
     _plot_losses(run_dir, run_dir / PLOTS["loss"], stages)
     lines += ["## Training loss", "", f"![loss]({PLOTS['loss']})", ""]
@@ -169,7 +171,7 @@ def write_report(run_dir) -> Path:
         from .data.prompts import load_heldout_rows
 
         rl_cfg = load_config("rl", str(run_dir / "rl" / "config.yaml"))  # the RL stage's own held-out prompts
-        rows, field = load_heldout_rows(rl_cfg), rl_cfg.data.prompt_field
+        rows, field = load_heldout_rows(rl_cfg.data, rl_cfg.run.seed), rl_cfg.data.prompt_field
         scores = {f"{s.upper()} {mode}": score_model(path, rows, field, mode) for s, path in models.items()
                   for mode in ("S", "Q")}
         _plot_decoding(scores, run_dir / PLOTS["decoding"])

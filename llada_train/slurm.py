@@ -1,6 +1,6 @@
 """`llada-train submit` and `llada-train status`: a stage, or CPT -> SFT -> RL, as Slurm batch jobs.
 
-The job scripts are files, slurm/train.sbatch.tmpl and slurm/rl.sbatch.tmpl, with `{{name}}`
+The job scripts are files, llada_train/slurm_templates/{train,rl}.sbatch.tmpl, with `{{name}}`
 placeholders (so bash's own `$X` and `${X:-y}` need no escaping). `submit` resolves and validates
 the stage config and the Slurm options, checks that Slurm is there and the partition exists, and
 only then writes the resolved config and the rendered script into RUN_DIR/slurm/ and calls sbatch.
@@ -24,16 +24,17 @@ import sys
 import time
 from pathlib import Path
 
-from .config import REPO_ROOT, ConfigError, load_config, to_yaml
+from .config import load_config, to_yaml
+from .errors import ConfigError, UserError
+from .presets import TEMPLATE_DIR
+from .stages.registry import STAGES
 
-TEMPLATE_DIR = REPO_ROOT / "slurm"
-STAGES = ("cpt", "sft", "rl")
 JOBS_FILE = "jobs.jsonl"  # RUN_DIR/slurm/jobs.jsonl: one line per submitted job
 _TIME = re.compile(r"^(\d+-\d+(:\d+){0,2}|\d+(:\d+){0,2}|unlimited|infinite)$", re.IGNORECASE)
 _PLAIN = re.compile(r"^[^\s'\"\\]+$")  # a value an #SBATCH line carries as is
 
 
-class SlurmError(ValueError):
+class SlurmError(UserError):
     """Slurm is missing, or refused or cannot take the job; the message says what to do."""
 
 
@@ -44,7 +45,7 @@ class ScriptTemplate(string.Template):
 
 
 def render(template: str, values: dict) -> str:
-    """The script text of slurm/`template` with every placeholder filled (and every value used)."""
+    """The script text of TEMPLATE_DIR/`template` with every placeholder filled (and every value used)."""
     tmpl = ScriptTemplate((TEMPLATE_DIR / template).read_text())
     names = {m.group("named") for m in tmpl.pattern.finditer(tmpl.template) if m.group("named")}
     assert names == set(values), f"{template}: placeholders {sorted(names)} != values {sorted(values)}"
@@ -57,10 +58,10 @@ def render(template: str, values: dict) -> str:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="llada-train submit",
-        description="Submit a training stage (cpt, sft, rl) or the pipeline (CPT -> SFT -> RL as dependent "
+        description="Submit a training stage (one of the registered stages) or the pipeline (CPT -> SFT -> RL as dependent "
                     "jobs) to Slurm. The job checkpoints on USR1 (sent --grace seconds before --time runs "
                     "out), requeues itself and resumes.")
-    p.add_argument("stage", choices=[*STAGES, "pipeline"])
+    p.add_argument("stage", choices=[*STAGES, "pipeline"])  # the registered stages, read when the parser is built
     p.add_argument("--config", help="the stage's YAML (or the pipeline YAML for `pipeline`)")
     p.add_argument("overrides", nargs="*", help="dot.key=value overrides (pipeline: cpt.train.steps=...)")
     p.add_argument("--nodes", type=int, default=1)
@@ -293,7 +294,7 @@ def main_submit(argv: list[str]) -> int:
                                  f"rest with --after {after})") from e
             done.append(f"{job['stage']} {after}")
             print(f"{job['stage']}: submitted job {after}; logs and script in {job['script_path'].parent}")
-    except ValueError as e:  # ConfigError, SlurmError
+    except UserError as e:  # ConfigError, SlurmError; anything else is a bug and keeps its traceback
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0

@@ -59,3 +59,78 @@ def test_every_command_reports_user_mistakes_without_a_traceback(tmp_path, model
             err = capsys.readouterr().err
             assert code == 2, (argv, code, err[-2000:])
             assert "Traceback" not in err and "error:" in err, (argv, err[-2000:])
+
+
+# ---- user mistakes vs bugs inside the tools -------------------------------------------------------------
+
+
+def _error_lines(capsys) -> list[str]:
+    err = capsys.readouterr().err
+    assert "Traceback" not in err, err[-2000:]
+    return [line for line in err.splitlines() if line.startswith("error:")]
+
+
+def _llama_dir(tmp):
+    out = tmp / "llama"
+    out.mkdir()
+    (out / "config.json").write_text('{"model_type": "llama", "architectures": ["LlamaForCausalLM"]}')
+    return out
+
+
+@pytest.mark.parametrize("case", ["no_model", "not_llada", "bad_gen_length", "bad_batch_size", "bad_prompts_row",
+                                  "no_convert_source"])
+def test_tool_user_mistake_is_one_error_line(case, tmp_path, model_dir, capsys):
+    """A UserError raised where a tool reads its input: exit 2, one `error:` line naming the input, no traceback."""
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text('{"prompt": "1+1="}\n{"prompt": oops}\n')
+    argv, names = {
+        "no_model": (["generate", "--model", "/nonexistent/model", "--prompt", "hi"], "/nonexistent/model"),
+        "not_llada": (["generate", "--model", str(_llama_dir(tmp_path)), "--prompt", "hi"], "model_type 'llama'"),
+        "bad_gen_length": (["generate", "--model", str(model_dir), "--prompt", "hi", "--gen-length", "0"],
+                           "gen_length must be an integer >= 1"),
+        "bad_batch_size": (["generate", "--model", str(model_dir), "--prompts", str(prompts), "--batch-size", "0"],
+                           "--batch-size"),
+        "bad_prompts_row": (["generate", "--model", str(model_dir), "--prompts", str(prompts), "--device", "cpu"],
+                            f"{prompts}:2: not valid JSON"),
+        "no_convert_source": (["convert", "--from", "/nonexistent/ckpt", "--to", str(tmp_path / "out")],
+                              "--from /nonexistent/ckpt: not a directory"),
+    }[case]
+    assert main(argv) == 2
+    lines = _error_lines(capsys)
+    assert len(lines) == 1 and names in lines[0], lines
+
+
+def _tool_call(tool: str, tmp_path, model_dir) -> tuple[str, list[str]]:
+    """(function the tool calls, argv that reaches it)."""
+    return {
+        "generate": ("llada_train.generate_cli.generate",
+                     ["generate", "--model", str(model_dir), "--prompt", "hi", "--gen-length", "4", "--block-length",
+                      "4", "--device", "cpu"]),
+        "convert": ("llada_train.convert._read_config",
+                    ["convert", "--from", str(model_dir), "--to", str(tmp_path / "out")]),
+        "report": ("llada_train.report.write_report", ["report", str(tmp_path)]),
+    }[tool]
+
+
+@pytest.mark.parametrize("tool", ["generate", "convert", "report"])
+def test_bug_inside_a_tool_keeps_its_traceback(tool, tmp_path, model_dir, monkeypatch, capsys):
+    """A ValueError from inside a tool (torch, numpy and transformers raise them too) is a bug: it leaves
+    `main` as itself, instead of becoming an `error:` line that reads like the user's typo."""
+    from llada_train.errors import UserError
+
+    target, argv = _tool_call(tool, tmp_path, model_dir)
+
+    def fail(exc):
+        def raise_(*args, **kwargs):
+            raise exc
+
+        return raise_
+
+    monkeypatch.setattr(target, fail(ValueError("boom")))
+    with pytest.raises(ValueError, match="boom") as e:
+        main(argv)
+    assert not isinstance(e.value, UserError)
+    assert _error_lines(capsys) == []
+    monkeypatch.setattr(target, fail(UserError("your input is wrong")))  # the same spot, a user mistake
+    assert main(argv) == 2
+    assert _error_lines(capsys) == ["error: your input is wrong"]

@@ -208,6 +208,24 @@ def test_unsupported_sources_are_refused(tmp_path):
     assert not (tmp_path / "o3").exists()
 
 
+def test_source_mistakes_are_user_errors(tmp_path):
+    """What is wrong with the source checkpoint is the user's to fix (`llada-train convert` prints one
+    `error:` line naming the file): an unreadable config.json, or shapes the LLaDA2 config rejects."""
+    from llada_train.errors import UserError
+
+    _, src = make_source(tmp_path, "llama")
+    config = json.loads((src / "config.json").read_text())
+    (src / "config.json").write_text("{not json")
+    with pytest.raises(UserError, match=r"config\.json: not valid JSON"):
+        convert_checkpoint(str(src), str(tmp_path / "o1"))
+    (src / "config.json").write_text(json.dumps({**config, "num_key_value_heads": 3}))
+    with pytest.raises(UserError, match=r"config\.json: num_attention_heads \(4\) must be a multiple of "
+                                        r"num_key_value_heads \(3\)"):
+        convert_checkpoint(str(src), str(tmp_path / "o2"))
+    with pytest.raises(UserError, match="--dtype 'int3'"):
+        convert_checkpoint(str(src), str(tmp_path / "o3"), dtype="int3")
+
+
 # ---- Ling / BailingMoeV2: synthetic checkpoint in the released names, checked against a naive forward
 
 BAILING = {

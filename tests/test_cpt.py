@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 
 from llada_train import checkpoint as ckpt_lib
 from llada_train.config import ConfigError, load_config
-from tests.conftest import REPO
+from tests.conftest import CONFIGS, REPO
 
 TINY = [
     "data.seq_len=32", "data.max_docs=30", "diffusion.block_size=8", "diffusion.block_schedule=[]",
@@ -203,7 +203,7 @@ def test_cli_reports_bad_config_and_bad_data_path(tmp_path):
 
 def test_values_a_yaml_marks_required_must_be_given():
     """configs/convert_cpt.yaml marks `???` keys that have schema defaults; the default must not win."""
-    path = str(REPO / "configs/convert_cpt.yaml")
+    path = str(CONFIGS / "convert_cpt.yaml")
     with pytest.raises(ConfigError, match=r"missing value for 'model.init_from'"):
         load_config("cpt", path)
     cfg = load_config("cpt", path, ["model.init_from=/models/x", "diffusion.mask_embed_noise_std=0.02"])

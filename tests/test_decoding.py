@@ -428,6 +428,29 @@ def test_modes_and_saved_defaults(tmp_path, peaky_model):
                  mask_token_id=MASK, attention_mask=torch.tensor([[1, 1, 1, 0, 0], [1] * 5]))
 
 
+def test_user_settings_are_user_errors_and_call_shapes_are_not(tmp_path, peaky_model):
+    """Sampling settings and a saved generation_config.json are the user's (rl config, `generate`
+    flags, a model directory): UserError. What our own code hands `generate` (shapes, lengths it
+    computed) stays a plain ValueError, a bug with its traceback."""
+    from llada_train.decoding import check_sampling
+    from llada_train.errors import UserError
+
+    with pytest.raises(UserError, match=r"top_p must be None or in \(0, 1\]"):
+        check_sampling(0.5, None, 0.0, None, 1.5)
+    with pytest.raises(UserError, match="threshold must be in"):
+        generate(peaky_model, torch.randint(2, V, (1, 3)), gen_length=4, block_length=4, threshold=7.0,
+                 eos_token_id=EOS, mask_token_id=MASK)
+    (tmp_path / "generation_config.json").write_text("{oops")
+    with pytest.raises(UserError, match=r"generation_config\.json: not valid JSON"):
+        load_decode_defaults(tmp_path)
+    for bad in ({"gen_length": 0}, {"input_ids": torch.zeros(2, 0, dtype=torch.long)}):
+        kwargs = {"input_ids": torch.randint(2, V, (1, 3)), "gen_length": 4, **bad}
+        with pytest.raises(ValueError) as e:
+            generate(peaky_model, kwargs.pop("input_ids"), block_length=4, threshold=0.5, eos_token_id=EOS,
+                     mask_token_id=MASK, **kwargs)
+        assert not isinstance(e.value, UserError), e.value
+
+
 def test_complete_decodes_oracle_answer():
     from llada_train.data.tokenizer import load_tokenizer
     from llada_train.decoding import encode_prompts

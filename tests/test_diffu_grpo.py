@@ -14,14 +14,15 @@ from llada_train.cli import main
 from llada_train.config import ConfigError, load_config
 from llada_train.model import LLaDA2MoeModelLM, block_causal_mask
 from llada_train.rl.diffu_grpo import (
+    DiffuGRPOConfig,
     build_diffu_grpo_batch,
     completion_token_logprobs,
     diffu_grpo_minibatch_loss,
     diffu_grpo_update,
     sample_prompt_masks,
 )
-from llada_train.rl.ebpo import EBPOConfig
-from tests.conftest import REPO, tiny_config
+from llada_train.rl.policy import PolicyConfig
+from tests.conftest import CONFIGS, tiny_config
 from tests.test_ebpo import _setup as ebpo_setup
 
 MASK_ID = 1  # tiny_config().mask_token_id
@@ -99,8 +100,9 @@ def test_one_pass_logprobs_match_one_token_at_a_time_float64(model64, case):
 
 def _setup(model, bsz=4, beta=0.0, passes=2):
     """test_ebpo's rollout batch (G = 2 completions per prompt), scored by diffu_grpo."""
-    ids, resp, rewards, cfg, gen = ebpo_setup(model, "sequence", bsz=bsz, beta=beta)
-    return ids, resp, rewards, replace(cfg, estimator="diffu_grpo", p_mask_prompt=0.5, updates_per_batch=passes), gen
+    ids, resp, rewards, policy, _, gen = ebpo_setup(model, "sequence", bsz=bsz, beta=beta)
+    policy = replace(policy, estimator="diffu_grpo", updates_per_batch=passes)
+    return ids, resp, rewards, policy, DiffuGRPOConfig(p_mask_prompt=0.5), gen
 
 
 def test_clipped_per_token_loss_matches_a_naive_loop(tiny_model):
@@ -108,13 +110,14 @@ def test_clipped_per_token_loss_matches_a_naive_loop(tiny_model):
     clip fractions and the per-token k3 KL follow d1's definition token by token."""
     model = tiny_model.train()
     ref = copy.deepcopy(model).eval()
-    ids, resp, rewards, cfg, gen = _setup(model, beta=0.05)
-    batch, _ = build_diffu_grpo_batch(model, ids, resp, rewards, cfg, block_size=4, ref_model=ref, generator=gen)
+    ids, resp, rewards, policy, options, gen = _setup(model, beta=0.05)
+    batch, _ = build_diffu_grpo_batch(model, ids, resp, rewards, policy, options, block_size=4, ref_model=ref,
+                                      generator=gen)
     scored = resp[:, None].expand_as(batch.old_logps)
     batch.old_logps = batch.old_logps + torch.randn(scored.shape, generator=gen) * 0.4 * scored
     batch.ref_logps = batch.ref_logps + torch.randn(scored.shape, generator=gen) * 0.3 * scored
     for k in range(2):
-        loss, metrics = diffu_grpo_minibatch_loss(model, batch, cfg, k)
+        loss, metrics = diffu_grpo_minibatch_loss(model, batch, policy, k)
         with torch.no_grad():
             new = completion_token_logprobs(model, ids, resp, 4, batch.prompt_noise[:, k:k + 1])[:, 0]
         total = kl_total = count = low = high = 0.0
@@ -122,15 +125,15 @@ def test_clipped_per_token_loss_matches_a_naive_loop(tiny_model):
             a = batch.advantages[r].item()
             for i in resp[r].nonzero().flatten().tolist():
                 ratio = math.exp(new[r, i].item() - batch.old_logps[r, k, i].item())
-                clipped = min(max(ratio, 1 - cfg.eps_low), 1 + cfg.eps_high)
+                clipped = min(max(ratio, 1 - policy.eps_low), 1 + policy.eps_high)
                 log_ref = batch.ref_logps[r, k, i].item() - new[r, i].item()
                 kl = math.exp(log_ref) - log_ref - 1
                 total += -min(ratio * a, clipped * a)
                 kl_total += kl
                 count += 1
-                low += ratio < 1 - cfg.eps_low and a < 0
-                high += ratio > 1 + cfg.eps_high and a > 0
-        assert loss.item() == pytest.approx((total + cfg.kl_beta * kl_total) / count, rel=1e-5)
+                low += ratio < 1 - policy.eps_low and a < 0
+                high += ratio > 1 + policy.eps_high and a > 0
+        assert loss.item() == pytest.approx((total + policy.kl_beta * kl_total) / count, rel=1e-5)
         assert metrics["kl"] == pytest.approx(kl_total / count, rel=1e-5)
         assert metrics["clip_frac_low"] == pytest.approx(low / count)
         assert metrics["clip_frac_high"] == pytest.approx(high / count)
@@ -145,13 +148,13 @@ def _flat_grad(loss, params) -> torch.Tensor:
 
 def test_ratio_one_and_per_token_reinforce_gradient_at_theta_old(tiny_model):
     model = tiny_model.train()
-    ids, resp, rewards, cfg, gen = _setup(model)
-    batch, metrics = build_diffu_grpo_batch(model, ids, resp, rewards, cfg, block_size=4, generator=gen)
+    ids, resp, rewards, policy, options, gen = _setup(model)
+    batch, metrics = build_diffu_grpo_batch(model, ids, resp, rewards, policy, options, block_size=4, generator=gen)
     assert model.training and batch.old_logps.shape == (4, 2, 16)
     assert 0.3 < metrics["prompt_masked_frac"] < 0.7
     params = [p for p in model.parameters() if p.requires_grad]
     for k in range(2):
-        loss, metrics = diffu_grpo_minibatch_loss(model, batch, cfg, k)
+        loss, metrics = diffu_grpo_minibatch_loss(model, batch, policy, k)
         assert metrics["ratio_min"] == metrics["ratio_max"] == 1.0
         got = _flat_grad(loss, params)
         logp = completion_token_logprobs(model, ids, resp, 4, batch.prompt_noise[:, k:k + 1])[:, 0]
@@ -176,14 +179,14 @@ def test_prompt_masks_rate_per_pass_and_only_the_prompt():
 
 def test_update_moves_policy_towards_the_better_completion(tiny_model):
     model = tiny_model.train()
-    ids, resp, _, cfg, gen = _setup(model, bsz=6)
-    cfg.drop_zero_variance, cfg.minibatch_size = True, 2
+    ids, resp, _, policy, options, gen = _setup(model, bsz=6)
+    policy.drop_zero_variance, policy.minibatch_size = True, 2
     rewards = torch.tensor([1.0, 0.0, 0.4, 0.4, 0.2, 0.9])  # group 1 has zero variance: dropped
-    batch, info = build_diffu_grpo_batch(model, ids, resp, rewards, cfg, block_size=4, generator=gen)
+    batch, info = build_diffu_grpo_batch(model, ids, resp, rewards, policy, options, block_size=4, generator=gen)
     assert len(batch) == 4 and info["kept_frac"] == pytest.approx(4 / 6)
     opt = torch.optim.SGD(model.parameters(), lr=0.05)
     history = diffu_grpo_update(
-        model, lambda loss: (opt.zero_grad(), loss.backward(), opt.step()), batch, cfg, generator=gen)
+        model, lambda loss: (opt.zero_grad(), loss.backward(), opt.step()), batch, policy, options, generator=gen)
     assert len(history) == 4 and all(math.isfinite(m["loss"]) for m in history)
     with torch.no_grad():
         logp = completion_token_logprobs(model, batch.input_ids, batch.response_mask, 4, batch.prompt_noise)
@@ -192,7 +195,7 @@ def test_update_moves_policy_towards_the_better_completion(tiny_model):
 
 
 def test_rl_cli_with_diffu_grpo_runs_and_logs(tmp_path):
-    args = ["rl", "--config", str(REPO / "configs/rl_tiny.yaml"), "model.init_from=",
+    args = ["rl", "--config", str(CONFIGS / "rl_tiny.yaml"), "model.init_from=",
             f"run.out_dir={tmp_path}", "train.steps=2", "train.batch_size=2", "rl.group_size=4",
             "rl.minibatch_size=4", "rl.updates_per_batch=2",
             "data.num_train=16", "data.num_eval=4", "train.eval_every=100", "train.save_every=100",
@@ -211,8 +214,8 @@ def test_rl_cli_with_diffu_grpo_runs_and_logs(tmp_path):
 
 def test_bad_estimator_names_the_key():
     with pytest.raises(ConfigError, match=r"rl.estimator"):
-        load_config("rl", str(REPO / "configs/rl_tiny.yaml"), ["rl.estimator=ppo"])
-    with pytest.raises(ConfigError, match=r"rl.p_mask_prompt"):
-        load_config("rl", str(REPO / "configs/rl_tiny.yaml"), ["rl.p_mask_prompt=1.0"])
-    with pytest.raises(ValueError, match=r"rl.estimator"):
-        EBPOConfig(estimator="grpo")
+        load_config("rl", str(CONFIGS / "rl_tiny.yaml"), ["rl.estimator=ppo"])
+    with pytest.raises(ConfigError, match=r"rl\.diffu_grpo\.p_mask_prompt"):
+        load_config("rl", str(CONFIGS / "rl_tiny.yaml"), ["rl.diffu_grpo.p_mask_prompt=1.0"])
+    with pytest.raises(ConfigError, match=r"rl\.estimator"):
+        PolicyConfig(estimator="grpo")

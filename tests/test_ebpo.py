@@ -1,32 +1,33 @@
 """EBPO math: one-pass block ELBO terms vs a per-block loop, ratio/gradient identities, clipping,
-timesteps, advantages and the k3 KL against hand computations (DESIGN §7)."""
+timesteps, advantages and the k3 KL against hand computations (docs/design.md §7); the config
+sections' checks."""
 
 import copy
 import math
+import re
 import statistics
 
 import pytest
 import torch
 
+from llada_train.errors import ConfigError
 from llada_train.model import block_causal_mask
+from llada_train.rl.diffu_grpo import DiffuGRPOConfig
 from llada_train.rl.ebpo import (
     T_MIN,
     EBPOConfig,
-    advantages,
     block_elbo_terms,
     block_log_ratio,
     block_token_counts,
     build_batch,
     draw_noise,
-    ebpo_loss,
     ebpo_minibatch_loss,
     ebpo_update,
-    k3_kl,
     sample_noise_masks,
     sequence_log_ratio,
     stratified_timesteps,
-    zero_variance_groups,
 )
+from llada_train.rl.policy import PolicyConfig, advantages, clipped_policy_loss, k3_kl, zero_variance_groups
 
 MASK_ID = 1  # tiny_config().mask_token_id
 
@@ -109,20 +110,19 @@ def _setup(model, level, bsz=4, length=16, beta=0.0, seed=0):
         ids[r, :3 + r // 2] = ids[r - r % 2, :3 + r // 2]
         resp[r, 3 + r // 2:] = True
     rewards = torch.rand(bsz, generator=gen)
-    cfg = EBPOConfig(group_size=2, num_timesteps=2, ratio_level=level,
-                     drop_zero_variance=False, kl_beta=beta)
-    return ids, resp, rewards, cfg, gen
+    policy = PolicyConfig(group_size=2, drop_zero_variance=False, kl_beta=beta)
+    return ids, resp, rewards, policy, EBPOConfig(num_timesteps=2, ratio_level=level), gen
 
 
 @pytest.mark.parametrize("level", ["sequence", "block"])
 def test_ratio_one_and_reinforce_gradient_at_theta_old(tiny_model, level):
     model = tiny_model.train()
-    ids, resp, rewards, cfg, gen = _setup(model, level)
-    batch, _ = build_batch(model, ids, resp, rewards, cfg, block_size=4, generator=gen)
+    ids, resp, rewards, policy, options, gen = _setup(model, level)
+    batch, _ = build_batch(model, ids, resp, rewards, policy, options, block_size=4, generator=gen)
     assert model.training  # scoring restored the mode
     params = [p for p in model.parameters() if p.requires_grad]
 
-    loss, metrics = ebpo_minibatch_loss(model, batch, cfg)
+    loss, metrics = ebpo_minibatch_loss(model, batch, policy, options)
     assert metrics["ratio_min"] == metrics["ratio_max"] == 1.0
     grads = torch.autograd.grad(loss, params, allow_unused=True)
 
@@ -155,7 +155,7 @@ def test_clipping_engages_exactly_outside_the_range(sign):
                           dtype=torch.float64)
     adv = sign * (0.5 + torch.rand(len(ratios), dtype=torch.float64))
     log_ratio = ratios.log().requires_grad_()
-    loss, metrics = ebpo_loss(log_ratio, adv, eps_low=eps_low, eps_high=eps_high)
+    loss, metrics = clipped_policy_loss(log_ratio, adv, eps_low=eps_low, eps_high=eps_high)
     (grad,) = torch.autograd.grad(loss, log_ratio)
     engaged = ratios > 1 + eps_high if sign > 0 else ratios < 1 - eps_low
     assert engaged.sum() == 2 and not engaged[[2, 3, 4]].any()
@@ -174,7 +174,7 @@ def test_block_level_mask_excludes_empty_blocks():
     log_ratio = torch.tensor([[0.1, -0.4, 5.0], [0.0, 0.05, -3.0]], dtype=torch.float64, requires_grad=True)
     mask = torch.tensor([[True, True, False], [True, True, False]])
     adv = torch.tensor([1.0, -2.0], dtype=torch.float64)
-    loss, _ = ebpo_loss(log_ratio, adv, mask=mask)
+    loss, _ = clipped_policy_loss(log_ratio, adv, mask=mask)
     (grad,) = torch.autograd.grad(loss, log_ratio)
     r = log_ratio.detach()[:, :2].exp()
     a = adv[:, None].expand(2, 2)
@@ -228,8 +228,8 @@ def test_noise_masks_rate_and_prompt_clean():
 def test_complementary_noise_masks_every_response_token_once_per_pair():
     resp = torch.zeros(64, 12, dtype=torch.bool)
     resp[:, 5:] = True
-    cfg = EBPOConfig(num_timesteps=4, complementary=True, t_min=0.1)
-    t, mask = draw_noise(resp, cfg, torch.Generator().manual_seed(0))
+    options = EBPOConfig(num_timesteps=4, complementary=True, t_min=0.1)
+    t, mask = draw_noise(resp, options, torch.Generator().manual_seed(0))
     assert t.shape == (64, 4) and mask.shape == (64, 4, 12) and not mask[..., :5].any()
     torch.testing.assert_close(t[:, :2] + t[:, 2:], torch.ones(64, 2))
     assert t.min() >= 0.1 - 1e-7 and t.max() <= 0.9 + 1e-7
@@ -245,14 +245,14 @@ def test_elbo_weights_are_unbiased_and_complements_cut_short_answer_variance(com
     resp = torch.zeros(draws, 4, dtype=torch.bool)
     resp[:, 2:] = True  # a 2-token response
     c = torch.tensor([0.0, 0.0, -1.5, -0.5], dtype=torch.float64)
-    cfg = EBPOConfig(num_timesteps=2, complementary=complementary, t_min=0.1)
-    t, mask = draw_noise(resp, cfg, torch.Generator().manual_seed(3))
+    options = EBPOConfig(num_timesteps=2, complementary=complementary, t_min=0.1)
+    t, mask = draw_noise(resp, options, torch.Generator().manual_seed(3))
     estimate = ((mask.double() * c).sum(-1) / t.double()).mean(1)  # (draws,)
     se = estimate.std() / math.sqrt(draws)
     assert abs(estimate.mean().item() - c.sum().item()) < 4 * se.item()
     one = torch.zeros(draws, 2, dtype=torch.bool)
     one[:, 1] = True
-    t1, m1 = draw_noise(one, cfg, torch.Generator().manual_seed(4))
+    t1, m1 = draw_noise(one, options, torch.Generator().manual_seed(4))
     var = ((m1[..., 1].double() / t1.double()).mean(1)).var().item()
     # by integration over u (t_min 0.1): independent stratified pair (1/4)E[1/t1 + 1/t2] - 1/2,
     # complementary pair (1/4)E[1/t + 1/(1 - t)] - 1 with t = clamp(u, 0.1, 0.9)
@@ -260,7 +260,7 @@ def test_elbo_weights_are_unbiased_and_complements_cut_short_answer_variance(com
 
 
 def test_complementary_needs_even_levels():
-    with pytest.raises(ValueError, match=r"rl\.complementary"):
+    with pytest.raises(ConfigError, match=r"rl\.ebpo\.complementary"):
         EBPOConfig(num_timesteps=3, complementary=True)
 
 
@@ -300,16 +300,29 @@ def test_k3_kl_formula_and_expectation():
     q = torch.rand(10, generator=gen, dtype=torch.float64).softmax(0)
     kl = sum(pi * math.log(pi / qi) for pi, qi in zip(p.tolist(), q.tolist(), strict=True))
     assert (p * k3_kl(q.log() - p.log())).sum().item() == pytest.approx(kl, rel=1e-10)
-    loss, metrics = ebpo_loss(torch.zeros(3), torch.ones(3), kl=torch.tensor([0.1, 0.2, 0.6]), beta=0.5)
+    loss, metrics = clipped_policy_loss(torch.zeros(3), torch.ones(3), kl=torch.tensor([0.1, 0.2, 0.6]), beta=0.5)
     assert loss.item() == pytest.approx(-1.0 + 0.5 * 0.3) and metrics["kl"] == pytest.approx(0.3)
 
 
-@pytest.mark.parametrize("key,value", [("group_size", 1), ("num_timesteps", 0), ("eps_low", 1.0),
-                                       ("eps_high", -0.1), ("updates_per_batch", 0), ("minibatch_size", 0),
-                                       ("ratio_level", "token"), ("advantage", "ppo"), ("kl_beta", -1.0)])
-def test_config_validation_names_the_key(key, value):
-    with pytest.raises(ValueError, match=f"rl.{key}"):
-        EBPOConfig(**{key: value})
+SECTIONS = {PolicyConfig: "rl", EBPOConfig: "rl.ebpo", DiffuGRPOConfig: "rl.diffu_grpo"}
+
+
+@pytest.mark.parametrize("section,key,value", [
+    (PolicyConfig, "group_size", 1), (PolicyConfig, "eps_low", 1.0), (PolicyConfig, "eps_high", -0.1),
+    (PolicyConfig, "updates_per_batch", 0), (PolicyConfig, "minibatch_size", 0), (PolicyConfig, "advantage", "ppo"),
+    (PolicyConfig, "kl_beta", -1.0), (EBPOConfig, "num_timesteps", 0), (EBPOConfig, "ratio_level", "token"),
+    (EBPOConfig, "t_min", 0.0), (EBPOConfig, "t_min", 1.0), (DiffuGRPOConfig, "p_mask_prompt", 1.0),
+    (DiffuGRPOConfig, "p_mask_prompt", -0.1)])
+def test_config_validation_names_the_key(section, key, value):
+    """Each section checks its own keys and names them in full: the shared ones under `rl`, an
+    estimator's under `rl.<estimator>`."""
+    with pytest.raises(ConfigError, match=re.escape(f"bad value for '{SECTIONS[section]}.{key}'")):
+        section(**{key: value})
+
+
+def test_unknown_estimator_lists_the_registered_ones():
+    with pytest.raises(ConfigError, match=r"'rl\.estimator'.*\['diffu_grpo', 'ebpo'\]"):
+        PolicyConfig(estimator="nope")
 
 
 def test_update_moves_policy_towards_the_better_completion(tiny_model):
@@ -317,10 +330,10 @@ def test_update_moves_policy_towards_the_better_completion(tiny_model):
     ratio of the rewarded one rises relative to the other; dropped groups, KL to a reference."""
     model = tiny_model.train()
     ref = copy.deepcopy(model).eval()
-    ids, resp, _, _, gen = _setup(model, "sequence", bsz=6)
+    ids, resp, _, _, options, gen = _setup(model, "sequence", bsz=6)
     rewards = torch.tensor([1.0, 0.0, 0.4, 0.4, 0.2, 0.9])  # group 1 has zero variance: dropped
-    cfg = EBPOConfig(group_size=2, updates_per_batch=2, minibatch_size=2, kl_beta=0.01)
-    batch, info = build_batch(model, ids, resp, rewards, cfg, block_size=4, ref_model=ref, generator=gen)
+    policy = PolicyConfig(group_size=2, updates_per_batch=2, minibatch_size=2, kl_beta=0.01)
+    batch, info = build_batch(model, ids, resp, rewards, policy, options, block_size=4, ref_model=ref, generator=gen)
     assert len(batch) == 4 and info["kept_frac"] == pytest.approx(4 / 6)
     opt = torch.optim.SGD(model.parameters(), lr=0.05)
 
@@ -329,7 +342,7 @@ def test_update_moves_policy_towards_the_better_completion(tiny_model):
         loss.backward()
         opt.step()
 
-    history = ebpo_update(model, step, batch, cfg, generator=gen)
+    history = ebpo_update(model, step, batch, policy, options, generator=gen)
     assert len(history) == 4
     assert history[0]["kl"] == pytest.approx(0, abs=1e-6) and history[-1]["kl"] > 1e-6
     assert all(math.isfinite(m["loss"]) for m in history)
@@ -344,17 +357,18 @@ def test_data_parallel_passes_are_padded_to_the_same_number_of_steps(tiny_model)
     """Under data parallelism every rank must join every optimizer step: a rank with fewer (or no)
     minibatches pads each pass with step(None), after its real minibatches."""
     model = tiny_model.train()
-    ids, resp, rewards, _, gen = _setup(model, "sequence", bsz=6)
-    cfg = EBPOConfig(group_size=2, updates_per_batch=2, minibatch_size=4,
-                     drop_zero_variance=False)
-    batch, _ = build_batch(model, ids, resp, rewards, cfg, block_size=4, generator=gen)
+    ids, resp, rewards, _, options, gen = _setup(model, "sequence", bsz=6)
+    policy = PolicyConfig(group_size=2, updates_per_batch=2, minibatch_size=4, drop_zero_variance=False)
+    batch, _ = build_batch(model, ids, resp, rewards, policy, options, block_size=4, generator=gen)
     calls = []
-    history = ebpo_update(model, lambda loss: calls.append(loss is None), batch, cfg, generator=gen, steps_per_pass=3)
+    history = ebpo_update(model, lambda loss: calls.append(loss is None), batch, policy, options, generator=gen,
+                          steps_per_pass=3)
     assert calls == [False, False, True] * 2 and len(history) == 4  # 6 rows = minibatches of 4 and 2, + 1 pad
     empty = batch.select(torch.tensor([], dtype=torch.long))
     calls.clear()
-    assert ebpo_update(model, lambda loss: calls.append(loss is None), empty, cfg, steps_per_pass=2) == []
+    assert ebpo_update(model, lambda loss: calls.append(loss is None), empty, policy, options, steps_per_pass=2) == []
     assert calls == [True] * 4
     calls.clear()
-    ebpo_update(model, lambda loss: calls.append(loss is None), batch, cfg, generator=gen)  # one process: no pads
+    ebpo_update(model, lambda loss: calls.append(loss is None), batch, policy, options,
+                generator=gen)  # one process: no pads
     assert calls == [False, False] * 2

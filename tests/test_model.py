@@ -19,7 +19,7 @@ from llada_train.model import (
     update_expert_bias,
 )
 from llada_train.model.moe import LLaDA2MoeSparseMoeBlock, group_limited_topk
-from tests.conftest import REPO, tiny_config
+from tests.conftest import CONFIGS, tiny_config
 
 
 @pytest.mark.parametrize("block,seq_len", [(4, 16), (8, 24), (2, 6)])
@@ -185,7 +185,7 @@ def test_pickle_checkpoints_are_refused(tmp_path):
 
 def test_released_presets_on_meta_have_released_parameter_counts():
     for name, low, high in [("llada2_mini", 16.0e9, 16.5e9), ("llada2_flash", 100e9, 104e9)]:
-        cfg = LLaDA2MoeConfig(**yaml.safe_load((REPO / f"configs/model/{name}.yaml").read_text()))
+        cfg = LLaDA2MoeConfig(**yaml.safe_load((CONFIGS / f"model/{name}.yaml").read_text()))
         with torch.device("meta"):
             model = LLaDA2MoeModelLM(cfg)
         total = sum(p.numel() for p in model.parameters())

@@ -9,9 +9,9 @@ import pytest
 
 from llada_train.config import ConfigError
 from llada_train.stages.pipeline import load_pipeline
-from tests.conftest import REPO
+from tests.conftest import CONFIGS, REPO
 
-PIPELINE = str(REPO / "configs/pipeline_tiny.yaml")
+PIPELINE = str(CONFIGS / "pipeline_tiny.yaml")
 # A micro version of the demo: every stage runs a handful of steps on short sequences.
 MICRO = [
     "cpt.train.steps=4", "cpt.data.seq_len=32", "cpt.data.max_docs=20", "cpt.diffusion.block_size=8",
@@ -88,13 +88,13 @@ def test_config_reference_is_in_sync_with_the_schemas():
 REQUIRED = {"convert_cpt.yaml": ["model.init_from=models/converted", "diffusion.mask_embed_noise_std=0.1"]}
 
 
-@pytest.mark.parametrize("name", sorted(p.name for p in (REPO / "configs").glob("*.yaml")))
+@pytest.mark.parametrize("name", sorted(p.name for p in CONFIGS.glob("*.yaml")))
 def test_every_shipped_config_loads(name):
-    """Each stage config in configs/ passes its stage's schema and validation (pipeline configs: all
+    """Each stage config in llada_train/configs/ passes its stage's schema and validation (pipeline configs: all
     the stage configs they name)."""
     from llada_train.config import load_config
 
-    path = str(REPO / "configs" / name)
+    path = str(CONFIGS / name)
     if name.startswith("pipeline"):
         assert load_pipeline(path, []).stages
         return

@@ -17,9 +17,9 @@ from llada_train.report import paired_gain
 from llada_train.rl.reward_calls import RewardSpec
 from llada_train.rl.reward_scoring import RewardComputer
 from llada_train.rl.rewards import reasoning_gym as rg_reward
-from tests.conftest import REPO
+from tests.conftest import CONFIGS
 
-RECIPE = yaml.safe_load((REPO / "configs/rl_reasoning.yaml").read_text())["data"]
+RECIPE = yaml.safe_load((CONFIGS / "rl_reasoning.yaml").read_text())["data"]
 FAMILIES = RECIPE["tasks"]  # the families the recipe ships, with its options
 OPTIONS = RECIPE["task_options"]
 # A small problem space (3 numbers in 1..4, + and -): draws of a few hundred cover much of it, so a
@@ -125,7 +125,7 @@ def capture(prompts, completions, completion_ids, **kwargs):
 
 def _rg_args(stage, out_dir, init_from, *extra):
     options = json.dumps({"rg:countdown": SMALL_COUNTDOWN, "rg:mini_sudoku": {"min_empty": 2, "max_empty": 4}})
-    return [stage, "--config", str(REPO / f"configs/{stage}_tiny.yaml"), f"model.init_from={init_from}",
+    return [stage, "--config", str(CONFIGS / f"{stage}_tiny.yaml"), f"model.init_from={init_from}",
             f"run.out_dir={out_dir}", "data.tasks=[rg:countdown, rg:mini_sudoku]", f"data.task_options={options}",
             "train.steps=1", "train.batch_size=2", "data.num_train=8", "data.num_eval=4", "train.log_every=1",
             "train.eval_every=1", "train.save_every=1", *extra]
@@ -151,7 +151,8 @@ def test_rg_rows_through_sft_and_rl_clis_and_generate_decodes_as_the_rl_eval(tmp
     from llada_train.config import load_config
     from llada_train.data.prompts import load_heldout_rows
 
-    held = load_heldout_rows(load_config("rl", str(rl / "config.yaml")))
+    rl_cfg = load_config("rl", str(rl / "config.yaml"))
+    held = load_heldout_rows(rl_cfg.data, rl_cfg.run.seed)
     calls = [json.loads(x) for x in capture.read_text().splitlines()]
     last_eval = [c for c in calls if c["prompts"] == [r["prompt"] for r in held]][-1]
     prompts = tmp_path / "prompts.jsonl"

@@ -140,6 +140,25 @@ def test_computer_validates_at_construction(tmp_path):
         RewardComputer([])
 
 
+def test_spec_mistakes_are_user_errors(tmp_path):
+    """A bad reward spec or reward file is the user's to fix: the CLI prints it as one `error:` line
+    (UserError; ConfigError for an `rl.rewards` entry), not a traceback."""
+    from llada_train.errors import ConfigError, UserError
+
+    (tmp_path / "broken.py").write_text("import no_such_module_for_rewards\n")
+    for spec in (f"{tmp_path}/missing.py:f", f"{tmp_path}/broken.py:f", "no_such_module_for_rewards:f",
+                 "llada_train.rl.rewards:DEFAULT_FORMAT_PATTERN"):
+        with pytest.raises(UserError) as e:
+            resolve_reward(spec)
+        assert f"reward spec {spec!r}" in str(e.value)
+    with pytest.raises(ConfigError, match=r"fn must be 'module\.path:function'"):
+        RewardSpec("exact_match")
+    with pytest.raises(UserError, match="no attribute 'nope'"):
+        RewardComputer([RewardSpec("llada_train.rl.rewards:nope")])
+    with pytest.raises(UserError, match="mode must be 'search' or 'fullmatch'"):
+        rewards.format(["p"], ["c"], mode="anywhere")
+
+
 # ----------------------------------------------------------------------------- failure containment
 
 def test_raise_hang_none_async_are_contained(tmp_path, pool):

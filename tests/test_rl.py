@@ -15,7 +15,7 @@ from llada_train.cli import main
 from llada_train.config import ConfigError, RayConfig, load_config
 from llada_train.data.tokenizer import load_tokenizer
 from llada_train.rl.rollout import LocalRollouts, RayRollouts, rollout_step
-from tests.conftest import REPO, tiny_config
+from tests.conftest import CONFIGS, REPO, tiny_config
 from tests.test_cpt import free_port
 
 PROMPTS = ["sort 3141", "reverse abc", "sort 987", "copy xyz", "max 3,9,4", "sort 55", "reverse hello", "copy q"]
@@ -107,7 +107,7 @@ def hang(prompts, completions, **kwargs):
 def _args(run_dir, rewards_file, steps, *extra):
     rewards = (f"rl.rewards=[{{fn: '{rewards_file}:length'}}, {{fn: '{rewards_file}:boom', weight: 0.5}}, "
                f"{{fn: '{rewards_file}:skip'}}, {{fn: '{rewards_file}:hang', timeout_s: 1}}]")
-    return ["rl", "--config", str(REPO / "configs/rl_tiny.yaml"), "model.init_from=", f"run.out_dir={run_dir}",
+    return ["rl", "--config", str(CONFIGS / "rl_tiny.yaml"), "model.init_from=", f"run.out_dir={run_dir}",
             f"train.steps={steps}", "train.batch_size=2", "rl.group_size=2", "rl.minibatch_size=2",
             "data.num_train=16", "data.num_eval=4", "train.eval_every=100", "train.save_every=1", "train.log_every=1",
             rewards, *extra]
@@ -175,21 +175,21 @@ def test_rollout_seeds_are_the_same_in_every_process():
 
 def test_rl_config_errors_name_the_key(tmp_path):
     with pytest.raises(ConfigError, match=r"rl.group_size"):
-        load_config("rl", str(REPO / "configs/rl_tiny.yaml"), ["rl.group_size=1"])
+        load_config("rl", str(CONFIGS / "rl_tiny.yaml"), ["rl.group_size=1"])
     with pytest.raises(ConfigError, match=r"rl.t_min"):
-        load_config("rl", str(REPO / "configs/rl_tiny.yaml"), ["rl.t_min=0"])
+        load_config("rl", str(CONFIGS / "rl_tiny.yaml"), ["rl.t_min=0"])
     with pytest.raises(ConfigError, match=r"rl.rewards entry 'no_colon': fn must be 'module.path:function'"):
-        load_config("rl", str(REPO / "configs/rl_tiny.yaml"), ["rl.rewards=[{fn: no_colon}]"])
+        load_config("rl", str(CONFIGS / "rl_tiny.yaml"), ["rl.rewards=[{fn: no_colon}]"])
     with pytest.raises(ConfigError, match=r"Did you mean 'rl.group_size'"):
-        load_config("rl", str(REPO / "configs/rl_tiny.yaml"), ["rl.group_sise=4"])
+        load_config("rl", str(CONFIGS / "rl_tiny.yaml"), ["rl.group_sise=4"])
     with pytest.raises(ConfigError, match=r"data.train"):
-        load_config("rl", str(REPO / "configs/rl_tiny.yaml"), [f"data.train={tmp_path}/missing.jsonl"])
+        load_config("rl", str(CONFIGS / "rl_tiny.yaml"), [f"data.train={tmp_path}/missing.jsonl"])
 
 
 def test_data_parallel_layout_errors_name_the_key():
     from llada_train.stages.rl import check_data_parallel
 
-    cfg = load_config("rl", str(REPO / "configs/rl_tiny.yaml"), ["rl.minibatch_size=6", "rl.ray.enabled=true"])
+    cfg = load_config("rl", str(CONFIGS / "rl_tiny.yaml"), ["rl.minibatch_size=6", "rl.ray.enabled=true"])
     check_data_parallel(cfg, 1)  # one process: Ray rollouts are fine
     with pytest.raises(ValueError, match=r"rl.ray.enabled=false"):
         check_data_parallel(cfg, 2)
@@ -215,7 +215,7 @@ def test_two_rank_data_parallel_rl_trains_exports_and_resumes_exactly(tmp_path):
         "    return [float(i % 2) for i in range(len(completions))]  # 0 and 1 within every group of 2\n")
 
     def run(run_dir, steps):
-        args = ["rl", "--config", str(REPO / "configs/rl_tiny.yaml"), "model.init_from=", f"run.out_dir={run_dir}",
+        args = ["rl", "--config", str(CONFIGS / "rl_tiny.yaml"), "model.init_from=", f"run.out_dir={run_dir}",
                 f"train.steps={steps}", "train.batch_size=4", "rl.group_size=2", "rl.minibatch_size=2",
                 "data.num_train=16", "data.num_eval=6", "train.eval_every=3", "train.save_every=1",
                 "train.log_every=1", "rl.ray.enabled=false", "engine.zero_stage=2",
@@ -273,7 +273,7 @@ def test_step_fn_skipped_steps_are_counted(tmp_path):
         return {"loss": sum(losses) / len(losses)}
 
     def trainer(steps):
-        cfg = load_config("rl", str(REPO / "configs/rl_tiny.yaml"),
+        cfg = load_config("rl", str(CONFIGS / "rl_tiny.yaml"),
                           [f"run.out_dir={tmp_path}", f"train.steps={steps}", "train.batch_size=2",
                            "train.log_every=1", "train.save_every=1", "train.export_hf=false"])
         torch.manual_seed(0)

@@ -8,8 +8,10 @@ import pytest
 import torch
 
 from llada_train.data.tokenizer import load_tokenizer
-from llada_train.rl.diffu_grpo import build_diffu_grpo_batch, diffu_grpo_update
-from llada_train.rl.ebpo import EBPOConfig, build_batch, ebpo_update
+from llada_train.rl.diffu_grpo import DiffuGRPOConfig
+from llada_train.rl.ebpo import EBPOConfig
+from llada_train.rl.estimators import get_estimator
+from llada_train.rl.policy import PolicyConfig
 from llada_train.rl.reward_calls import RewardSpec
 from llada_train.rl.reward_scoring import RewardComputer
 from llada_train.rl.rollout import LocalRollouts, rollout_step
@@ -20,7 +22,6 @@ GROUP = 8
 BLOCK = 4
 DECODE = {"mode": "Q", "gen_length": 1, "block_length": BLOCK, "temperature": 1.0}
 LR = 3e-2  # a fresh policy: each rewarded token's logit is its own parameter row
-ESTIMATORS = {"ebpo": (build_batch, ebpo_update), "diffu_grpo": (build_diffu_grpo_batch, diffu_grpo_update)}
 
 
 def first_token_even(prompts, completions, completion_ids, **kwargs):
@@ -35,15 +36,15 @@ def _rewarded_share(model, tokenizer, step: int) -> float:
     return sum(bool(ids) and ids[0] % 2 == 0 for ids in roll.completion_ids) / len(roll.completion_ids)
 
 
-def _train(estimator: str, steps: int = 16, seed: int = 0, **rl) -> tuple[float, float]:
+def _train(estimator: str, options, steps: int = 16, seed: int = 0) -> tuple[float, float]:
     from llada_train.model import LLaDA2MoeModelLM
 
     torch.manual_seed(seed)
     model = LLaDA2MoeModelLM(tiny_config())
     tokenizer = load_tokenizer(None)
     rewards = RewardComputer([RewardSpec(fn="tests.test_rl_bandit:first_token_even")])
-    cfg = EBPOConfig(group_size=GROUP, num_timesteps=2, estimator=estimator, minibatch_size=16, **rl)
-    build, update = ESTIMATORS[estimator]
+    policy = PolicyConfig(group_size=GROUP, estimator=estimator, minibatch_size=16)
+    build, update = get_estimator(estimator).steps()
     opt = torch.optim.Adam(model.parameters(), lr=LR)
 
     def step_fn(loss):
@@ -60,20 +61,22 @@ def _train(estimator: str, steps: int = 16, seed: int = 0, **rl) -> tuple[float,
         prompts = [p for p in PROMPTS for _ in range(GROUP)]
         scored = torch.tensor(rewards.score(prompts, roll.completions, {"completion_ids": roll.completion_ids}).total)
         gen = torch.Generator().manual_seed(1000 * seed + step)
-        batch, _ = build(model, roll.input_ids, roll.response_mask, scored, cfg, block_size=BLOCK,
+        batch, _ = build(model, roll.input_ids, roll.response_mask, scored, policy, options, block_size=BLOCK,
                          pad_mask=roll.pad_mask, generator=gen)
         model.train()
-        update(model, step_fn, batch, cfg, generator=gen)
+        update(model, step_fn, batch, policy, options, generator=gen)
     model.eval()
     rewards.close()
     return before, _rewarded_share(model, tokenizer, steps)
 
 
-@pytest.mark.parametrize(("estimator", "rl"), [("ebpo", {}), ("ebpo", {"complementary": True}), ("diffu_grpo", {})])
-def test_rl_update_drives_the_policy_to_the_known_optimal_action(estimator, rl):
+@pytest.mark.parametrize(("estimator", "options"), [
+    ("ebpo", EBPOConfig(num_timesteps=2)), ("ebpo", EBPOConfig(num_timesteps=2, complementary=True)),
+    ("diffu_grpo", DiffuGRPOConfig())], ids=["ebpo", "ebpo-complementary", "diffu_grpo"])
+def test_rl_update_drives_the_policy_to_the_known_optimal_action(estimator, options):
     """Two seeds: with random rewards a policy drifts to > 0.9 on about 1 seed in 8 (measured), so a
     broken path passes both with probability about 1/64."""
     for seed in (0, 1):
-        before, after = _train(estimator, seed=seed, **rl)
+        before, after = _train(estimator, options, seed=seed)
         assert 0.25 < before < 0.75  # random init: about half the first tokens are even
         assert after > 0.9, (seed, before, after)

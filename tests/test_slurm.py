@@ -20,11 +20,11 @@ from pathlib import Path
 import pytest
 
 from llada_train import slurm
-from tests.conftest import REPO
+from tests.conftest import CONFIGS, REPO
 from tests.test_cpt import losses
 
 TERMINAL = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE"}
-PIPELINE = str(REPO / "configs/pipeline_tiny.yaml")
+PIPELINE = str(CONFIGS / "pipeline_tiny.yaml")
 CPT_STEPS = 40
 # Seq 32, batch 4, a handful of steps per stage; CPT long enough to be signalled mid-run.
 CPT = [f"cpt.train.steps={CPT_STEPS}", "cpt.data.seq_len=32", "cpt.data.max_docs=30", "cpt.diffusion.block_size=8",
@@ -84,7 +84,7 @@ def test_train_script_directives_and_launch(tmp_path, nodes):
     run_dir = tmp_path / "runs" / "x"
     extra = ["--gpus-per-node", "8", "--partition", "gpu", "--account", "proj", "--qos", "high", "--mem", "0",
              "--sbatch-option=--exclusive"] if nodes == 4 else []
-    script = dry_run(tmp_path, "cpt", "--config", str(REPO / "configs/cpt_tiny.yaml"), "--nodes", str(nodes),
+    script = dry_run(tmp_path, "cpt", "--config", str(CONFIGS / "cpt_tiny.yaml"), "--nodes", str(nodes),
                      "--time", "48:00:00", "--grace", "600", *extra, f"run.out_dir={run_dir}", "train.steps=7")
     d = directives(script)
     assert script.count("#SBATCH") == len(d)  # none after the first command, where sbatch stops reading
@@ -113,7 +113,7 @@ def test_train_script_directives_and_launch(tmp_path, nodes):
 @pytest.mark.parametrize("nodes", [1, 4])
 def test_rl_script_starts_ray_head_then_workers_then_driver(tmp_path, nodes):
     run_dir = tmp_path / "rl"
-    script = dry_run(tmp_path, "rl", "--config", str(REPO / "configs/rl_tiny.yaml"), "--nodes", str(nodes),
+    script = dry_run(tmp_path, "rl", "--config", str(CONFIGS / "rl_tiny.yaml"), "--nodes", str(nodes),
                      "--gpus-per-node", "8", "--time", "1-00:00:00", f"run.out_dir={run_dir}")
     d = directives(script)
     assert d["--nodes"] == str(nodes) and d["--signal"] == "B:USR1@300" and "--requeue" in d
@@ -126,18 +126,18 @@ def test_rl_script_starts_ray_head_then_workers_then_driver(tmp_path, nodes):
     assert 'export RAY_ADDRESS="$HEAD_IP:$PORT"' in script
     bash_syntax_ok(tmp_path, script)
     # the frozen config the job runs joins the job's Ray cluster
-    cfg = slurm.load_stage("rl", str(REPO / "configs/rl_tiny.yaml"), [])
+    cfg = slurm.load_stage("rl", str(CONFIGS / "rl_tiny.yaml"), [])
     assert cfg.rl.ray.enabled and cfg.rl.ray.address == "auto"
 
 
 def test_data_parallel_rl_script_runs_torchrun_without_ray(tmp_path):
     run_dir = tmp_path / "rl"
-    script = dry_run(tmp_path, "rl", "--config", str(REPO / "configs/rl_tiny.yaml"), "--rl-layout", "data-parallel",
+    script = dry_run(tmp_path, "rl", "--config", str(CONFIGS / "rl_tiny.yaml"), "--rl-layout", "data-parallel",
                      "--nodes", "2", "--gpus-per-node", "8", f"run.out_dir={run_dir}")
     assert "torch.distributed.run" in script and "NPROC_PER_NODE=8" in script and "ray_node" not in script
     assert "ARGS=(rl --config" in script
     bash_syntax_ok(tmp_path, script)
-    cfg = slurm.load_stage("rl", str(REPO / "configs/rl_tiny.yaml"), ["rl.ray.enabled=true"], "data-parallel")
+    cfg = slurm.load_stage("rl", str(CONFIGS / "rl_tiny.yaml"), ["rl.ray.enabled=true"], "data-parallel")
     assert not cfg.rl.ray.enabled  # each rank rolls out its own prompts
 
 
@@ -159,20 +159,20 @@ def test_template_placeholders_are_strict():
     (["--after", "12;rm"], "--after: '12;rm' is not a job id"),
 ])
 def test_bad_config_or_options_refused_before_anything_is_written(tmp_path, args, message):
-    res = cli("submit", "cpt", "--config", str(REPO / "configs/cpt_tiny.yaml"), f"run.out_dir={tmp_path}/run", *args,
+    res = cli("submit", "cpt", "--config", str(CONFIGS / "cpt_tiny.yaml"), f"run.out_dir={tmp_path}/run", *args,
               cwd=tmp_path)
     assert res.returncode == 2 and message in res.stderr, res.stderr
     assert not (tmp_path / "run").exists()
 
 
 def test_rl_job_whose_rollout_actors_cannot_fit_is_refused(tmp_path):
-    res = cli("submit", "rl", "--config", str(REPO / "configs/rl_tiny.yaml"), "--cpus-per-task", "1",
+    res = cli("submit", "rl", "--config", str(CONFIGS / "rl_tiny.yaml"), "--cpus-per-task", "1",
               "rl.ray.num_workers=2", f"run.out_dir={tmp_path}/run", "--dry-run", cwd=tmp_path)
     assert res.returncode == 2 and "need 2 CPUs" in res.stderr and "--cpus-per-task 1" in res.stderr, res.stderr
 
 
 def test_missing_sbatch_is_a_clear_error(tmp_path):
-    res = cli("submit", "cpt", "--config", str(REPO / "configs/cpt_tiny.yaml"), f"run.out_dir={tmp_path}/run",
+    res = cli("submit", "cpt", "--config", str(CONFIGS / "cpt_tiny.yaml"), f"run.out_dir={tmp_path}/run",
               cwd=tmp_path, env={"PATH": str(tmp_path)})
     assert res.returncode == 2 and "sbatch not found on PATH" in res.stderr and "--dry-run" in res.stderr
     assert not (tmp_path / "run").exists()
@@ -239,7 +239,7 @@ def jobs(tmp_path_factory):
         dependency = job_fields(ids["pipe"]["rl"]).get("Dependency")
         ids["pre"] = submitted(cli("submit", "pipeline", "--config", PIPELINE, *RESOURCES, f"out_dir={pre}",
                                    f"cpt.data.cache_dir={root}/cache_b", *CPT, "stages=[cpt]"))
-        ids["dp"] = submitted(cli("submit", "rl", "--config", str(REPO / "configs/rl_tiny.yaml"), "--rl-layout",
+        ids["dp"] = submitted(cli("submit", "rl", "--config", str(CONFIGS / "rl_tiny.yaml"), "--rl-layout",
                                   "data-parallel", *RESOURCES, f"run.out_dir={dp}", "model.init_from=",
                                   *(item.removeprefix("rl.") for item in RL if "ray." not in item)))
         pre_id = ids["pre"]["cpt"]
@@ -311,7 +311,7 @@ def test_data_parallel_rl_job_trains_on_two_ranks_and_exports(jobs):
 @pytest.mark.slurm
 def test_unknown_partition_is_refused_before_submitting(tmp_path):
     require_slurm()
-    res = cli("submit", "cpt", "--config", str(REPO / "configs/cpt_tiny.yaml"), "--partition", "nosuchpart",
+    res = cli("submit", "cpt", "--config", str(CONFIGS / "cpt_tiny.yaml"), "--partition", "nosuchpart",
               f"run.out_dir={tmp_path}/run", cwd=tmp_path)
     assert res.returncode == 2 and "--partition nosuchpart: no such partition" in res.stderr, res.stderr
     assert "available: debug" in res.stderr

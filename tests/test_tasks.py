@@ -117,6 +117,22 @@ def test_bad_arguments_are_value_errors():
         make_rows(["copy"], 1, split="train", seed=0, kind="sft", copy={"min_len": 0})
 
 
+def test_user_request_mistakes_are_user_errors():
+    """Task names, options and counts come from `data.tasks` / `data.task_options` (or the module's CLI):
+    UserError. `split` and `kind` are our own code's arguments: a plain ValueError (a bug)."""
+    from llada_train.errors import UserError
+
+    for kwargs in ({"tasks": ["nope"]}, {"tasks": []}, {"copy": {"min_len": 0}}, {"addition": {"max_digits": 2}},
+                   {"n": 10_000, "copy": {"min_len": 1, "max_len": 1}}):
+        args = {"tasks": ["copy"], "n": 1, **kwargs}
+        with pytest.raises(UserError):
+            make_rows(args.pop("tasks"), args.pop("n"), split="train", seed=0, kind="sft", **args)
+    for kwargs in ({"split": "test", "kind": "sft"}, {"split": "train", "kind": "dpo"}):
+        with pytest.raises(ValueError) as e:
+            make_rows(["copy"], 1, seed=0, **kwargs)
+        assert not isinstance(e.value, UserError)
+
+
 def test_cli_writes_jsonl(tmp_path):
     out = tmp_path / "sub" / "rows.jsonl"
     tasks.main(["--tasks", "addition,sorting", "--n", "30", "--split", "eval", "--kind", "rl",

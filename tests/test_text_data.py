@@ -288,3 +288,24 @@ def test_batch_iterator_errors():
         it.load_state_dict({"epoch": 0, "step_in_epoch": 6})
     with pytest.raises(ValueError, match="expected integer 'epoch'"):
         it.load_state_dict({"step": 1})
+
+
+def test_user_mistakes_are_user_errors(tmp_path):
+    """Data paths, a corpus too small for the batch and data changed under a resume are the user's:
+    UserError (one `error:` line from the CLI). A malformed data-order state from our own checkpoint
+    and an impossible rank stay plain ValueErrors, bugs with their traceback."""
+    from llada_train.errors import UserError
+
+    with pytest.raises(UserError, match="does not exist"):
+        load_documents([str(tmp_path / "missing.txt")])
+    with pytest.raises(UserError, match="fewer than one global batch"):
+        BatchIterator(3, 4, seed=0)
+    with pytest.raises(UserError, match=r"train\.batch_size"):
+        BatchIterator(30, 5, seed=0, world_size=2)
+    with pytest.raises(UserError, match="does not fit this corpus"):
+        BatchIterator(30, 5, seed=0).load_state_dict({"epoch": 0, "step_in_epoch": 6})
+    for bad in (lambda: BatchIterator(30, 5, seed=0).load_state_dict({"step": 1}),
+                lambda: BatchIterator(30, 6, seed=0, rank=2, world_size=2)):
+        with pytest.raises(ValueError) as e:
+            bad()
+        assert not isinstance(e.value, UserError)

@@ -1,4 +1,4 @@
-"""The committed tokenizer (data/tokenizer) and load_tokenizer's guarantees."""
+"""The committed tokenizer (llada_train/data/tokenizer) and load_tokenizer's guarantees."""
 
 import json
 import random

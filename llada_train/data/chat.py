@@ -25,6 +25,7 @@ from typing import Any
 import torch
 from torch.utils.data import Dataset
 
+from ..errors import UserError
 from .sources import MalformedRow, open_rows
 
 log = logging.getLogger(__name__)
@@ -147,8 +148,8 @@ def load_chat_rows(path_or_rows, *, split: str = "train") -> tuple[list[dict], C
 
 def _require_template(tokenizer) -> None:
     if not getattr(tokenizer, "chat_template", None):
-        raise ValueError(f"tokenizer {getattr(tokenizer, 'name_or_path', tokenizer)!r} has no chat_template; "
-                         "use the project tokenizer (data/tokenizer) or set tokenizer.chat_template")
+        raise UserError(f"tokenizer {getattr(tokenizer, 'name_or_path', tokenizer)!r} has no chat_template; "
+                        "use the project tokenizer (llada_train/data/tokenizer) or set tokenizer.chat_template")
 
 
 def _render(tokenizer, messages: list[dict], add_generation_prompt: bool) -> str:

@@ -3,7 +3,7 @@ and RL evaluation."""
 
 from __future__ import annotations
 
-from ..config import ConfigError
+from ..errors import ConfigError, UserError
 from .sources import MalformedRow, open_rows
 from .tasks import make_rows
 
@@ -17,14 +17,14 @@ def read_prompt_rows(path: str, prompt_field: str) -> list[dict]:
         if isinstance(raw, MalformedRow):
             if raw.kind == "empty":
                 continue  # a blank line is not a row
-            raise ValueError(f"{source}:{line}: {raw}")
+            raise UserError(f"{source}:{line}: {raw}")
         if not isinstance(raw, dict) or not isinstance(raw.get(prompt_field), (str, list)):
             found = sorted(raw) if isinstance(raw, dict) else type(raw).__name__
-            raise ValueError(f"{source}:{line}: expected an object with a {prompt_field!r} string (or chat "
-                             f"messages list); got keys {found} (set data.prompt_field to the prompt column)")
+            raise UserError(f"{source}:{line}: expected an object with a {prompt_field!r} string (or chat "
+                            f"messages list); got keys {found} (set data.prompt_field to the prompt column)")
         rows.append(dict(raw))
     if not rows:
-        raise ValueError(f"{source}: no rows")
+        raise UserError(f"{source}: no rows")
     return rows
 
 
@@ -34,28 +34,26 @@ def response_budget(tokenizer, answers: list[str], block_size: int) -> int:
     return -(-longest // block_size) * block_size
 
 
-def load_rl_rows(cfg) -> tuple[list[dict], list[dict]]:
-    """Train and held-out rows: dicts with the prompt under `data.prompt_field` plus any columns
-    (`answer`, `task`, `tests`, ...) the reward functions read."""
-    d = cfg.data
-    if d.train == "tasks":
-        train = _task_rows(cfg, "train", d.num_train)
+def load_rl_rows(data, seed: int) -> tuple[list[dict], list[dict]]:
+    """Train and held-out rows of an RL `data` section: dicts with the prompt under `prompt_field`
+    plus any columns (`answer`, `task`, `tests`, ...) the reward functions read. `seed` picks the
+    task families' problems."""
+    if data.train == "tasks":
+        train = _task_rows(data, seed, "train", data.num_train)
     else:
-        train = read_prompt_rows(d.train, d.prompt_field)[: d.num_train]
-    return train, load_heldout_rows(cfg)
+        train = read_prompt_rows(data.train, data.prompt_field)[: data.num_train]
+    return train, load_heldout_rows(data, seed)
 
 
-def load_heldout_rows(cfg) -> list[dict]:
+def load_heldout_rows(data, seed: int) -> list[dict]:
     """`data.eval` (first `data.num_eval` rows), else the task families' eval split, else none."""
-    d = cfg.data
-    if d.eval:
-        return read_prompt_rows(d.eval, d.prompt_field)[: d.num_eval]
-    return _task_rows(cfg, "eval", d.num_eval) if d.train == "tasks" else []
+    if data.eval:
+        return read_prompt_rows(data.eval, data.prompt_field)[: data.num_eval]
+    return _task_rows(data, seed, "eval", data.num_eval) if data.train == "tasks" else []
 
 
-def _task_rows(cfg, split: str, n: int) -> list[dict]:
-    d = cfg.data
+def _task_rows(data, seed: int, split: str, n: int) -> list[dict]:
     try:
-        return make_rows(list(d.tasks), n, split=split, seed=cfg.run.seed, kind="rl", **d.task_options)
-    except ValueError as e:
+        return make_rows(list(data.tasks), n, split=split, seed=seed, kind="rl", **data.task_options)
+    except UserError as e:  # not ValueError: a bug inside a generator keeps its traceback
         raise ConfigError(f"bad value for 'data.tasks' / 'data.task_options' / 'data.num_*': {e}") from e

@@ -23,6 +23,7 @@ import hashlib
 import json
 from functools import lru_cache
 
+from ..errors import ConfigError
 from .split import normalize_completion, split_of
 
 PREFIX = "rg:"
@@ -39,14 +40,14 @@ def dataset_name(task: str) -> str:
 
 
 def generator_options(name: str) -> dict:
-    """The generator's config fields (without seed/size) and their defaults; ValueError when
+    """The generator's config fields (without seed/size) and their defaults; ConfigError when
     reasoning-gym has no dataset `name`."""
     from reasoning_gym.factory import DATASETS
 
     if name not in DATASETS:
         close = sorted(n for n in DATASETS if name[:3] in n)[:8]
-        raise ValueError(f"data.tasks: reasoning-gym has no dataset {name!r} (similar: {close or 'none'}); "
-                         "see reasoning_gym.factory.DATASETS")
+        raise ConfigError(f"data.tasks: reasoning-gym has no dataset {name!r} (similar: {close or 'none'}); "
+                          "see reasoning_gym.factory.DATASETS")
     config_cls = DATASETS[name][1]
     return {f.name: f.default if f.default is not dataclasses.MISSING else None
             for f in dataclasses.fields(config_cls) if f.name not in RESERVED_OPTIONS}
@@ -54,18 +55,18 @@ def generator_options(name: str) -> dict:
 
 def validate_options(name: str, options) -> dict:
     """`options` checked against the generator's config: unknown keys and values its `validate`
-    rejects raise ValueError naming `data.task_options.rg:<name>`."""
+    rejects raise ConfigError naming `data.task_options.rg:<name>`."""
     key = f"data.task_options.{PREFIX}{name}"
     known = generator_options(name)
     if not isinstance(options, dict):
-        raise ValueError(f"{key} must be a mapping of generator options, got {options!r}")
+        raise ConfigError(f"{key} must be a mapping of generator options, got {options!r}")
     unknown = sorted(set(options) - set(known))
     if unknown:
-        raise ValueError(f"{key}: unknown option(s) {unknown}; the generator accepts {sorted(known)}")
+        raise ConfigError(f"{key}: unknown option(s) {unknown}; the generator accepts {sorted(known)}")
     try:
         _dataset(name, _options_key(options))
-    except (AssertionError, TypeError, ValueError) as e:
-        raise ValueError(f"{key}: reasoning-gym rejects {options}: {e or type(e).__name__}") from None
+    except (AssertionError, TypeError, ValueError) as e:  # reasoning-gym's own check of the options
+        raise ConfigError(f"{key}: reasoning-gym rejects {options}: {e or type(e).__name__}") from e
     return dict(options)
 
 
@@ -118,8 +119,8 @@ def draw_entries(task: str, n: int, split: str, seed: int, options: dict) -> lis
         if entry["question"] not in seen and split_of(task, split_key(name, entry)) == split:
             seen[entry["question"]] = entry
     if len(seen) < n:
-        raise ValueError(f"data.task_options.{task} {options or '(defaults)'}: only about {len(seen)} distinct "
-                         f"{split} questions, fewer than the {n} asked; ask for fewer rows or widen the options")
+        raise ConfigError(f"data.task_options.{task} {options or '(defaults)'}: only about {len(seen)} distinct "
+                          f"{split} questions, fewer than the {n} asked; ask for fewer rows or widen the options")
     return list(seen.values())
 
 

@@ -14,6 +14,8 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
+from ..errors import UserError
+
 ROW_SUFFIXES = (".jsonl", ".json", ".parquet")
 
 
@@ -66,8 +68,8 @@ def _parquet_rows(path: Path, columns: list[str] | None) -> Iterator[tuple[int, 
         return
     missing = [c for c in columns or [] if c not in pf.schema_arrow.names]
     if missing:
-        raise ValueError(f"data file '{path}' has no column {missing[0]!r} (columns: {pf.schema_arrow.names}); "
-                         "set the field to one of them")
+        raise UserError(f"data file '{path}' has no column {missing[0]!r} (columns: {pf.schema_arrow.names}); "
+                        "set the field to one of them")
     number = 0
     for batch in pf.iter_batches(columns=columns, batch_size=1024):
         for row in batch.to_pylist():
@@ -79,7 +81,7 @@ def iter_file_rows(path: Path, columns: list[str] | None = None) -> Iterator[tup
     """Rows of one .jsonl / .json / .parquet file (`columns`: read only these parquet columns)."""
     suffix = path.suffix.lower()
     if suffix not in ROW_SUFFIXES:
-        raise ValueError(f"{path}: unsupported data file type {suffix!r}; use .jsonl, .json or .parquet")
+        raise UserError(f"{path}: unsupported data file type {suffix!r}; use .jsonl, .json or .parquet")
     if suffix == ".parquet":
         return _parquet_rows(path, columns)
     if suffix == ".json":
@@ -101,10 +103,10 @@ def iter_hf_rows(spec: str, split: str = "train", *, streaming: bool = False,
     try:
         ds = datasets.load_dataset(name, config or None, split=spec_split or split, streaming=streaming)
     except Exception as e:  # offline, unknown name, bad config: all user-facing
-        raise ValueError(f"data path {spec!r}: could not load the dataset ({type(e).__name__}: {e})") from e
+        raise UserError(f"data path {spec!r}: could not load the dataset ({type(e).__name__}: {e})") from e
     missing = [c for c in columns or [] if ds.column_names is not None and c not in ds.column_names]
     if missing:
-        raise ValueError(f"data path {spec!r} has no column {missing[0]!r} (columns: {ds.column_names})")
+        raise UserError(f"data path {spec!r} has no column {missing[0]!r} (columns: {ds.column_names})")
     return enumerate(ds, start=1)
 
 
@@ -117,6 +119,6 @@ def open_rows(source, split: str = "train") -> tuple[str, Iterable[tuple[int, An
         return name, iter_hf_rows(name, split)
     path = Path(name).expanduser()
     if not path.is_file():
-        raise ValueError(f"data file {name!r} does not exist (or is not a file); "
-                         "give a .jsonl/.json/.parquet path, 'hf:<dataset name>' or a list of rows")
+        raise UserError(f"data file {name!r} does not exist (or is not a file); "
+                        "give a .jsonl/.json/.parquet path, 'hf:<dataset name>' or a list of rows")
     return name, iter_file_rows(path)

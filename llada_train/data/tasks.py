@@ -28,6 +28,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..errors import UserError
 from . import reasoning_gym
 from .reasoning_gym import is_rg_task
 from .split import normalize_completion, split_of
@@ -56,8 +57,9 @@ def _number(rng: random.Random, digits: int) -> int:
 
 
 def _require(ok: bool, message: str) -> None:
+    """A generator option the user set (data.task_options) is out of range."""
     if not ok:
-        raise ValueError(message)
+        raise UserError(message)
 
 
 def _letters(rng: random.Random, alphabet: str, min_len: int, max_len: int, task: str) -> str:
@@ -118,7 +120,7 @@ TASKS: dict[str, TaskFamily] = {
 
 def get_task(name: str) -> TaskFamily:
     if name not in TASKS:
-        raise ValueError(f"unknown task {name!r}; available: {', '.join(TASKS)}")
+        raise UserError(f"unknown task {name!r}; available: {', '.join(TASKS)}")
     return TASKS[name]
 
 
@@ -155,7 +157,7 @@ def _draw(task: TaskFamily, n: int, split: str, seed: int, kwargs: dict) -> list
         if problem not in seen and split_of(task.name, problem) == split:
             seen[problem] = answer
     if len(seen) < n:
-        raise ValueError(
+        raise UserError(
             f"task {task.name!r} with {kwargs or 'default options'} has only about {len(seen)} distinct "
             f"{split} problems, fewer than the {n} asked; ask for fewer rows or widen the options "
             f"({task.options()})"
@@ -197,9 +199,9 @@ def _check_request(tasks: list[str], n: int, split: str, kind: str, task_kwargs:
     if kind not in KINDS:
         raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
     if not tasks:
-        raise ValueError("tasks is empty; name at least one of: " + ", ".join(TASKS) + ", or rg:<dataset>")
+        raise UserError("tasks is empty; name at least one of: " + ", ".join(TASKS) + ", or rg:<dataset>")
     if n < 0:
-        raise ValueError(f"n must be >= 0, got {n}")
+        raise UserError(f"n must be >= 0, got {n}")
     for name in tasks:
         if is_rg_task(name):
             reasoning_gym.validate_options(reasoning_gym.dataset_name(name), task_kwargs.get(name, {}))
@@ -207,11 +209,11 @@ def _check_request(tasks: list[str], n: int, split: str, kind: str, task_kwargs:
             get_task(name)
     for name, kw in task_kwargs.items():
         if name not in tasks:
-            raise ValueError(f"options given for task {name!r}, which is not in tasks {tasks}")
+            raise UserError(f"options given for task {name!r}, which is not in tasks {tasks}")
         family = None if is_rg_task(name) else get_task(name)
         if family is not None and (not isinstance(kw, dict) or set(kw) - set(family.options())):
-            raise ValueError(f"options for task {name!r} must be a dict with keys from {family.options()}, "
-                             f"got {kw!r}")
+            raise UserError(f"options for task {name!r} must be a dict with keys from {family.options()}, "
+                            f"got {kw!r}")
 
 
 def write_jsonl(rows: list[dict], path: str | Path) -> Path:
@@ -241,8 +243,11 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(f"--options is not valid JSON: {e}") from None
     if not isinstance(options, dict):
         raise SystemExit(f"--options must be a JSON object mapping task -> options, got {args.options}")
-    rows = make_rows([t.strip() for t in args.tasks.split(",") if t.strip()], args.n, split=args.split,
-                     seed=args.seed, kind=args.kind, **options)
+    try:
+        rows = make_rows([t.strip() for t in args.tasks.split(",") if t.strip()], args.n, split=args.split,
+                         seed=args.seed, kind=args.kind, **options)
+    except UserError as e:  # a bad task name, option or count: one line, no traceback
+        raise SystemExit(f"error: {e}") from None
     print(f"wrote {len(rows)} {args.kind} rows ({args.split}) to {write_jsonl(rows, args.out)}")
 
 

@@ -3,7 +3,7 @@ serve them in a deterministic, resumable order.
 
 Bad rows (empty, not a string, undecodable, binary, absurdly long lines, malformed JSON) are
 skipped and counted in `stats`; they never stop a run. A path that cannot be read is a user
-error and raises ValueError naming it. See docs/data.md.
+error and raises UserError naming it. See docs/data.md.
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from ..errors import ConfigError, UserError
 from .sources import ROW_SUFFIXES, MalformedRow, iter_file_rows, iter_hf_rows
 
 log = logging.getLogger(__name__)
@@ -64,7 +65,7 @@ def _resolve(paths: Sequence[str] | str) -> list[str | Path]:
             sources.extend(stdlib_files())
         elif spec.startswith("hf:"):
             if not spec[3:].split(":")[0]:
-                raise ValueError(f"data path {spec!r}: missing dataset name; expected {ACCEPTED}")
+                raise UserError(f"data path {spec!r}: missing dataset name; expected {ACCEPTED}")
             sources.append(spec)
         else:
             sources.extend(_resolve_local(Path(spec), spec))
@@ -73,23 +74,23 @@ def _resolve(paths: Sequence[str] | str) -> list[str | Path]:
 
 def _resolve_local(path: Path, spec: str) -> list[Path]:
     if not path.exists():
-        raise ValueError(f"data path {spec!r} does not exist; expected {ACCEPTED}")
+        raise UserError(f"data path {spec!r} does not exist; expected {ACCEPTED}")
     if path.is_dir():
         if not os.access(path, os.R_OK | os.X_OK):
-            raise ValueError(f"data directory {spec!r} is not readable (check its permissions)")
+            raise UserError(f"data directory {spec!r} is not readable (check its permissions)")
         files = sorted(
             (p for p in path.rglob("*") if p.is_file() and p.suffix in TEXT_SUFFIXES + ROW_SUFFIXES
              and not any(part.startswith(".") for part in p.relative_to(path).parts)),
             key=lambda p: p.relative_to(path).as_posix(),
         )
         if not files:
-            raise ValueError(f"data directory {spec!r} holds no {'/'.join(TEXT_SUFFIXES + ROW_SUFFIXES)} "
-                             f"files; expected {ACCEPTED}")
+            raise UserError(f"data directory {spec!r} holds no {'/'.join(TEXT_SUFFIXES + ROW_SUFFIXES)} "
+                            f"files; expected {ACCEPTED}")
         return files
     if path.suffix not in TEXT_SUFFIXES + ROW_SUFFIXES:
-        raise ValueError(f"data file {spec!r} has an unsupported suffix {path.suffix!r}; expected {ACCEPTED}")
+        raise UserError(f"data file {spec!r} has an unsupported suffix {path.suffix!r}; expected {ACCEPTED}")
     if not os.access(path, os.R_OK):
-        raise ValueError(f"data file {spec!r} is not readable (check its permissions)")
+        raise UserError(f"data file {spec!r} is not readable (check its permissions)")
     return [path]
 
 
@@ -152,7 +153,7 @@ def load_documents(
 ) -> tuple[Iterator[str], Counter]:
     """Documents from `paths` (see ACCEPTED), lazily, plus a Counter filled in as they are read.
 
-    Paths are checked now (ValueError naming a bad one); rows are read on iteration. Counters:
+    Paths are checked now (UserError naming a bad one); rows are read on iteration. Counters:
     `files`, `docs`, and one `skipped_<reason>` per kind of bad row.
     """
     sources = _resolve(paths)
@@ -186,11 +187,11 @@ def _iter_documents(sources, text_field, max_docs, max_line_chars, stats) -> Ite
 
 
 def _guard(rows: Iterator, source) -> Iterator:
-    """Turn an I/O error in the middle of a file into a ValueError naming the file."""
+    """Turn an I/O error in the middle of a file into a UserError naming the file."""
     try:
         yield from rows
     except OSError as e:
-        raise ValueError(f"data file '{source}' could not be read: {e}") from e
+        raise UserError(f"data file '{source}' could not be read: {e}") from e
 
 
 # ----------------------------------------------------------------------------- packing
@@ -336,9 +337,9 @@ def build_corpus(
     mtimes, tokenizer, seq_len, split, max_docs), so a second run loads them instantly.
     """
     if seq_len <= 0:
-        raise ValueError(f"data.seq_len must be positive, got {seq_len}")
+        raise ConfigError(f"data.seq_len must be positive, got {seq_len}")
     if not 0.0 <= eval_fraction < 1.0:
-        raise ValueError(f"data.eval_fraction must be in [0, 1), got {eval_fraction}")
+        raise ConfigError(f"data.eval_fraction must be in [0, 1), got {eval_fraction}")
     if tokenizer.eos_token_id is None:
         raise ValueError("the tokenizer has no eos token; CPT packing needs one to separate documents")
     sources = _resolve(paths)
@@ -358,8 +359,8 @@ def build_corpus(
     if eval_fraction > 0 and not evals and len(train) >= 2:
         evals.append(train.pop(first_train))  # tiny corpora: keep the eval split non-empty
     if not train:
-        raise ValueError(f"data paths {list(paths) if not isinstance(paths, str) else [paths]} "
-                         f"yielded no training documents (read stats: {dict(stats)})")
+        raise UserError(f"data paths {list(paths) if not isinstance(paths, str) else [paths]} "
+                        f"yielded no training documents (read stats: {dict(stats)})")
 
     eos = tokenizer.eos_token_id
     train_ids, train_docs = pack_documents(train, seq_len, eos)
@@ -392,14 +393,14 @@ class BatchIterator:
     def __init__(self, num_rows: int, batch_size: int, *, seed: int, rank: int = 0,
                  world_size: int = 1, drop_last: bool = True):
         if batch_size <= 0 or batch_size % world_size:
-            raise ValueError(f"global batch size {batch_size} must be a positive multiple of the "
-                             f"world size {world_size}")
+            raise UserError(f"global batch size {batch_size} (train.batch_size) must be a positive multiple of "
+                            f"the world size {world_size} (processes launched)")
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} is outside world size {world_size}")
         steps = num_rows // batch_size if drop_last else -(-num_rows // batch_size)
         if steps == 0:
-            raise ValueError(f"the corpus has {num_rows} rows, fewer than one global batch of "
-                             f"{batch_size}; lower the batch size or seq_len, or add data")
+            raise UserError(f"the corpus has {num_rows} rows, fewer than one global batch of "
+                            f"{batch_size}; lower the batch size or seq_len, or add data")
         self.num_rows, self.batch_size, self.seed = num_rows, batch_size, seed
         self.rank, self.world_size, self.steps_per_epoch = rank, world_size, steps
         self.epoch, self.step_in_epoch = 0, 0
@@ -435,6 +436,6 @@ class BatchIterator:
             raise ValueError(f"bad data-order state {state!r}: expected integer 'epoch' and "
                              f"'step_in_epoch'") from e
         if epoch < 0 or not 0 <= step < self.steps_per_epoch:
-            raise ValueError(f"data-order state {state!r} does not fit this corpus "
-                             f"({self.steps_per_epoch} steps per epoch); was the data changed?")
+            raise UserError(f"data-order state {state!r} does not fit this corpus "
+                            f"({self.steps_per_epoch} steps per epoch); was the data changed?")
         self.epoch, self.step_in_epoch = epoch, step

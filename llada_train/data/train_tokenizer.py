@@ -1,6 +1,6 @@
 """Train the project's small byte-level BPE tokenizer on the local Python standard library.
 
-    python -m llada_train.data.train_tokenizer --out data/tokenizer
+    python -m llada_train.data.train_tokenizer --out llada_train/data/tokenizer
 
 Why a tiny vocab (4096): the embedded default model is a few million parameters; a big vocab
 would put most of them in the embedding. Digits are split one per token so multi-digit
@@ -98,7 +98,7 @@ def train(out: Path, vocab_size: int = VOCAB_SIZE) -> PreTrainedTokenizerFast:
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--out", type=Path, default=Path("data/tokenizer"))
+    ap.add_argument("--out", type=Path, default=Path("llada_train/data/tokenizer"))
     ap.add_argument("--vocab-size", type=int, default=VOCAB_SIZE)
     args = ap.parse_args(argv)
     t0 = time.perf_counter()

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 
+from ..presets import MODEL_PRESET_DIR
 from .fp4 import FORMATS, dequantize, quantize
 from .hadamard import rht
 
@@ -29,9 +30,9 @@ CONFIGS = [(fmt, rht_dim, rounding, scale) for fmt in ("e1m2", "e2m1") for rht_d
 GAUSSIAN_SHAPE = (2048, 1024)
 CAPTURE_SHAPE = (4, 128)  # (batch, seq) of the captured forward/backward
 DEFAULT_MODEL_DIR = "runs/demo/cpt/hf"  # `make demo`'s CPT export
-TINY_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "model" / "tiny.yaml"
+TINY_CONFIG = MODEL_PRESET_DIR / "tiny.yaml"
 NO_EXPORT = ("no HF export at {path}: capturing tensors from a RANDOM-INIT tiny model instead. For a trained "
-             "model's tensors run `make demo` (writes {path}) or `llada-train cpt --config configs/cpt_tiny.yaml` "
+             "model's tensors run `make demo` (writes {path}) or `llada-train cpt --config cpt_tiny` "
              "and pass --model-dir <run_dir>/hf.")
 
 
@@ -40,7 +41,9 @@ def _load_model(model_dir: str | None, seed: int):
     from llada_train.model import LLaDA2MoeConfig, LLaDA2MoeModelLM
 
     if model_dir is not None and not Path(model_dir).is_dir():
-        raise ValueError(f"--model-dir {model_dir!r} is not a directory holding an HF export")
+        from ..errors import UserError
+
+        raise UserError(f"--model-dir {model_dir!r} is not a directory holding an HF export")
     path = model_dir or DEFAULT_MODEL_DIR
     if Path(path).is_dir():
         return LLaDA2MoeModelLM.from_pretrained(path, dtype=torch.float32), f"trained model at {path}"
@@ -49,7 +52,7 @@ def _load_model(model_dir: str | None, seed: int):
     print(NO_EXPORT.format(path=DEFAULT_MODEL_DIR))
     torch.manual_seed(seed)
     config = LLaDA2MoeConfig(**yaml.safe_load(TINY_CONFIG.read_text()))
-    return LLaDA2MoeModelLM(config), "random-init tiny model (configs/model/tiny.yaml; no trained export found)"
+    return LLaDA2MoeModelLM(config), "random-init tiny model (model preset tiny; no trained export found)"
 
 
 def text_batch(model_dir: str | None, vocab_size: int, batch: int, seq: int, seed: int) -> torch.Tensor:

@@ -6,6 +6,8 @@ Every key the released config.json carries is written, including those this mode
 
 from transformers import PretrainedConfig
 
+from ..errors import UserError
+
 # The released config.json keys and their LLaDA2.0-mini values (pad/eos/tie go to PretrainedConfig).
 RELEASED_DEFAULTS = {
     "vocab_size": 157184, "hidden_size": 2048, "intermediate_size": 5120, "moe_intermediate_size": 512,
@@ -41,22 +43,23 @@ class LLaDA2MoeConfig(PretrainedConfig):
         self._validate_shapes()
 
     def _validate_shapes(self):
+        """The values come from a model's config.json or a model preset and its overrides: a user error."""
         if self.num_attention_heads % self.num_key_value_heads:
-            raise ValueError(
+            raise UserError(
                 f"num_attention_heads ({self.num_attention_heads}) must be a multiple of "
                 f"num_key_value_heads ({self.num_key_value_heads})"
             )
         if self.num_experts % self.n_group:
-            raise ValueError(f"num_experts ({self.num_experts}) must be divisible by n_group ({self.n_group})")
+            raise UserError(f"num_experts ({self.num_experts}) must be divisible by n_group ({self.n_group})")
         if self.topk_group > self.n_group:
-            raise ValueError(f"topk_group ({self.topk_group}) exceeds n_group ({self.n_group})")
+            raise UserError(f"topk_group ({self.topk_group}) exceeds n_group ({self.n_group})")
         experts_per_group = self.num_experts // self.n_group
         if self.num_experts_per_tok > self.topk_group * experts_per_group:
-            raise ValueError(
+            raise UserError(
                 f"num_experts_per_tok ({self.num_experts_per_tok}) exceeds the experts in the kept groups "
                 f"(topk_group {self.topk_group} x {experts_per_group})"
             )
         if self.rotary_dim % 2 or self.rotary_dim > self.head_dim:
-            raise ValueError(f"rotary_dim ({self.rotary_dim}) must be even and <= head_dim ({self.head_dim})")
+            raise UserError(f"rotary_dim ({self.rotary_dim}) must be even and <= head_dim ({self.head_dim})")
         if self.attn_backend not in ("sdpa", "flex"):
-            raise ValueError(f"attn_backend must be 'sdpa' or 'flex', got {self.attn_backend!r}")
+            raise UserError(f"attn_backend must be 'sdpa' or 'flex', got {self.attn_backend!r}")

@@ -21,7 +21,6 @@ from transformers import GenerationMixin, PreTrainedModel
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from ..errors import UserError
-
 from .attention import BlockKVCache, LLaDA2MoeAttention, RMSNorm, RotaryEmbedding
 from .configuration_llada2_moe import LLaDA2MoeConfig
 from .linear_ce import LMHead

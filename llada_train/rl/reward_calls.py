@@ -21,6 +21,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..errors import ConfigError, UserError
+
 Scores = list[float | None]  # one entry per completion
 
 # executor(spec, prompts, completions, kwargs) -> scores. Raise TimeoutError when the call overran
@@ -39,11 +41,11 @@ class RewardSpec:
     def __post_init__(self):
         """Also the config's check of each `rl.rewards` entry."""
         if ":" not in self.fn:
-            raise ValueError(f"rl.rewards entry {self.fn!r}: fn must be 'module.path:function' or 'file.py:function'")
+            raise ConfigError(f"rl.rewards entry {self.fn!r}: fn must be 'module.path:function' or 'file.py:function'")
         if not math.isfinite(self.weight):
-            raise ValueError(f"rl.rewards entry {self.fn!r}: weight must be finite, got {self.weight}")
+            raise ConfigError(f"rl.rewards entry {self.fn!r}: weight must be finite, got {self.weight}")
         if not self.timeout_s > 0:
-            raise ValueError(f"rl.rewards entry {self.fn!r}: timeout_s must be > 0, got {self.timeout_s}")
+            raise ConfigError(f"rl.rewards entry {self.fn!r}: timeout_s must be > 0, got {self.timeout_s}")
         if self.name is None:
             self.name = self.fn.rpartition(":")[2]
 
@@ -59,7 +61,7 @@ _RESOLVE_LOCK = threading.Lock()
 
 
 def resolve_reward(spec: str) -> Callable:
-    """Import the function named by `spec`; ValueError that names the spec and the problem."""
+    """Import the function named by `spec`; UserError that names the spec and the problem."""
     with _RESOLVE_LOCK:
         if spec not in _RESOLVED:
             _RESOLVED[spec] = _resolve(spec)
@@ -69,7 +71,7 @@ def resolve_reward(spec: str) -> Callable:
 def _resolve(spec: str) -> Callable:
     target, _, attr = spec.rpartition(":")
     if not target or not attr:
-        raise ValueError(f"reward spec {spec!r}: expected 'module.path:function' or 'path/to/file.py:function'")
+        raise UserError(f"reward spec {spec!r}: expected 'module.path:function' or 'path/to/file.py:function'")
     if target.endswith(".py") or os.sep in target or "/" in target:
         module, where = _load_file(spec, target), f"file {target}"
     else:
@@ -77,17 +79,17 @@ def _resolve(spec: str) -> Callable:
         try:
             module = importlib.import_module(target)
         except SyntaxError as e:
-            raise ValueError(f"reward spec {spec!r}: syntax error in {e.filename}:{e.lineno}: {e.msg}") from e
+            raise UserError(f"reward spec {spec!r}: syntax error in {e.filename}:{e.lineno}: {e.msg}") from e
         except ImportError as e:
-            raise ValueError(f"reward spec {spec!r}: cannot import module {target!r} ({type(e).__name__}: {e}); "
-                             f"check the name and that its package is installed or on PYTHONPATH") from e
+            raise UserError(f"reward spec {spec!r}: cannot import module {target!r} ({type(e).__name__}: {e}); "
+                            f"check the name and that its package is installed or on PYTHONPATH") from e
     obj = module
     for part in attr.split("."):
         if not hasattr(obj, part):
-            raise ValueError(f"reward spec {spec!r}: {where} has no attribute {attr!r}")
+            raise UserError(f"reward spec {spec!r}: {where} has no attribute {attr!r}")
         obj = getattr(obj, part)
-    if not callable(obj):  # a config mistake, hence ValueError like the others
-        raise ValueError(
+    if not callable(obj):  # a config mistake, hence UserError like the others
+        raise UserError(
             f"reward spec {spec!r}: {attr!r} in {where} is not callable (it is a {type(obj).__name__})")
     return obj
 
@@ -95,7 +97,7 @@ def _resolve(spec: str) -> Callable:
 def _load_file(spec: str, target: str):
     path = Path(target).expanduser().resolve()
     if not path.is_file():
-        raise ValueError(f"reward spec {spec!r}: file {target} not found (looked at {path})")
+        raise UserError(f"reward spec {spec!r}: file {target} not found (looked at {path})")
     name = f"_llada_reward_{path.stem}_{hashlib.sha1(str(path).encode()).hexdigest()[:10]}"
     if name in sys.modules:
         return sys.modules[name]
@@ -106,10 +108,10 @@ def _load_file(spec: str, target: str):
         module_spec.loader.exec_module(module)
     except SyntaxError as e:
         del sys.modules[name]
-        raise ValueError(f"reward spec {spec!r}: syntax error in {e.filename}:{e.lineno}: {e.msg}") from e
-    except Exception as e:
+        raise UserError(f"reward spec {spec!r}: syntax error in {e.filename}:{e.lineno}: {e.msg}") from e
+    except Exception as e:  # the user's file failed at import time: its own error, named
         del sys.modules[name]
-        raise ValueError(f"reward spec {spec!r}: importing {path} failed: {type(e).__name__}: {e}") from e
+        raise UserError(f"reward spec {spec!r}: importing {path} failed: {type(e).__name__}: {e}") from e
     return module
 
 

@@ -11,6 +11,7 @@ from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 
+from ..errors import UserError
 from .reward_calls import RewardError, RewardExecutor, RewardSpec, Scores, canonical_spec, check_scores, resolve_reward
 from .reward_pool import LocalRewardPool, describe_exception
 
@@ -34,11 +35,11 @@ class RewardComputer:
     def __init__(self, specs: Sequence[RewardSpec], rewards_on_error: float = 0.0,
                  executor: RewardExecutor | None = None):
         if not specs:
-            raise ValueError("rewards: at least one reward function is required")
+            raise UserError("rl.rewards: at least one reward function is required")
         names = [s.name for s in specs]
         dup = sorted({n for n in names if names.count(n) > 1})
         if dup:
-            raise ValueError(f"rewards: duplicate reward names {dup}; give each spec a distinct `name`")
+            raise UserError(f"rl.rewards: duplicate reward names {dup}; give each spec a distinct `name`")
         for s in specs:
             resolve_reward(canonical_spec(s.fn))  # fail at startup, not at the first batch
         self.specs = [replace(s, fn=canonical_spec(s.fn)) for s in specs]

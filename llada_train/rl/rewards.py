@@ -13,6 +13,7 @@ from functools import partial
 
 from llada_train.rl import sandbox
 
+from ..errors import UserError
 from .reward_calls import Scores
 
 _NUMBER = re.compile(r"-?(?:\d+(?:,\d{3})*(?:\.\d+)?|\.\d+)(?:/\d+)?")
@@ -106,7 +107,7 @@ def format(prompts: list[str], completions: list[str], *, pattern: str = DEFAULT
     """1.0 if the completion matches `pattern` (re.DOTALL). mode: `search` (anywhere) or `fullmatch`
     (whole completion, e.g. r"<think>.*</think>\\s*<answer>.*</answer>"). Default: an answer is present."""
     if mode not in ("search", "fullmatch"):
-        raise ValueError(f"format reward: mode must be 'search' or 'fullmatch', got {mode!r}")
+        raise UserError(f"format reward: mode must be 'search' or 'fullmatch', got {mode!r} (the spec's kwargs)")
     match = getattr(re.compile(pattern, re.DOTALL), mode)
     return [float(match(c) is not None) for c in completions]
 

@@ -5,7 +5,7 @@ A pipeline file names each stage's own config and overrides it in place:
     out_dir: runs/demo
     stages: [cpt, sft, rl]
     sft:
-      config: configs/sft_tiny.yaml
+      config: sft_tiny             # a preset name (llada_train/configs) or a YAML path
       train: {steps: 100}          # any key of the stage's schema
 
 Command-line overrides address a stage by prefix (`sft.train.steps=100`) or the pipeline itself
@@ -22,8 +22,9 @@ from pathlib import Path
 from omegaconf import OmegaConf
 
 from ..config import ConfigError, load_config, parse_override, to_yaml
+from ..presets import resolve_config
+from .registry import STAGES, get_stage
 
-STAGES = ("cpt", "sft", "rl")
 DONE = "DONE"
 
 
@@ -54,7 +55,7 @@ def _unknown(key: str, source: str) -> ConfigError:
     known = ["out_dir", "stages", "report", *STAGES, *(f"{s}.config" for s in STAGES)]
     close = difflib.get_close_matches(key, known, n=1)
     hint = f" Did you mean '{close[0]}'?" if close else ""
-    return ConfigError(f"{source}: unknown pipeline key '{key}' (stage keys go under cpt./sft./rl.).{hint}")
+    return ConfigError(f"{source}: unknown pipeline key '{key}' (stage keys go under <stage>., e.g. sft.).{hint}")
 
 
 def _split_overrides(overrides: list[str]) -> tuple[dict, dict]:
@@ -73,9 +74,10 @@ def _split_overrides(overrides: list[str]) -> tuple[dict, dict]:
 
 
 def load_pipeline(path: str | None, overrides: list[str], resume: str | None = None) -> Pipeline:
-    if not path or not Path(path).is_file():
-        raise ConfigError(f"pipeline config not found: {path!r} (e.g. --config configs/pipeline_tiny.yaml)")
-    raw = OmegaConf.to_container(OmegaConf.load(path), resolve=True) or {}
+    if not path:
+        raise ConfigError("pipeline config not given (e.g. --config pipeline_tiny)")
+    file = resolve_config(path)  # a file, else a preset name (llada_train/configs)
+    raw = OmegaConf.to_container(OmegaConf.load(file), resolve=True) or {}
     for key in raw:
         if key not in ("out_dir", "stages", "report", *STAGES):
             raise _unknown(key, path)
@@ -84,13 +86,14 @@ def load_pipeline(path: str | None, overrides: list[str], resume: str | None = N
     stages = raw.get("stages", list(STAGES))
     if not isinstance(stages, list) or not stages or any(s not in STAGES for s in stages):
         raise ConfigError(f"{path}: bad value for 'stages': {stages!r}; use a non-empty list from {list(STAGES)}")
-    if sorted(stages, key=STAGES.index) != stages or len(set(stages)) != len(stages):
-        raise ConfigError(f"{path}: 'stages' must keep the order cpt, sft, rl without repeats; got {stages}")
+    order = list(STAGES)  # the registration order
+    if sorted(stages, key=order.index) != stages or len(set(stages)) != len(stages):
+        raise ConfigError(f"{path}: 'stages' must keep the order {', '.join(order)} without repeats; got {stages}")
     pipe = Pipeline(Path(raw.get("out_dir", "runs/pipeline")), stages, bool(raw.get("report", True)))
     previous = None
     for stage in stages:
         section = dict(raw.get(stage) or {})
-        stage_file = section.pop("config", None)
+        stage_file = section.pop("config", None)  # a path (from the current directory) or a preset name
         wired = [f"run.out_dir={pipe.stage_dir(stage)}"]
         if previous is not None:
             wired.append(f"model.init_from={pipe.stage_dir(previous) / 'hf'}")
@@ -104,20 +107,6 @@ def load_pipeline(path: str | None, overrides: list[str], resume: str | None = N
     return pipe
 
 
-def stage_runner(stage: str):
-    if stage == "cpt":
-        from .cpt import run_cpt
-
-        return run_cpt
-    if stage == "sft":
-        from .sft import run_sft
-
-        return run_sft
-    from .rl import run_rl
-
-    return run_rl
-
-
 def run_pipeline(pipe: Pipeline, log=print) -> bool:
     """Run the stages in order; True when all finished (False: a stage was stopped, resume later)."""
     for stage in pipe.stages:
@@ -127,7 +116,7 @@ def run_pipeline(pipe: Pipeline, log=print) -> bool:
             continue
         pipe.ran.append(stage)
         log(f"[pipeline] {stage}: starting in {pipe.stage_dir(stage)}")
-        if not stage_runner(stage)(pipe.configs[stage]):
+        if not get_stage(stage).runner()(pipe.configs[stage]):
             log(f"[pipeline] {stage}: stopped; run the same command again to resume it")
             return False
         if is_rank0():

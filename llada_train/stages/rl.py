@@ -1,9 +1,10 @@
-"""EBPO reinforcement learning (DESIGN §7): rollout -> rewards -> advantages -> θ_old terms -> μ updates.
+"""EBPO reinforcement learning (docs/design.md §7): rollout -> rewards -> advantages -> θ_old terms -> μ updates.
 
 One RL step = one Trainer step: `train.batch_size` prompts are drawn by the resumable batch
 iterator, each gets `rl.group_size` completions (in-process or in Ray actors, `rl/rollout.py`),
-rewards score them (`rl/rewards.py`), and `rl/ebpo.py` turns them into clipped ELBO-ratio updates,
-one optimizer step per minibatch. Every random draw is seeded from (run.seed, step, ...), so a
+rewards score them (`rl/reward_scoring.py`), and the estimator named by `rl.estimator` (registered in
+`rl/estimators.py`; EBPO by default) turns them into clipped likelihood-ratio updates, one optimizer
+step per minibatch. Every random draw is seeded from (run.seed, step, ...), so a
 resumed run repeats the uninterrupted one. Scaling: one learner process with rollouts in
 `rl.ray.num_workers` Ray actors, or data parallelism under torchrun (each rank rolls out, scores
 and trains on its share of the prompts; gradients are averaged), rollouts in-process per rank.
@@ -15,15 +16,14 @@ from dataclasses import replace
 import torch
 import torch.distributed as dist
 
-from ..config import ConfigError
+from ..errors import ConfigError
 from ..data.chat import render_prompt
 from ..data.prompts import load_rl_rows, response_budget
 from ..data.tasks import is_checkable, row_correct
 from ..data.text import BatchIterator
 from ..decoding import complete, generation_config_dict
 from ..engine import init_distributed, reduce_over_ranks
-from ..rl.diffu_grpo import build_diffu_grpo_batch, diffu_grpo_update
-from ..rl.ebpo import build_batch, ebpo_update
+from ..rl.estimators import get_estimator
 from ..rl.reward_scoring import RewardComputer
 from ..rl.rollout import build_rollouts, ray_reward_executor, rollout_step, stable_seed
 from ..trainer import BatchSource, Trainer
@@ -37,9 +37,9 @@ def run_rl(cfg, eval_fn=None) -> bool:
     check_data_parallel(cfg, world)
     tokenizer = build_tokenizer(cfg.model)
     model = build_model(cfg.model, tokenizer, cfg.run.seed)
-    train_rows, eval_rows = load_rl_rows(cfg)
+    train_rows, eval_rows = load_rl_rows(cfg.data, cfg.run.seed)
     if len(train_rows) < cfg.train.batch_size:
-        raise ValueError(f"data.train {cfg.data.train!r}: {len(train_rows)} prompts, fewer than one step's "
+        raise ConfigError(f"data.train {cfg.data.train!r}: {len(train_rows)} prompts, fewer than one step's "
                          f"train.batch_size {cfg.train.batch_size}")
     gen_length = rl_response_budget(cfg, tokenizer, train_rows)
     ref_model = None
@@ -72,10 +72,10 @@ def check_data_parallel(cfg, world: int) -> None:
     if world == 1:
         return
     if cfg.rl.ray.enabled:
-        raise ValueError(f"rl under torchrun ({world} ranks): each rank decodes its own prompts in-process; set "
+        raise ConfigError(f"rl under torchrun ({world} ranks): each rank decodes its own prompts in-process; set "
                          "rl.ray.enabled=false (Ray rollout workers serve a one-process learner)")
     if cfg.rl.minibatch_size and cfg.rl.minibatch_size % world:
-        raise ValueError(f"rl.minibatch_size {cfg.rl.minibatch_size} (sequences per optimizer step over all ranks) "
+        raise ConfigError(f"rl.minibatch_size {cfg.rl.minibatch_size} (sequences per optimizer step over all ranks) "
                          f"must be a multiple of the {world} ranks")
 
 
@@ -104,11 +104,6 @@ def _reward_columns(rows: list[dict], prompt_field: str, group_size: int) -> dic
 # ---- one RL step ----------------------------------------------------------------------------------
 
 
-# rl.estimator -> (rollout batch with θ_old scores, μ passes of minibatch updates); same signatures
-ESTIMATOR_STEPS = {"ebpo": (build_batch, ebpo_update),
-                   "diffu_grpo": (build_diffu_grpo_batch, diffu_grpo_update)}
-
-
 def _mean_over_ranks(metrics: dict, world: int) -> dict:
     """Each metric's mean over the ranks that report it (a rank without minibatches has no clip
     fractions, so the key sets can differ: gathered as objects, not reduced as tensors)."""
@@ -127,7 +122,8 @@ def rl_step_fn(cfg, tokenizer, rows: list[dict], rollouts, rewards: RewardComput
     mask seeds); DeepSpeed averages the gradients, and every rank takes the same optimizer steps."""
     # rl.minibatch_size counts sequences over all ranks; each rank takes its share
     ecfg = replace(cfg.rl, minibatch_size=cfg.rl.minibatch_size // world if cfg.rl.minibatch_size else None)
-    build, update = ESTIMATOR_STEPS[ecfg.estimator]
+    build, update = get_estimator(ecfg.estimator).steps()
+    options = ecfg.estimator_options()
     group = cfg.rl.group_size
     field = cfg.data.prompt_field
     seed = cfg.run.seed if world == 1 else stable_seed(cfg.run.seed, "rank", rank)
@@ -148,16 +144,16 @@ def rl_step_fn(cfg, tokenizer, rows: list[dict], rollouts, rewards: RewardComput
         device = next(model.parameters()).device  # rollouts come back on the CPU
         if ref_model is not None:
             ref_model.to(device)  # built before the engine placed the policy; a no-op after the first step
-        ebpo_batch, batch_metrics = build(engine, roll.input_ids.to(device), roll.response_mask.to(device),
-                                          torch.tensor(scored.total), ecfg, block_size=cfg.diffusion.block_size,
-                                          pad_mask=roll.pad_mask.to(device), ref_model=ref_model,
-                                          generator=generator)
+        update_batch, batch_metrics = build(engine, roll.input_ids.to(device), roll.response_mask.to(device),
+                                            torch.tensor(scored.total), ecfg, options,
+                                            block_size=cfg.diffusion.block_size, pad_mask=roll.pad_mask.to(device),
+                                            ref_model=ref_model, generator=generator)
         engine.train()
         steps_per_pass = None  # data parallelism: every rank joins the most minibatches any rank has
         if world > 1:
-            own = len(ebpo_batch.minibatch_bounds(ecfg.minibatch_size))
+            own = len(update_batch.minibatch_bounds(ecfg.minibatch_size))
             steps_per_pass = int(reduce_over_ranks(own, op="max")[0])
-        history = update(engine, optimizer_step, ebpo_batch, ecfg, generator=generator,
+        history = update(engine, optimizer_step, update_batch, ecfg, options, generator=generator,
                          steps_per_pass=steps_per_pass)
         metrics = {k: v for k, v in scored.metrics.items()}
         metrics.update({k: float(v) for k, v in batch_metrics.items()})
@@ -192,7 +188,7 @@ def rl_eval_fn(cfg, tokenizer, rows: list[dict], rewards: RewardComputer, gen_le
     tasks = sorted({r["task"] for r in rows if is_checkable(r)})
 
     def eval_fn(engine, step) -> dict:
-        model = engine.module if hasattr(engine, "module") else engine
+        model = engine.module
         done = complete(model, tokenizer, [r[field] for r in mine], mode=cfg.rl.eval_mode, gen_length=gen_length,
                         block_length=cfg.diffusion.block_size, batch_size=bsz) if mine else None
         texts = done.texts if done else []

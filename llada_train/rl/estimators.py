@@ -1,0 +1,59 @@
+"""The RL likelihood estimators, registered once (verl's `register_policy_loss`): this registry is the
+list of valid `rl.estimator` names, and the RL stage takes an estimator's two steps from it.
+
+An estimator is two functions with the signatures of `rl/ebpo.py`'s `build_batch` and
+`ebpo_update`:
+
+    build_batch(model, input_ids, response_mask, rewards, policy, options, *, block_size, pad_mask,
+                ref_model, generator) -> (batch, metrics)
+    update(model, step_fn, batch, policy, options, *, generator, steps_per_pass) -> [metrics, ...]
+
+`policy` is the `rl` section (`rl/policy.py`'s PolicyConfig keys); `options` is the estimator's own
+config section `rl.<name>` (None for an estimator without keys).
+"""
+
+import importlib
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from ..errors import ConfigError
+
+
+@dataclass(frozen=True)
+class Estimator:
+    name: str
+    build_batch: Callable | str  # a function or "module:function" (imported on first use)
+    update: Callable | str
+
+    def steps(self) -> tuple[Callable, Callable]:
+        """(build_batch, update) as functions."""
+        return _resolve(self.build_batch), _resolve(self.update)
+
+
+ESTIMATORS: dict[str, Estimator] = {}
+
+
+def _resolve(ref: Callable | str) -> Callable:
+    if callable(ref):
+        return ref
+    module, _, name = ref.partition(":")
+    return getattr(importlib.import_module(module), name)
+
+
+def register_estimator(name: str, build_batch: Callable | str, update: Callable | str) -> Estimator:
+    if name in ESTIMATORS:
+        raise ValueError(f"estimator '{name}' is registered already")
+    ESTIMATORS[name] = Estimator(name, build_batch, update)
+    return ESTIMATORS[name]
+
+
+def get_estimator(name: str) -> Estimator:
+    if name not in ESTIMATORS:
+        raise ConfigError(f"bad value for 'rl.estimator': '{name}'; registered estimators: {sorted(ESTIMATORS)}")
+    return ESTIMATORS[name]
+
+
+# EBPO's block-level ELBO ratio (LLaDA2.1) and d1's one-step estimate (Zhao et al. 2025)
+register_estimator("ebpo", "llada_train.rl.ebpo:build_batch", "llada_train.rl.ebpo:ebpo_update")
+register_estimator("diffu_grpo", "llada_train.rl.diffu_grpo:build_diffu_grpo_batch",
+                   "llada_train.rl.diffu_grpo:diffu_grpo_update")

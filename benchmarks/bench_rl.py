@@ -17,10 +17,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.common import time_call, write_results
-from llada_train.config import RayConfig, model_preset_values
+from llada_train.config import model_preset_values
 from llada_train.data.tasks import make_rows
 from llada_train.data.tokenizer import load_tokenizer
 from llada_train.model import LLaDA2MoeConfig, LLaDA2MoeModelLM
+from llada_train.rl.config import RayConfig
 from llada_train.rl.rollout import LocalRollouts, RayRollouts, rollout_step
 
 

@@ -1,4 +1,4 @@
-"""Threshold decoding for block-diffusion LMs (DESIGN §6): M2T unmasking + T2T editing.
+"""Threshold decoding for block-diffusion LMs (docs/design.md §6): M2T unmasking + T2T editing.
 
 Block alignment: blocks are aligned to each row's own positions, counted from its first real
 token (row position i is in block i // block_length), exactly like SFT's training layout where an

@@ -1,4 +1,4 @@
-"""The block-diffusion training objective shared by CPT and SFT (DESIGN §3-§4).
+"""The block-diffusion training objective shared by CPT and SFT (docs/design.md §3-§4).
 
 One forward over `[x_t ; x_0]` trains three things at once: M2T (masked -> token, weighted by
 w(t)), T2T (a replaced token -> the original), and "keep" (a visible correct token stays).
@@ -133,7 +133,7 @@ def noisy_forward(model, batch: NoisedBatch, block_size: int, mask_id: int, posi
 
 def diffusion_loss(out, batch: NoisedBatch, supervised: torch.Tensor, cfg: DiffusionConfig):
     """Loss = Σ_masked w·CE + t2t.weight·Σ_replaced CE + keep_weight·Σ_kept CE + conf·Σ entropy,
-    each divided by the number of maskable tokens (DESIGN §3-§4). `out`: the model output at the
+    each divided by the number of maskable tokens (docs/design.md §3-§4). `out`: the model output at the
     `supervised` positions (`noisy_forward` with targets x0[supervised]). Returns (loss, metrics)."""
     ce, pred = out.token_ce, out.token_pred  # (N,)
     n_maskable = batch.maskable.sum().clamp_min(1)

@@ -5,7 +5,7 @@ placeholders (so bash's own `$X` and `${X:-y}` need no escaping). `submit` resol
 the stage config and the Slurm options, checks that Slurm is there and the partition exists, and
 only then writes the resolved config and the rendered script into RUN_DIR/slurm/ and calls sbatch.
 The job always runs with `--resume auto` on that frozen config, so a requeued job continues
-exactly where the previous run saved. Preemption (DESIGN §10): Slurm sends USR1 `--grace`
+exactly where the previous run saved. Preemption (docs/design.md §10): Slurm sends USR1 `--grace`
 seconds before the time limit; the ranks checkpoint, rank 0 writes RUN_DIR/PREEMPTED, and the
 batch script, once every rank has exited, runs `scontrol requeue`.
 """
@@ -58,8 +58,8 @@ def render(template: str, values: dict) -> str:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="llada-train submit",
-        description="Submit a training stage (one of the registered stages) or the pipeline (CPT -> SFT -> RL as dependent "
-                    "jobs) to Slurm. The job checkpoints on USR1 (sent --grace seconds before --time runs "
+        description="Submit a training stage (one of the registered stages) or the pipeline (its stages as "
+                    "dependent jobs) to Slurm. The job checkpoints on USR1 (sent --grace seconds before --time runs "
                     "out), requeues itself and resumes.")
     p.add_argument("stage", choices=[*STAGES, "pipeline"])  # the registered stages, read when the parser is built
     p.add_argument("--config", help="the stage's YAML (or the pipeline YAML for `pipeline`)")

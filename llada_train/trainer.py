@@ -18,8 +18,8 @@ from tqdm import tqdm
 
 from . import checkpoint as ckpt_lib
 from .config import to_yaml
-from .errors import ConfigError
 from .engine import Engine, build_engine, init_distributed, reduce_over_ranks
+from .errors import ConfigError
 
 
 @dataclass

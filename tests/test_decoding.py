@@ -1,4 +1,4 @@
-"""Threshold decoder (DESIGN §6) against oracle models with known answers and a naive per-row
+"""Threshold decoder (docs/design.md §6) against oracle models with known answers and a naive per-row
 reference decoder written here from the spec (batch 1, no padding, no cache, Python loops)."""
 
 import json
@@ -241,7 +241,7 @@ def test_steps_cap():
 
 def reference_decode(model, prompt, *, G, b, threshold, editing_threshold, max_post_steps=16, mbe_window=0, eos=EOS,
                      draft_ahead=True):
-    """DESIGN §6 for one unpadded row, written as plainly as possible: full forward every step.
+    """docs/design.md §6 for one unpadded row, written as plainly as possible: full forward every step.
     Draft-ahead: a block's first forward is free when the previous block ended on a forward that
     changed nothing (that forward already drafted this block). Edit cycles: every post-step still
     runs here, but once the window repeats an earlier post-step state, the forwards are free."""

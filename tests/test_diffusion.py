@@ -1,4 +1,4 @@
-"""The shared M2T+T2T objective (diffusion.py) against its definition (DESIGN §3-§4): noising
+"""The shared M2T+T2T objective (diffusion.py) against its definition (docs/design.md §3-§4): noising
 replayed with naive loops, the loss re-computed in float64 position by position, complementary
 coverage, T2T sampling only ordinary tokens, one model forward end to end, and the whole objective
 (lm_head only at supervised positions, chunked linear CE) against the full-logit computation it

@@ -11,7 +11,7 @@ from tests.conftest import tiny_config
 
 
 def brute_force_mask(seq_len, block_size, docs=None, valid=None):
-    """Per-pair evaluation of DESIGN §3 for one row: noisy positions 0..L-1, clean L..2L-1."""
+    """Per-pair evaluation of docs/design.md §3 for one row: noisy positions 0..L-1, clean L..2L-1."""
     two_l = 2 * seq_len
     mask = torch.zeros(two_l, two_l, dtype=torch.bool)
     for q in range(two_l):

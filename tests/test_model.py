@@ -119,7 +119,7 @@ def test_expert_bias_update_follows_load():
     assert block.expert_load.sum() == 0
 
 
-# The keys of the released LLaDA2.x config.json that a consumer reads (DESIGN §2 plus those the
+# The keys of the released LLaDA2.x config.json that a consumer reads (docs/design.md §2 plus those the
 # upstream configuration class takes), and the ones whose upstream defaults differ from this model.
 RELEASED_CONFIG_KEYS = {
     "vocab_size", "hidden_size", "intermediate_size", "moe_intermediate_size", "num_hidden_layers",

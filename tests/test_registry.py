@@ -68,17 +68,18 @@ def test_an_unregistered_stage_is_a_user_error(capsys):
 
 
 def test_a_registered_estimator_is_used_by_the_rl_stage(tmp_path, capsys):
-    from llada_train.rl.ebpo import build_batch, ebpo_update
+    from llada_train.rl.ebpo import EBPOConfig, build_batch, ebpo_update
 
     used = []
 
-    def counted_build(*args, **kwargs):
+    def counted_build(model, input_ids, response_mask, rewards, policy, options, **kwargs):
         used.append("build")
-        return build_batch(*args, **kwargs)
+        assert options is None  # an estimator without a config section of its own
+        return build_batch(model, input_ids, response_mask, rewards, policy, EBPOConfig(), **kwargs)
 
-    def counted_update(*args, **kwargs):
+    def counted_update(model, step_fn, batch, policy, options, **kwargs):
         used.append("update")
-        return ebpo_update(*args, **kwargs)
+        return ebpo_update(model, step_fn, batch, policy, EBPOConfig(), **kwargs)
 
     args = ["rl", "--config", str(CONFIGS / "rl_tiny.yaml"), "model.init_from=", f"run.out_dir={tmp_path}",
             "train.steps=2", "train.batch_size=2", "rl.group_size=2", "rl.minibatch_size=4", "data.num_train=8",
@@ -113,10 +114,11 @@ def test_a_bug_inside_a_stage_keeps_its_traceback_and_a_user_mistake_exits_2(tmp
         main(args)
     assert "error:" not in capsys.readouterr().err
     monkeypatch.undo()
+    args[3] = f"run.out_dir={tmp_path / 'mistake'}"
     assert main([*args, "precision.fp4_block=12"]) == 2  # checked when the config loads, before any work
     err = capsys.readouterr().err
     assert "precision.fp4_block" in err and "Traceback" not in err
-    assert not (tmp_path / "run").exists()
+    assert not (tmp_path / "mistake").exists()
 
 
 def test_config_checks_mirror_the_kernels_sets():

@@ -1,4 +1,4 @@
-"""Reward layer: spec resolution, failure containment, weighted totals, built-ins (DESIGN §8)."""
+"""Reward layer: spec resolution, failure containment, weighted totals, built-ins (docs/design.md §8)."""
 
 import asyncio
 import os

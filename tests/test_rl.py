@@ -12,8 +12,9 @@ import pytest
 import torch
 
 from llada_train.cli import main
-from llada_train.config import ConfigError, RayConfig, load_config
+from llada_train.config import ConfigError, load_config
 from llada_train.data.tokenizer import load_tokenizer
+from llada_train.rl.config import RayConfig
 from llada_train.rl.rollout import LocalRollouts, RayRollouts, rollout_step
 from tests.conftest import CONFIGS, REPO, tiny_config
 from tests.test_cpt import free_port
@@ -176,8 +177,8 @@ def test_rollout_seeds_are_the_same_in_every_process():
 def test_rl_config_errors_name_the_key(tmp_path):
     with pytest.raises(ConfigError, match=r"rl.group_size"):
         load_config("rl", str(CONFIGS / "rl_tiny.yaml"), ["rl.group_size=1"])
-    with pytest.raises(ConfigError, match=r"rl.t_min"):
-        load_config("rl", str(CONFIGS / "rl_tiny.yaml"), ["rl.t_min=0"])
+    with pytest.raises(ConfigError, match=r"rl.ebpo.t_min"):
+        load_config("rl", str(CONFIGS / "rl_tiny.yaml"), ["rl.ebpo.t_min=0"])
     with pytest.raises(ConfigError, match=r"rl.rewards entry 'no_colon': fn must be 'module.path:function'"):
         load_config("rl", str(CONFIGS / "rl_tiny.yaml"), ["rl.rewards=[{fn: no_colon}]"])
     with pytest.raises(ConfigError, match=r"Did you mean 'rl.group_size'"):

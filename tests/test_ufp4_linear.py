@@ -56,7 +56,7 @@ def test_rht_cancels_with_identity_quantizer():
 
 
 def _emulate(recipe, x, w, b, dy, seed):
-    """float64 GEMMs on the reference quantizer's values, wired per DESIGN §9 independently of UFP4Linear."""
+    """float64 GEMMs on the reference quantizer's values, wired per docs/design.md §9 independently of UFP4Linear."""
     def q(t, use_rht, sr_seed=None, block_2d=False):
         return quantize_dequantize(t, fmt=recipe.fmt, block_size=recipe.block_size, impl="torch",
                                    rht_dim=recipe.rht_dim if use_rht else None, rht_seed=recipe.rht_seed,

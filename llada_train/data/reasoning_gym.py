@@ -1,4 +1,4 @@
-"""reasoning-gym task families (`data.tasks: [rg:<dataset>]`, DESIGN §14).
+"""reasoning-gym task families (`data.tasks: [rg:<dataset>]`, docs/design.md §14).
 
 A family `rg:<dataset>` draws entries from reasoning-gym's procedural generator `<dataset>` with
 the options under `data.task_options["rg:<dataset>"]` (the generator's own config fields). The

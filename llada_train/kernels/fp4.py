@@ -1,4 +1,4 @@
-"""4-bit quantizers for training GEMMs: uniform E1M2/INT4 (UFP4) and E2M1 (NVFP4), DESIGN §9.
+"""4-bit quantizers for training GEMMs: uniform E1M2/INT4 (UFP4) and E2M1 (NVFP4), docs/design.md §9.
 
 A tensor is quantized along one dim (the GEMM's reduction dim) in blocks of `block_size` elements
 (or `block_size`² tiles for 2-D weight blocks) with two-level scales, as NVFP4:

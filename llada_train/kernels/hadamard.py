@@ -1,4 +1,4 @@
-"""Block-wise randomized Hadamard transform (RHT), DESIGN §9.
+"""Block-wise randomized Hadamard transform (RHT), docs/design.md §9.
 
 `rht` maps every run of d consecutive elements along one dim to x·H with
 H = diag(s)·Hadamard(d)/√d and random signs s drawn from a seed. H is orthogonal, so rotating both

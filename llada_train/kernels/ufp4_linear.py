@@ -1,4 +1,4 @@
-"""4-bit training linears: all three GEMMs quantized along their own reduction dim (DESIGN §9).
+"""4-bit training linears: all three GEMMs quantized along their own reduction dim (docs/design.md §9).
 
     fprop  Y  = X·Wᵀ    X, W   rotated + quantized along in_features   RTNE
     dgrad  dX = dY·W    dY, W  rotated + quantized along out_features  dY stochastic, W RTNE

@@ -1,4 +1,4 @@
-"""Attention masks for block diffusion (DESIGN §3): dense boolean tensors and flex `mask_mod`s.
+"""Attention masks for block diffusion (docs/design.md §3): dense boolean tensors and flex `mask_mod`s.
 
 Convention: True = the query may attend to the key. Masks are (B or 1, 1, Q, K).
 A query row that would attend to nothing (a padding position) attends to itself only, so softmax

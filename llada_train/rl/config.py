@@ -104,5 +104,5 @@ class RLConfig(StageConfig):
     rl: RLAlgoConfig = field(default_factory=RLAlgoConfig)
 
     def validate(self) -> None:
-        check_value(self.train.grad_accum == 1, "train.grad_accum", "must be 1 for RL (optimizer steps per rollout batch "
-               "come from rl.minibatch_size and rl.updates_per_batch)")
+        check_value(self.train.grad_accum == 1, "train.grad_accum", "must be 1 for RL (optimizer steps per rollout "
+                    "batch come from rl.minibatch_size and rl.updates_per_batch)")

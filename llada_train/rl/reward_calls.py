@@ -1,4 +1,4 @@
-"""Reward functions' contract (DESIGN §8) and one call of one function: specs, resolution of
+"""Reward functions' contract (docs/design.md §8) and one call of one function: specs, resolution of
 `module.path:function` / `path/to/file.py:function`, sync or async calls, result checking.
 
 Contract: `fn(prompts: list[str], completions: list[str], **kwargs) -> list[float | None]`, where

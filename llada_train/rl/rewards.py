@@ -1,4 +1,4 @@
-"""Built-in reward functions (DESIGN §8), referenced in configs as `llada_train.rl.rewards:<name>`:
+"""Built-in reward functions (docs/design.md §8), referenced in configs as `llada_train.rl.rewards:<name>`:
 `math_answer`, `exact_match`, `format`, `code_exec` (sandboxed). The contract, resolution and
 execution live in reward_calls.py, reward_pool.py and reward_scoring.py."""
 

@@ -1,4 +1,4 @@
-"""Rollouts for EBPO (DESIGN §7): G completions per prompt with the threshold decoder, in-process or
+"""Rollouts for EBPO (docs/design.md §7): G completions per prompt with the threshold decoder, in-process or
 in Ray actors.
 
 The unit of work is a *chunk*: `prompts_per_chunk` prompts × G rows decoded as one batch with a

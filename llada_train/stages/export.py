@@ -14,6 +14,7 @@ from ..engine import saved_state_dict
 from ..errors import UserError
 from .common import build_model, build_tokenizer
 
+
 def export_run(run_dir) -> Path:
     run_dir = Path(run_dir)
     config_file = run_dir / "config.yaml"

@@ -120,6 +120,7 @@ def run_pipeline(pipe: Pipeline, log=print) -> bool:
             log(f"[pipeline] {stage}: stopped; run the same command again to resume it")
             return False
         if is_rank0():
+            done.parent.mkdir(parents=True, exist_ok=True)
             done.write_text(to_yaml(pipe.configs[stage]))
     return True
 

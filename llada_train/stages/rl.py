@@ -16,13 +16,13 @@ from dataclasses import replace
 import torch
 import torch.distributed as dist
 
-from ..errors import ConfigError
 from ..data.chat import render_prompt
 from ..data.prompts import load_rl_rows, response_budget
 from ..data.tasks import is_checkable, row_correct
 from ..data.text import BatchIterator
 from ..decoding import complete, generation_config_dict
 from ..engine import init_distributed, reduce_over_ranks
+from ..errors import ConfigError
 from ..rl.estimators import get_estimator
 from ..rl.reward_scoring import RewardComputer
 from ..rl.rollout import build_rollouts, ray_reward_executor, rollout_step, stable_seed

@@ -36,18 +36,7 @@ import torch.nn.functional as F
 from ..config import check_value
 from ..model.masks import AttentionLayout
 from ..random_draws import uniform
-from .policy import (
-    PolicyConfig,
-    RowBatch,
-    check_reference,
-    clipped_policy_loss,
-    k3_kl,
-    kept_rows,
-    masked_logprobs,
-    policy_update,
-    score_in_chunks,
-)
-from .policy import mask_token_id as model_mask_token_id
+from . import policy as shared  # the pieces every estimator shares
 
 
 @dataclass
@@ -62,7 +51,7 @@ class DiffuGRPOConfig:
 
 
 @dataclass
-class DiffuGRPOBatch(RowBatch):
+class DiffuGRPOBatch(shared.RowBatch):
     """One rollout batch, fixed before the updates: pass k's prompt mask scores θ_old, θ and π_ref."""
 
     input_ids: torch.Tensor  # (B, L) prompt + response
@@ -97,7 +86,7 @@ def completion_token_logprobs(model, input_ids: torch.Tensor, response_mask: tor
         raise ValueError(f"completion_token_logprobs: shapes disagree: input_ids {tuple(input_ids.shape)}, "
                          f"response_mask {tuple(response_mask.shape)}, prompt_noise "
                          f"{tuple(prompt_noise.shape)} (expected (B, L), (B, L), (B, K, L))")
-    mask_id = model_mask_token_id(model) if mask_token_id is None else mask_token_id
+    mask_id = shared.mask_token_id(model) if mask_token_id is None else mask_token_id
     real = torch.ones_like(response_mask, dtype=torch.bool) if pad_mask is None else pad_mask.bool()
     scored = response_mask.bool() & real  # (B, L)
     perturbed = prompt_noise & (real & ~scored)[:, None]  # (B, K, L) only prompt tokens
@@ -111,7 +100,7 @@ def completion_token_logprobs(model, input_ids: torch.Tensor, response_mask: tor
     z = torch.cat([torch.where(scored, mask_id, context), context], dim=1)  # (BK, 2L)
     position_ids = torch.arange(padded, device=z.device).repeat(2)[None].expand(bsz * passes, -1)  # (BK, 2L)
     attn = AttentionLayout("diffusion", padded, block_size, pad_mask=real.repeat_interleave(passes, dim=0))
-    logp = masked_logprobs(model, z, attn, position_ids, clean, scored)  # (BK, L)
+    logp = shared.masked_logprobs(model, z, attn, position_ids, clean, scored)  # (BK, L)
     return logp.view(bsz, passes, padded)[..., :length]
 
 
@@ -124,18 +113,18 @@ def _logps_in_chunks(model, batch: DiffuGRPOBatch, chunk: int | None, mask_token
                                                     mask_token_id=mask_token_id)
                           for k in range(part.prompt_noise.shape[1])], dim=1)
 
-    return score_in_chunks(model, batch, chunk, score, tuple(batch.prompt_noise.shape))
+    return shared.score_in_chunks(model, batch, chunk, score, tuple(batch.prompt_noise.shape))
 
 
 def build_diffu_grpo_batch(model, input_ids: torch.Tensor, response_mask: torch.Tensor, rewards: torch.Tensor,
-                           policy: PolicyConfig, options: DiffuGRPOConfig, *, block_size: int,
+                           policy: shared.PolicyConfig, options: DiffuGRPOConfig, *, block_size: int,
                            pad_mask: torch.Tensor | None = None, ref_model=None,
                            generator: torch.Generator | None = None,
                            mask_token_id: int | None = None) -> tuple[DiffuGRPOBatch, dict]:
     """Advantages, zero-variance filtering, one prompt mask per update pass and the θ_old (and π_ref)
     per-token log-probs of one rollout batch; `model` is θ_old. Same contract as `ebpo.build_batch`."""
-    check_reference(policy, ref_model)
-    input_ids, scored, pad_mask, adv, metrics = kept_rows(input_ids, response_mask, rewards, policy, pad_mask)
+    shared.check_reference(policy, ref_model)
+    input_ids, scored, pad_mask, adv, metrics = shared.kept_rows(input_ids, response_mask, rewards, policy, pad_mask)
     prompt = ~scored if pad_mask is None else pad_mask & ~scored  # (B, L)
     noise = sample_prompt_masks(prompt, policy.updates_per_batch, options.p_mask_prompt, generator)  # (B, μ, L)
     batch = DiffuGRPOBatch(input_ids, scored, noise, old_logps=torch.empty(0), advantages=adv,
@@ -147,7 +136,7 @@ def build_diffu_grpo_batch(model, input_ids: torch.Tensor, response_mask: torch.
     return batch, metrics
 
 
-def diffu_grpo_minibatch_loss(model, batch: DiffuGRPOBatch, policy: PolicyConfig, update_pass: int = 0, *,
+def diffu_grpo_minibatch_loss(model, batch: DiffuGRPOBatch, policy: shared.PolicyConfig, update_pass: int = 0, *,
                               mask_token_id: int | None = None) -> tuple[torch.Tensor, dict]:
     """Per-token clipped surrogate of one minibatch under the current θ, with pass `update_pass`'s
     prompt mask and θ_old log-probs; mean over the minibatch's scored tokens (+ β·mean per-token k3)."""
@@ -156,20 +145,21 @@ def diffu_grpo_minibatch_loss(model, batch: DiffuGRPOBatch, policy: PolicyConfig
                                      batch.prompt_noise[:, k:k + 1], pad_mask=batch.pad_mask,
                                      mask_token_id=mask_token_id)[:, 0]  # (B, L)
     log_ratio = logp - batch.old_logps[:, k]  # (B, L), 0 at unscored positions
-    kl = None if batch.ref_logps is None or policy.kl_beta == 0 else k3_kl(batch.ref_logps[:, k] - logp)
-    return clipped_policy_loss(log_ratio, batch.advantages, eps_low=policy.eps_low, eps_high=policy.eps_high,
+    kl = None if batch.ref_logps is None or policy.kl_beta == 0 else shared.k3_kl(batch.ref_logps[:, k] - logp)
+    return shared.clipped_policy_loss(log_ratio, batch.advantages, eps_low=policy.eps_low, eps_high=policy.eps_high,
                                mask=batch.response_mask, kl=kl, beta=policy.kl_beta)
 
 
 def diffu_grpo_update(model, step_fn: Callable[[torch.Tensor | None], None], batch: DiffuGRPOBatch,
-                      policy: PolicyConfig, options: DiffuGRPOConfig, *, generator: torch.Generator | None = None,
-                      mask_token_id: int | None = None, steps_per_pass: int | None = None) -> list[dict]:
+                      policy: shared.PolicyConfig, options: DiffuGRPOConfig, *,
+                      generator: torch.Generator | None = None, mask_token_id: int | None = None,
+                      steps_per_pass: int | None = None) -> list[dict]:
     """`policy_update` with the diffu-GRPO loss: pass k scores with prompt mask k. The masks were drawn
     with the batch, so `options` (kept for the registry's one signature) has nothing left to set here."""
     def loss_fn(part, update_pass):
         return diffu_grpo_minibatch_loss(model, part, policy, update_pass, mask_token_id=mask_token_id)
 
-    return policy_update(step_fn, batch, policy, loss_fn, generator=generator, steps_per_pass=steps_per_pass)
+    return shared.policy_update(step_fn, batch, policy, loss_fn, generator=generator, steps_per_pass=steps_per_pass)
 
 
 __all__ = [

@@ -4,9 +4,10 @@ list of valid `rl.estimator` names, and the RL stage takes an estimator's two st
 An estimator is two functions with the signatures of `rl/ebpo.py`'s `build_batch` and
 `ebpo_update`:
 
-    build_batch(model, input_ids, response_mask, rewards, policy, options, *, block_size, pad_mask,
-                ref_model, generator) -> (batch, metrics)
-    update(model, step_fn, batch, policy, options, *, generator, steps_per_pass) -> [metrics, ...]
+    build_batch(model, input_ids, response_mask, rewards, policy, options, *, block_size, pad_mask=None,
+                ref_model=None, generator=None, mask_token_id=None) -> (batch, metrics)
+    update(model, step_fn, batch, policy, options, *, generator=None, mask_token_id=None,
+           steps_per_pass=None) -> [metrics, ...]
 
 `policy` is the `rl` section (`rl/policy.py`'s PolicyConfig keys); `options` is the estimator's own
 config section `rl.<name>` (None for an estimator without keys).

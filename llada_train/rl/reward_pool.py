@@ -20,7 +20,7 @@ from llada_train.rl import sandbox
 from .reward_calls import RewardError, RewardSpec, Scores, call_reward, resolve_reward
 
 _HEADER = struct.Struct(">Q")
-_PKG_ROOT = str(Path(__file__).resolve().parents[2])
+_PKG_ROOT = str(Path(__file__).resolve().parents[2])  # the folder holding llada_train (checkout or site-packages)
 
 
 def _send(fd: int, obj) -> None:

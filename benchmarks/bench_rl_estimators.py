@@ -38,13 +38,13 @@ import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.common import RESULTS, write_results
-from llada_train.config import load_config
 from llada_train.data.prompts import load_rl_rows
 from llada_train.data.tasks import row_correct
 from llada_train.data.tokenizer import load_tokenizer
 from llada_train.decoding import complete
 from llada_train.model import LLaDA2MoeModelLM
 from llada_train.rl.rollout import LocalRollouts, rollout_step
+from llada_train.stages.registry import load_stage_config
 from llada_train.stages.rl import rl_response_budget, run_rl
 from llada_train.stages.sft import run_sft
 
@@ -207,7 +207,7 @@ def base_overrides(args, sft_cfg: dict) -> list[str]:
 def arm_config(args, overrides: list[str], sft_cfg: dict):
     """The RL config of an arm, with the SFT run's families and options (replacing the YAML's: an
     override would merge the option dicts)."""
-    cfg = load_config("rl", args.rl_config, overrides)
+    cfg = load_stage_config("rl", args.rl_config, overrides)
     cfg.data.tasks = list(sft_cfg["data"]["tasks"])
     cfg.data.task_options = dict(sft_cfg["data"].get("task_options") or {})
     return cfg
@@ -227,7 +227,7 @@ def run_sft_baseline(args, evaluator: HeldoutEval, work: Path) -> None:
     """More SFT (gold answers) from the same export for --sft-baseline-steps, sized to about an RL
     arm's training wall-clock: does RL's reward signal beat simply training on the labels?"""
     out, steps = work / "sft_baseline", args.sft_baseline_steps
-    cfg = load_config("sft", args.sft_baseline, [f"model.init_from={args.sft}", f"run.out_dir={out}",
+    cfg = load_stage_config("sft", args.sft_baseline, [f"model.init_from={args.sft}", f"run.out_dir={out}",
                                                  f"train.steps={steps}", f"optim.lr={args.sft_baseline_lr}",
                                                  f"train.eval_every={steps}", f"train.save_every={steps}"])
     evaluator.begin(SFT_ARM)

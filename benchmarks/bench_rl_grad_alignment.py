@@ -25,7 +25,6 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.bench_rl_estimators import arm_config, read_sft_run
 from benchmarks.common import write_results
-from llada_train.config import load_config
 from llada_train.data.chat import tokenize_chat
 from llada_train.data.prompts import load_rl_rows
 from llada_train.data.tasks import row_correct
@@ -35,6 +34,7 @@ from llada_train.model import LLaDA2MoeModelLM
 from llada_train.rl import ebpo
 from llada_train.rl.policy import zero_variance_groups
 from llada_train.rl.rollout import LocalRollouts, rollout_step
+from llada_train.stages.registry import load_stage_config
 from llada_train.stages.rl import rl_response_budget
 
 
@@ -115,7 +115,7 @@ def main():
     sft_raw = read_sft_run(args.sft)
     cfg = arm_config(argparse.Namespace(rl_config=args.rl_config), [f"model.init_from={args.sft}", "rl.advantage=none",
                      f"diffusion.block_size={sft_raw['diffusion']['block_size']}", "data.train=tasks"], sft_raw)
-    sft_cfg = load_config("sft", str(Path(args.sft).parent / "config.yaml"), [])
+    sft_cfg = load_stage_config("sft", str(Path(args.sft).parent / "config.yaml"), [])
     tokenizer = load_tokenizer(args.sft)
     model = LLaDA2MoeModelLM.from_pretrained(args.sft)
     train_rows, _ = load_rl_rows(cfg.data, cfg.run.seed)

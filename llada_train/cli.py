@@ -62,9 +62,9 @@ def run_stage(stage: str, argv: list[str]) -> int:
 
 def _load_job(stage: str, args, overrides: list[str]):
     """(the resolved config as YAML, the job to run) for a stage or the pipeline."""
-    from .config import load_config, to_yaml
+    from .config import to_yaml
     from .stages.pipeline import load_pipeline, run_pipeline
-    from .stages.registry import get_stage
+    from .stages.registry import get_stage, load_stage_config
 
     if stage == "pipeline":
         pipe = load_pipeline(args.config, overrides, args.resume)
@@ -77,7 +77,7 @@ def _load_job(stage: str, args, overrides: list[str]):
             return finished
 
         return text, job
-    cfg = load_config(stage, args.config, overrides)
+    cfg = load_stage_config(stage, args.config, overrides)
     return to_yaml(cfg), partial(get_stage(stage).runner(), cfg)
 
 

@@ -167,10 +167,10 @@ def write_report(run_dir) -> Path:
         lines += ["## RL (EBPO)", "", f"![rl]({PLOTS['rl']})", ""]
     models = {s: run_dir / s / "hf" for s in ("sft", "rl") if (run_dir / s / "hf" / "config.json").is_file()}
     if models and (run_dir / "rl" / "config.yaml").is_file():
-        from .config import load_config
         from .data.prompts import load_heldout_rows
+        from .stages.registry import load_stage_config
 
-        rl_cfg = load_config("rl", str(run_dir / "rl" / "config.yaml"))  # the RL stage's own held-out prompts
+        rl_cfg = load_stage_config("rl", str(run_dir / "rl" / "config.yaml"))  # the RL stage's own held-out prompts
         rows, field = load_heldout_rows(rl_cfg.data, rl_cfg.run.seed), rl_cfg.data.prompt_field
         scores = {f"{s.upper()} {mode}": score_model(path, rows, field, mode) for s, path in models.items()
                   for mode in ("S", "Q")}

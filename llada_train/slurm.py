@@ -24,10 +24,10 @@ import sys
 import time
 from pathlib import Path
 
-from .config import load_config, to_yaml
+from .config import to_yaml
 from .errors import ConfigError, UserError
 from .presets import TEMPLATE_DIR
-from .stages.registry import STAGES
+from .stages.registry import STAGES, load_stage_config
 
 JOBS_FILE = "jobs.jsonl"  # RUN_DIR/slurm/jobs.jsonl: one line per submitted job
 _TIME = re.compile(r"^(\d+-\d+(:\d+){0,2}|\d+(:\d+){0,2}|unlimited|infinite)$", re.IGNORECASE)
@@ -152,7 +152,7 @@ def _directives(opts) -> str:
 
 def load_stage(stage: str, config: str | None, overrides: list[str], rl_layout: str = "ray"):
     """The stage config as the job will run it."""
-    return for_slurm(stage, load_config(stage, config, overrides), rl_layout)
+    return for_slurm(stage, load_stage_config(stage, config, overrides), rl_layout)
 
 
 def for_slurm(stage: str, cfg, rl_layout: str = "ray"):

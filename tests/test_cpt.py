@@ -15,7 +15,8 @@ import torch
 from safetensors.torch import load_file
 
 from llada_train import checkpoint as ckpt_lib
-from llada_train.config import ConfigError, load_config
+from llada_train.config import ConfigError
+from llada_train.stages.registry import load_stage_config
 from tests.conftest import CONFIGS, REPO
 
 TINY = [
@@ -177,15 +178,15 @@ def test_resume_auto_never_picks_a_partial_or_corrupt_checkpoint(tmp_path):
 
 def test_config_errors_name_key_and_suggest():
     with pytest.raises(ConfigError, match=r"unknown config key 'train.stpes'.*Did you mean 'train.steps'"):
-        load_config("cpt", "configs/cpt_tiny.yaml", ["train.stpes=3"])
+        load_stage_config("cpt", "configs/cpt_tiny.yaml", ["train.stpes=3"])
     with pytest.raises(ConfigError, match=r"bad value for 'train.steps'"):
-        load_config("cpt", None, ["train.steps=many"])
+        load_stage_config("cpt", None, ["train.steps=many"])
     with pytest.raises(ConfigError, match=r"data.seq_len.*multiple of diffusion.block_size"):
-        load_config("cpt", None, ["data.seq_len=30", "diffusion.block_size=8"])
+        load_stage_config("cpt", None, ["data.seq_len=30", "diffusion.block_size=8"])
     with pytest.raises(ConfigError, match=r"missing value for 'data.train'"):
-        load_config("sft", None, [])
+        load_stage_config("sft", None, [])
     with pytest.raises(ConfigError, match=r"config file not found: nope.yaml"):
-        load_config("cpt", "nope.yaml", [])
+        load_stage_config("cpt", "nope.yaml", [])
 
 
 def test_cli_reports_bad_config_and_bad_data_path(tmp_path):
@@ -205,6 +206,6 @@ def test_values_a_yaml_marks_required_must_be_given():
     """configs/convert_cpt.yaml marks `???` keys that have schema defaults; the default must not win."""
     path = str(CONFIGS / "convert_cpt.yaml")
     with pytest.raises(ConfigError, match=r"missing value for 'model.init_from'"):
-        load_config("cpt", path)
-    cfg = load_config("cpt", path, ["model.init_from=/models/x", "diffusion.mask_embed_noise_std=0.02"])
+        load_stage_config("cpt", path)
+    cfg = load_stage_config("cpt", path, ["model.init_from=/models/x", "diffusion.mask_embed_noise_std=0.02"])
     assert (cfg.model.init_from, cfg.diffusion.mask_embed_noise_std) == ("/models/x", 0.02)

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from llada_train.cli import main
-from llada_train.config import ConfigError, load_config
+from llada_train.config import ConfigError
 from llada_train.model import LLaDA2MoeModelLM, block_causal_mask
 from llada_train.rl.diffu_grpo import (
     DiffuGRPOConfig,
@@ -22,6 +22,7 @@ from llada_train.rl.diffu_grpo import (
     sample_prompt_masks,
 )
 from llada_train.rl.policy import PolicyConfig
+from llada_train.stages.registry import load_stage_config
 from tests.conftest import CONFIGS, tiny_config
 from tests.test_ebpo import _setup as ebpo_setup
 
@@ -214,8 +215,8 @@ def test_rl_cli_with_diffu_grpo_runs_and_logs(tmp_path):
 
 def test_bad_estimator_names_the_key():
     with pytest.raises(ConfigError, match=r"rl.estimator"):
-        load_config("rl", str(CONFIGS / "rl_tiny.yaml"), ["rl.estimator=ppo"])
+        load_stage_config("rl", str(CONFIGS / "rl_tiny.yaml"), ["rl.estimator=ppo"])
     with pytest.raises(ConfigError, match=r"rl\.diffu_grpo\.p_mask_prompt"):
-        load_config("rl", str(CONFIGS / "rl_tiny.yaml"), ["rl.diffu_grpo.p_mask_prompt=1.0"])
+        load_stage_config("rl", str(CONFIGS / "rl_tiny.yaml"), ["rl.diffu_grpo.p_mask_prompt=1.0"])
     with pytest.raises(ConfigError, match=r"rl\.estimator"):
         PolicyConfig(estimator="grpo")

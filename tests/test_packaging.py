@@ -11,7 +11,6 @@ from pathlib import Path
 import pytest
 
 from llada_train.cli import main
-from llada_train.config import load_config
 from llada_train.errors import ConfigError, UserError
 from llada_train.presets import (
     MODEL_PRESET_DIR,
@@ -24,6 +23,7 @@ from llada_train.presets import (
     resolve_config,
 )
 from llada_train.stages.pipeline import load_pipeline
+from llada_train.stages.registry import load_stage_config
 from tests.conftest import REPO
 
 TINY = PRESET_DIR / "pipeline_tiny.yaml"
@@ -73,7 +73,7 @@ def test_model_preset_path_by_name_or_file(tmp_path, monkeypatch):
 
 def test_stage_and_pipeline_presets_load_from_any_directory(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
-    assert load_config("cpt", "cpt_tiny").run.name == "cpt_tiny"
+    assert load_stage_config("cpt", "cpt_tiny").run.name == "cpt_tiny"
     pipe = load_pipeline("pipeline_tiny", [f"out_dir={tmp_path}/demo"])
     assert pipe.stages == ["cpt", "sft", "rl"] and pipe.configs["cpt"].train.steps == 80
     # a pipeline file's `config:` entries: a path from the current directory first, else a preset name

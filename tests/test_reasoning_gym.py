@@ -148,10 +148,10 @@ def test_rg_rows_through_sft_and_rl_clis_and_generate_decodes_as_the_rl_eval(tmp
     assert any(r.get("reward/reasoning_gym/applicable") == 1.0 for r in records)  # every rollout row is rg
 
     # The final held-out eval's completions (4 prompts, one completion each) vs the CLI on the export.
-    from llada_train.config import load_config
     from llada_train.data.prompts import load_heldout_rows
+    from llada_train.stages.registry import load_stage_config
 
-    rl_cfg = load_config("rl", str(rl / "config.yaml"))
+    rl_cfg = load_stage_config("rl", str(rl / "config.yaml"))
     held = load_heldout_rows(rl_cfg.data, rl_cfg.run.seed)
     calls = [json.loads(x) for x in capture.read_text().splitlines()]
     last_eval = [c for c in calls if c["prompts"] == [r["prompt"] for r in held]][-1]

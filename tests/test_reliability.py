@@ -24,13 +24,14 @@ import pytest
 import torch
 
 from llada_train import checkpoint as ckpt_lib
-from llada_train.config import ConfigError, ModelConfig, load_config
+from llada_train.config import ConfigError, ModelConfig
 from llada_train.data.text import MAX_LINE_CHARS, BatchIterator, build_corpus
 from llada_train.data.tokenizer import load_tokenizer
 from llada_train.rl.reward_calls import RewardSpec
 from llada_train.rl.reward_pool import LocalRewardPool
 from llada_train.rl.reward_scoring import RewardComputer
 from llada_train.stages.common import build_model
+from llada_train.stages.registry import load_stage_config
 from tests.conftest import REPO
 from tests.test_cpt import free_port, losses, tiny_args
 
@@ -120,7 +121,7 @@ def test_nonfinite_steps_are_skipped_counted_and_stop_keeps_pre_streak_checkpoin
     counted; the run stops at train.max_bad_steps=3 and its newest checkpoint is step 4."""
     first_bad, max_bad = 5, 3
     tok = load_tokenizer(None)
-    cfg = load_config("cpt", "configs/cpt_tiny.yaml", [a for a in tiny_args("x", ref.cache, *COMMON)[3:]])
+    cfg = load_stage_config("cpt", "configs/cpt_tiny.yaml", [a for a in tiny_args("x", ref.cache, *COMMON)[3:]])
     d = cfg.data
     corpus = build_corpus(d.paths, tok, seq_len=d.seq_len, eval_fraction=d.eval_fraction, seed=cfg.run.seed,
                           max_docs=d.max_docs, cache_dir=d.cache_dir, text_field=d.text_field)
@@ -324,9 +325,9 @@ def test_disk_full_on_one_rank_fails_the_save_on_all_ranks(tmp_path, ref):
 
 def test_on_save_error_is_validated():
     with pytest.raises(ConfigError, match=r"train.on_save_error"):
-        load_config("cpt", None, ["train.on_save_error=ignore"])
+        load_stage_config("cpt", None, ["train.on_save_error=ignore"])
     with pytest.raises(ConfigError, match=r"train.max_bad_steps"):
-        load_config("cpt", None, ["train.max_bad_steps=0"])
+        load_stage_config("cpt", None, ["train.max_bad_steps=0"])
 
 
 # ----------------------------------------------------------------------------- hostile corpus

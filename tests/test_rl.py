@@ -12,10 +12,11 @@ import pytest
 import torch
 
 from llada_train.cli import main
-from llada_train.config import ConfigError, load_config
+from llada_train.config import ConfigError
 from llada_train.data.tokenizer import load_tokenizer
 from llada_train.rl.config import RayConfig
 from llada_train.rl.rollout import LocalRollouts, RayRollouts, rollout_step
+from llada_train.stages.registry import load_stage_config
 from tests.conftest import CONFIGS, REPO, tiny_config
 from tests.test_cpt import free_port
 
@@ -176,21 +177,21 @@ def test_rollout_seeds_are_the_same_in_every_process():
 
 def test_rl_config_errors_name_the_key(tmp_path):
     with pytest.raises(ConfigError, match=r"rl.group_size"):
-        load_config("rl", str(CONFIGS / "rl_tiny.yaml"), ["rl.group_size=1"])
+        load_stage_config("rl", str(CONFIGS / "rl_tiny.yaml"), ["rl.group_size=1"])
     with pytest.raises(ConfigError, match=r"rl.ebpo.t_min"):
-        load_config("rl", str(CONFIGS / "rl_tiny.yaml"), ["rl.ebpo.t_min=0"])
+        load_stage_config("rl", str(CONFIGS / "rl_tiny.yaml"), ["rl.ebpo.t_min=0"])
     with pytest.raises(ConfigError, match=r"rl.rewards entry 'no_colon': fn must be 'module.path:function'"):
-        load_config("rl", str(CONFIGS / "rl_tiny.yaml"), ["rl.rewards=[{fn: no_colon}]"])
+        load_stage_config("rl", str(CONFIGS / "rl_tiny.yaml"), ["rl.rewards=[{fn: no_colon}]"])
     with pytest.raises(ConfigError, match=r"Did you mean 'rl.group_size'"):
-        load_config("rl", str(CONFIGS / "rl_tiny.yaml"), ["rl.group_sise=4"])
+        load_stage_config("rl", str(CONFIGS / "rl_tiny.yaml"), ["rl.group_sise=4"])
     with pytest.raises(ConfigError, match=r"data.train"):
-        load_config("rl", str(CONFIGS / "rl_tiny.yaml"), [f"data.train={tmp_path}/missing.jsonl"])
+        load_stage_config("rl", str(CONFIGS / "rl_tiny.yaml"), [f"data.train={tmp_path}/missing.jsonl"])
 
 
 def test_data_parallel_layout_errors_name_the_key():
     from llada_train.stages.rl import check_data_parallel
 
-    cfg = load_config("rl", str(CONFIGS / "rl_tiny.yaml"), ["rl.minibatch_size=6", "rl.ray.enabled=true"])
+    cfg = load_stage_config("rl", str(CONFIGS / "rl_tiny.yaml"), ["rl.minibatch_size=6", "rl.ray.enabled=true"])
     check_data_parallel(cfg, 1)  # one process: Ray rollouts are fine
     with pytest.raises(ValueError, match=r"rl.ray.enabled=false"):
         check_data_parallel(cfg, 2)
@@ -274,7 +275,7 @@ def test_step_fn_skipped_steps_are_counted(tmp_path):
         return {"loss": sum(losses) / len(losses)}
 
     def trainer(steps):
-        cfg = load_config("rl", str(CONFIGS / "rl_tiny.yaml"),
+        cfg = load_stage_config("rl", str(CONFIGS / "rl_tiny.yaml"),
                           [f"run.out_dir={tmp_path}", f"train.steps={steps}", "train.batch_size=2",
                            "train.log_every=1", "train.save_every=1", "train.export_hf=false"])
         torch.manual_seed(0)

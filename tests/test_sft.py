@@ -15,7 +15,6 @@ from llada_train.config import (
     MTFConfig,
     NoiseConfig,
     T2TConfig,
-    load_config,
 )
 from llada_train.data.chat import tokenize_chat
 from llada_train.data.tasks import make_rows, write_jsonl
@@ -30,6 +29,7 @@ from llada_train.diffusion import (
     training_loss,
 )
 from llada_train.model import LLaDA2MoeModelLM
+from llada_train.stages.registry import load_stage_config
 from llada_train.stages.sft import apply_lora, load_sft_splits
 from tests.conftest import tiny_config
 from tests.test_cpt import cli
@@ -205,7 +205,7 @@ def test_lora_trains_only_adapters_and_merged_export_matches_peft(tmp_path, tok)
     assert any(".experts." in k for k in adapters) and any("query_key_value" in k for k in adapters)
     assert all(v.abs().sum() > 0 for k, v in adapters.items() if ".lora_B." in k)  # B starts at zero
 
-    cfg = load_config("sft", "configs/sft_tiny_lora.yaml", [f"model.init_from={base_dir}"])
+    cfg = load_stage_config("sft", "configs/sft_tiny_lora.yaml", [f"model.init_from={base_dir}"])
     peft_model = apply_lora(LLaDA2MoeModelLM.from_pretrained(base_dir), cfg.lora)
     peft_model.load_state_dict(trained)
     merged = AutoModelForCausalLM.from_pretrained(run / "hf")
@@ -239,30 +239,31 @@ def test_malformed_rows_are_counted_and_reported_not_fatal(tmp_path):
 
 def test_config_and_data_errors_name_the_key(tmp_path):
     with pytest.raises(ConfigError, match=r"diffusion.block_schedule\[0\].*divide data.max_len 32"):
-        load_config("sft", "configs/sft_tiny.yaml", ["diffusion.block_schedule=[[10, 12]]"])
+        load_stage_config("sft", "configs/sft_tiny.yaml", ["diffusion.block_schedule=[[10, 12]]"])
     with pytest.raises(ConfigError, match=r"lora.dropout.*experts"):  # the LoRA section checks itself on load
-        load_config("sft", "configs/sft_tiny_lora.yaml", ["lora.dropout=0.1"])
+        load_stage_config("sft", "configs/sft_tiny_lora.yaml", ["lora.dropout=0.1"])
     with pytest.raises(ConfigError, match=r"lora.rank"):
-        load_config("sft", "configs/sft_tiny_lora.yaml", ["lora.rank=0"])
-    cfg = load_config("sft", "configs/sft_tiny_lora.yaml", ["lora.target_modules=[nope]"])
+        load_stage_config("sft", "configs/sft_tiny_lora.yaml", ["lora.rank=0"])
+    cfg = load_stage_config("sft", "configs/sft_tiny_lora.yaml", ["lora.target_modules=[nope]"])
     with pytest.raises(ConfigError, match=r"lora.target_modules"):
         apply_lora(LLaDA2MoeModelLM(tiny_config()), cfg.lora)
-    cfg = load_config("sft", "configs/sft_tiny.yaml", [f"data.train={tmp_path}/missing.jsonl"])
+    cfg = load_stage_config("sft", "configs/sft_tiny.yaml", [f"data.train={tmp_path}/missing.jsonl"])
     with pytest.raises(ValueError, match=r"missing.jsonl"):
         load_sft_splits(cfg)
-    cfg = load_config("sft", "configs/sft_tiny.yaml", ["data.tasks=[nope]"])
+    cfg = load_stage_config("sft", "configs/sft_tiny.yaml", ["data.tasks=[nope]"])
     with pytest.raises(ConfigError, match=r"data.tasks.*nope"):
         load_sft_splits(cfg)
-    cfg = load_config("sft", "configs/sft_tiny.yaml", ["data.task_options={sorting: {length: 3}}"])
+    cfg = load_stage_config("sft", "configs/sft_tiny.yaml", ["data.task_options={sorting: {length: 3}}"])
     with pytest.raises(ConfigError, match=r"data.task_options.*sorting"):
         load_sft_splits(cfg)
 
 
 def test_task_options_shape_the_generated_rows():
-    cfg = load_config("sft", "configs/sft_tiny.yaml", ["data.tasks=[sorting]", "data.num_train=50", "data.num_eval=10",
-                                                       "data.task_options={sorting: {min_len: 2, max_len: 3}}"])
+    cfg = load_stage_config("sft", "configs/sft_tiny.yaml",
+                            ["data.tasks=[sorting]", "data.num_train=50", "data.num_eval=10",
+                             "data.task_options={sorting: {min_len: 2, max_len: 3}}"])
     train, held_out = load_sft_splits(cfg)
     assert len(train.rows) == 50 and len(held_out.rows) == 10
-    assert load_sft_splits(load_config("sft", "configs/sft_tiny.yaml", ["data.num_eval=0"]))[1] is None
+    assert load_sft_splits(load_stage_config("sft", "configs/sft_tiny.yaml", ["data.num_eval=0"]))[1] is None
     assert {len(r["answer"]) for r in train.rows + held_out.rows} == {2, 3}
     assert not {r["messages"][0]["content"] for r in train.rows} & {r["messages"][0]["content"] for r in held_out.rows}

@@ -183,9 +183,10 @@ def test_tiny_model_trains_in_ufp4():
 
 
 def test_precision_scale_rounding_config_key():
-    from llada_train.config import ConfigError, load_config
+    from llada_train.config import ConfigError
+    from llada_train.stages.registry import load_stage_config
 
-    assert load_config("cpt", None, []).precision.scale_rounding == "nearest"
-    assert load_config("cpt", None, ["precision.scale_rounding=up"]).precision.scale_rounding == "up"
+    assert load_stage_config("cpt", None, []).precision.scale_rounding == "nearest"
+    assert load_stage_config("cpt", None, ["precision.scale_rounding=up"]).precision.scale_rounding == "up"
     with pytest.raises(ConfigError, match=r"precision.scale_rounding.*nearest or up"):
-        load_config("cpt", None, ["precision.scale_rounding=down"])
+        load_stage_config("cpt", None, ["precision.scale_rounding=down"])

@@ -9,10 +9,10 @@ import json
 from pathlib import Path
 
 from .. import checkpoint as ckpt_lib
-from ..config import load_config
 from ..engine import saved_state_dict
 from ..errors import UserError
 from .common import build_model, build_tokenizer
+from .registry import load_stage_config
 
 
 def export_run(run_dir) -> Path:
@@ -24,7 +24,7 @@ def export_run(run_dir) -> Path:
     if ckpt is None:
         raise UserError(f"{run_dir}: no complete checkpoint under {run_dir / 'checkpoints'} to export")
     stage = json.loads((ckpt / ckpt_lib.STATE).read_text())["stage"]
-    cfg = load_config(stage, str(config_file))
+    cfg = load_stage_config(stage, str(config_file))
     tokenizer = build_tokenizer(cfg.model)
     model = build_model(cfg.model, tokenizer, cfg.run.seed)
     lora = getattr(cfg, "lora", None)

@@ -21,9 +21,9 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
-from ..config import ConfigError, load_config, parse_override, to_yaml
+from ..config import ConfigError, parse_override, to_yaml
 from ..presets import resolve_config
-from .registry import STAGES, get_stage
+from .registry import STAGES, get_stage, load_stage_config
 
 DONE = "DONE"
 
@@ -100,7 +100,7 @@ def load_pipeline(path: str | None, overrides: list[str], resume: str | None = N
         if resume:
             wired.append(f"run.resume={resume}")
         try:
-            pipe.configs[stage] = load_config(stage, stage_file, _flatten(section) + cli[stage] + wired)
+            pipe.configs[stage] = load_stage_config(stage, stage_file, _flatten(section) + cli[stage] + wired)
         except ConfigError as e:
             raise ConfigError(f"{path} [{stage}]: {e}") from e
         previous = stage

@@ -10,6 +10,7 @@ import importlib
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from ..config import load_config, reference_markdown
 from ..errors import ConfigError
 
 
@@ -50,9 +51,18 @@ def get_stage(name: str) -> Stage:
     return STAGES[name]
 
 
+def load_stage_config(name: str, config_path: str | None = None, overrides: list[str] | None = None):
+    """The resolved, validated config of the registered stage `name` (`config.load_config`)."""
+    return load_config(get_stage(name).config_schema(), config_path, overrides)
+
+
 register_stage("cpt", "continual pre-training on a text corpus", "llada_train.config:CPTConfig",
                "llada_train.stages.cpt:run_cpt")
 register_stage("sft", "supervised fine-tuning on chat data", "llada_train.config:SFTConfig",
                "llada_train.stages.sft:run_sft")
 register_stage("rl", "reinforcement learning (EBPO) with reward functions", "llada_train.rl.config:RLConfig",
                "llada_train.stages.rl:run_rl")
+
+
+if __name__ == "__main__":  # docs/config.md
+    print(reference_markdown({s.name: s.config_schema() for s in STAGES.values()}), end="")

@@ -21,6 +21,7 @@ from omegaconf.errors import (
 
 from .errors import ConfigError
 from .presets import model_preset_path, resolve_config
+from .teachers import TEACHERS
 
 
 def check_value(cond: bool, key: str, msg: str) -> None:
@@ -80,9 +81,18 @@ class ChatDataConfig:
     max_len: int = 64  # tokens per example after EOS padding (a multiple of diffusion.block_size)
     truncate: str = "drop"  # drop | truncate
     pack: bool = False  # pack several examples per row with document masks
+    teacher: str = ""  # data.train = tasks: an imperfect teacher's answers on train rows (teachers.py); "" = gold
+    teacher_error_rate: float = 0.6  # share of the train rows where the teacher's bug shows that get its answer
 
     def __post_init__(self):
         check_value(self.truncate in ("drop", "truncate"), "data.truncate", "use drop or truncate")
+        if self.teacher:
+            check_value(self.teacher in TEACHERS, "data.teacher", f"use one of {sorted(TEACHERS)} (or \"\" for gold)")
+            task = TEACHERS[self.teacher].task
+            check_value(self.train == "tasks" and task in self.tasks, "data.teacher",
+                        f"'{self.teacher}' answers the task family {task!r}: needs data.train=tasks with it in "
+                        f"data.tasks (got data.train={self.train!r}, data.tasks={list(self.tasks)})")
+            check_value(0 < self.teacher_error_rate <= 1, "data.teacher_error_rate", "must be in (0, 1]")
 
 
 @dataclass

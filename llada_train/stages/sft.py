@@ -11,7 +11,6 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from ..config import ConfigError
 from ..data.chat import ChatStats, load_chat_rows, response_spans, tokenize_chat
 from ..data.prompts import response_budget
 from ..data.sources import MalformedRow
@@ -19,6 +18,8 @@ from ..data.tasks import is_checkable, make_rows, row_correct
 from ..data.text import BatchIterator
 from ..decoding import DEFAULT_GEN_LENGTH, complete, generation_config_dict
 from ..engine import init_distributed
+from ..errors import ConfigError, UserError
+from ..teachers import TEACHERS, apply_teacher
 from ..trainer import BatchSource, Trainer
 from .common import build_model, build_tokenizer, diffusion_loss_fn, eval_loss_fn
 
@@ -35,7 +36,7 @@ def run_sft(cfg) -> bool:
     train_split, eval_split = load_sft_splits(cfg)
     train = sft_tensors(train_split, tokenizer, cfg)
     if len(train["input_ids"]) < cfg.train.batch_size:
-        raise ValueError(f"data.train {train_split.source!r}: {len(train['input_ids'])} usable examples, fewer "
+        raise UserError(f"data.train {train_split.source!r}: {len(train['input_ids'])} usable examples, fewer "
                          f"than one batch (train.batch_size {cfg.train.batch_size}); add data or lower the batch size")
     model = build_model(cfg.model, tokenizer, cfg.run.seed, cfg.precision)
     if cfg.lora.enabled:
@@ -84,9 +85,15 @@ def load_sft_splits(cfg) -> tuple[ChatSplit, ChatSplit | None]:
             if not d.eval and d.num_eval > 0:
                 generated = make_rows(list(d.tasks), d.num_eval, split="eval", seed=cfg.run.seed, kind="sft",
                                       **options)
-        except ValueError as e:
+        except UserError as e:  # not ValueError: a bug inside a generator keeps its traceback
             raise ConfigError(f"bad value for 'data.tasks' / 'data.task_options' / 'data.num_*': {e}") from e
-        train_split = ChatSplit("tasks", *load_chat_rows(train))
+        source = "tasks"
+        if d.teacher:
+            train, taught = apply_teacher(train, d.teacher, d.teacher_error_rate, cfg.run.seed)
+            source = (f"tasks, {d.teacher} ({TEACHERS[d.teacher].bug}) on {taught['rows']} rows: wrong on "
+                      f"{taught['wrong']} of the {taught['bug_applies']} where its bug shows, right on "
+                      f"{taught['right_share']:.1%}")
+        train_split = ChatSplit(source, *load_chat_rows(train))
     else:
         train_split = ChatSplit(d.train, *load_chat_rows(d.train, split="train"))
     if generated is not None:
@@ -105,7 +112,7 @@ def sft_tensors(split: ChatSplit, tokenizer, cfg) -> dict:
     dataset = tokenize_chat(split.rows, tokenizer, block_size=cfg.diffusion.block_size, max_len=d.max_len,
                             truncate=d.truncate, pack=d.pack, stats=split.stats)
     if len(dataset) == 0:
-        raise ValueError(f"{split.source}: no usable SFT examples ({split.stats.summary()}); fix the rows, raise "
+        raise UserError(f"{split.source}: no usable SFT examples ({split.stats.summary()}); fix the rows, raise "
                          f"data.max_len (now {d.max_len}) or set data.truncate=truncate")
     columns = {"input_ids": ("input_ids", tokenizer.eos_token_id), "maskable": ("response_mask", False),
                "doc_ids": ("doc_ids", -1)}

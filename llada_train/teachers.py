@@ -1,0 +1,95 @@
+"""Imperfect teachers: SFT answers from a teacher with a realistic, systematic bug instead of the
+generator's gold answer (`data.teacher`, `data.teacher_error_rate`).
+
+A distillation set made by a real teacher model is right on most rows and wrong in a consistent
+way on some; a model trained on it learns both behaviours. Labels cannot remove what they teach,
+but a verifier that knows the gold answer can: this is the setting where RL does a job SFT cannot
+(docs/design.md §14). Each teacher answers one task family; on a train row where its bug shows, it
+gives its wrong answer with probability `error_rate` (a hash of the problem, so the same rows are
+wrong in every run). Held-out rows always keep the gold answer.
+
+Registered once here (the registry is the list of valid `data.teacher` names); a teacher is a
+function of the row, so this module needs nothing from the data package.
+"""
+
+import hashlib
+import json
+from collections.abc import Callable
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Teacher:
+    name: str
+    task: str  # the task family it answers (`data.tasks` entry)
+    wrong_answer: Callable[[dict], str | None]  # an SFT row -> the bug's answer, None where it does not show
+    bug: str  # one line for logs and docs
+
+
+TEACHERS: dict[str, Teacher] = {}
+
+
+def register_teacher(teacher: Teacher) -> Teacher:
+    if teacher.name in TEACHERS:
+        raise ValueError(f"teacher '{teacher.name}' is registered already")
+    TEACHERS[teacher.name] = teacher
+    return teacher
+
+
+def _problem(row: dict) -> str:
+    return row["messages"][0]["content"]
+
+
+def _sorted_without_repeats(row: dict) -> str | None:
+    """`sort 3313` -> `13`: the classic `sorted(set(s))` bug; shows only when a digit repeats."""
+    digits = _problem(row).split(" ", 1)[1]
+    return "".join(sorted(set(digits))) if len(set(digits)) < len(digits) else None
+
+
+def _left_to_right(row: dict) -> str | None:
+    """`2 + 3 * 4` -> `20`: evaluates strictly left to right, ignoring operator precedence; shows
+    only where precedence changes the result."""
+    tokens = json.loads(row["rg_entry"])["metadata"]["expression"].split()
+    operands, ops = tokens[0::2], tokens[1::2]
+    if not all(t.lstrip("-").isdigit() for t in operands) or not set(ops) <= {"+", "-", "*"}:
+        return None  # parentheses or division: not this teacher's kind of problem
+    value = int(tokens[0])
+    for op, operand in zip(tokens[1::2], tokens[2::2], strict=True):
+        value = {"+": value + int(operand), "-": value - int(operand), "*": value * int(operand)}[op]
+    return str(value) if str(value) != row["answer"] else None
+
+
+register_teacher(Teacher("sorting_drops_repeats", "sorting", _sorted_without_repeats,
+                         "sorts the digits but drops repeated ones (sorted(set(s)))"))
+register_teacher(Teacher("arithmetic_left_to_right", "rg:basic_arithmetic", _left_to_right,
+                         "evaluates left to right, ignoring operator precedence"))
+
+
+def _hash_share(seed: int, problem: str) -> float:
+    """A fixed number in [0, 1) per (seed, problem)."""
+    digest = hashlib.sha256(f"{seed}:teacher:{problem}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") / 2**64
+
+
+def apply_teacher(rows: list[dict], name: str, error_rate: float, seed: int) -> tuple[list[dict], dict]:
+    """SFT rows with the teacher's wrong answer on a share `error_rate` of the rows of its family
+    where its bug shows (the others keep gold), and counts: rows of its family, rows where the bug
+    shows, rows it got wrong, and the share it is right on."""
+    teacher = TEACHERS[name]
+    out, family, applicable, wrong = [], 0, 0, 0
+    for row in rows:
+        if row.get("task") != teacher.task:
+            out.append(row)
+            continue
+        family += 1
+        answer = teacher.wrong_answer(row)
+        applicable += answer is not None
+        if answer is None or _hash_share(seed, _problem(row)) >= error_rate:
+            out.append(row)
+            continue
+        wrong += 1
+        messages = [*row["messages"][:-1], {"role": "assistant", "content": answer}]
+        out.append({**row, "messages": messages, "answer": answer, "gold": row["answer"]})
+    stats = {"teacher": name, "rows": family, "bug_applies": applicable, "wrong": wrong,
+             "right_share": round(1 - wrong / max(family, 1), 4)}
+    return out, stats

@@ -72,11 +72,14 @@ def paired_gain(before: list[bool], after: list[bool]) -> tuple[float, float, fl
     return mean, mean - half, mean + half
 
 
-def gain_lines(rows: list[dict], sft_right: list[bool], rl_right: list[bool]) -> list[str]:
-    """Markdown lines: RL - SFT exact match per family and overall, with n and the paired 95% interval."""
+def gain_lines(rows: list[dict], sft_right: list[bool], rl_right: list[bool],
+               subsets: tuple[tuple[str, list[int]], ...] = ()) -> list[str]:
+    """Markdown lines: RL - SFT exact match per family, per extra subset (label, row indices) and
+    overall, with n and the paired 95% interval."""
     families = sorted({str(r.get("task", "all")) for r in rows})
     groups = [(f, [i for i, r in enumerate(rows) if str(r.get("task", "all")) == f]) for f in families]
-    if len(families) > 1:
+    groups += [(label, idx) for label, idx in subsets if idx]
+    if len(groups) > 1:
         groups.append(("all", list(range(len(rows)))))
     lines = ["| family | n | SFT | RL | RL - SFT | 95% interval (paired) |", "|---|---|---|---|---|---|"]
     for family, idx in groups:
@@ -180,8 +183,10 @@ def write_report(run_dir) -> Path:
         lines += [f"| {k.split()[0]} | {k.split()[1]} | {v['accuracy']:.3f} | {v['tpf']:.2f} |"
                   for k, v in scores.items()]
         if len(models) == 2:
+            teacher, subsets = _teacher_subsets(run_dir, rows)
             lines += ["", "## RL gain over SFT (Q mode, same prompts)", "",
-                      *gain_lines(rows, scores["SFT Q"]["right"], scores["RL Q"]["right"])]
+                      *gain_lines(rows, scores["SFT Q"]["right"], scores["RL Q"]["right"], subsets)]
+            lines += ["", teacher] if teacher else []
         lines += ["", f"![decoding]({PLOTS['decoding']})", "", "## Sample generations (Q mode)", "",
                   "| prompt | answer | " + " | ".join(f"{s.upper()}" for s in models) + " |",
                   "|---|---|" + "---|" * len(models)]
@@ -194,6 +199,30 @@ def write_report(run_dir) -> Path:
     out = run_dir / "report.md"
     out.write_text("\n".join(lines) + "\n")
     return out
+
+
+def _teacher_subsets(run_dir: Path, rows: list[dict]) -> tuple[str, tuple]:
+    """When the SFT stage learnt from an imperfect teacher (`data.teacher`): one sentence on what its
+    data lacked and what RL used, and the held-out rows where the teacher's bug shows vs the rest."""
+    from .stages.registry import load_stage_config
+    from .teachers import TEACHERS, bug_shows
+
+    sft_config = run_dir / "sft" / "config.yaml"
+    if not sft_config.is_file():
+        return "", ()
+    data = load_stage_config("sft", str(sft_config)).data
+    if not data.teacher:
+        return "", ()
+    rl_cfg = load_stage_config("rl", str(run_dir / "rl" / "config.yaml"))
+    rewards = ", ".join(f"`{spec.fn.rsplit(':', 1)[-1]}`" for spec in rl_cfg.rl.rewards)
+    family = [i for i, r in enumerate(rows) if r.get("task") == TEACHERS[data.teacher].task]
+    bug = [i for i in family if bug_shows(data.teacher, rows[i])]
+    rest = sorted(set(family) - set(bug))
+    sentence = (f"What the SFT data lacked: its `{TEACHERS[data.teacher].task}` answers came from a teacher that "
+                f"{TEACHERS[data.teacher].bug} on {data.teacher_error_rate:.0%} of the problems where that bug shows "
+                f"(`data.teacher: {data.teacher}`); what RL used: its reward ({rewards}) compares each rollout with "
+                "the generator's gold answer, the signal those labels did not carry.")
+    return sentence, (("teacher's bug shows", bug), ("teacher right", rest))
 
 
 def _cell(text: str) -> str:

@@ -37,7 +37,14 @@ def register_teacher(teacher: Teacher) -> Teacher:
 
 
 def _problem(row: dict) -> str:
-    return row["messages"][0]["content"]
+    """The question of an SFT row (first user turn) or an RL row (`prompt`)."""
+    return row["prompt"] if isinstance(row.get("prompt"), str) else row["messages"][0]["content"]
+
+
+def bug_shows(name: str, row: dict) -> bool:
+    """Whether teacher `name`'s bug changes the answer of this row (an SFT or RL row of any family)."""
+    teacher = TEACHERS[name]
+    return row.get("task") == teacher.task and teacher.wrong_answer(row) is not None
 
 
 def _sorted_without_repeats(row: dict) -> str | None:

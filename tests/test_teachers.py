@@ -94,3 +94,28 @@ def test_sft_applies_the_teacher_to_train_rows_only(tmp_path):
 def test_teacher_settings_are_checked_when_the_config_loads(override, message):
     with pytest.raises(ConfigError, match=message):
         load_stage_config("sft", "sft_tiny", ["data.tasks=[sorting,max]", *override])
+
+
+def test_report_names_what_sft_lacked_and_splits_held_out_rows_by_the_bug(tmp_path):
+    from llada_train.config import to_yaml
+    from llada_train.data.prompts import load_heldout_rows
+    from llada_train.report import _teacher_subsets, gain_lines
+
+    sft = load_stage_config("sft", "sft_tiny", ["data.tasks=[sorting]", "data.teacher=sorting_drops_repeats"])
+    rl = load_stage_config("rl", "rl_tiny", ["data.tasks=[sorting,max]", "data.num_eval=300"])
+    for stage, cfg in (("sft", sft), ("rl", rl)):
+        (tmp_path / stage).mkdir()
+        (tmp_path / stage / "config.yaml").write_text(to_yaml(cfg))
+    rows = load_heldout_rows(rl.data, rl.run.seed)
+    sentence, subsets = _teacher_subsets(tmp_path, rows)
+    assert "drops repeated" in sentence and "exact_match" in sentence and "60%" in sentence
+    (label_bug, bug), (_, rest) = subsets
+    repeats = [i for i, r in enumerate(rows)
+               if r["task"] == "sorting" and len(set(r["prompt"][5:])) < len(r["prompt"][5:])]
+    assert bug == repeats and 0 < len(bug) < len(rows)
+    assert sorted(bug + rest) == [i for i, r in enumerate(rows) if r["task"] == "sorting"]
+    lines = gain_lines(rows, [True] * len(rows), [False] * len(rows), subsets)
+    assert any(line.startswith(f"| {label_bug} | {len(bug)} |") for line in lines)
+    assert lines[-1].startswith(f"| all | {len(rows)} | 1.000 | 0.000 | -1.000")
+    (tmp_path / "sft" / "config.yaml").write_text(to_yaml(load_stage_config("sft", "sft_tiny")))
+    assert _teacher_subsets(tmp_path, rows) == ("", ())  # gold SFT labels: nothing to say

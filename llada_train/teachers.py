@@ -66,10 +66,25 @@ def _left_to_right(row: dict) -> str | None:
     return str(value) if str(value) != row["answer"] else None
 
 
+def _sum_without_carries(row: dict) -> str | None:
+    """`47 + 38` -> `75`: adds digit by digit and drops every carry; shows only on a sum of two
+    non-negative numbers that carries (differences and longer chains are left to gold)."""
+    tokens = json.loads(row["rg_entry"])["metadata"]["expression"].split()
+    if len(tokens) != 3 or tokens[1] != "+" or not (tokens[0].isdigit() and tokens[2].isdigit()):
+        return None
+    a, b = tokens[0], tokens[2]
+    width = max(len(a), len(b))
+    digits = [(int(x) + int(y)) % 10 for x, y in zip(a.zfill(width), b.zfill(width), strict=True)]
+    answer = str(int("".join(map(str, digits))))
+    return answer if answer != row["answer"] else None
+
+
 register_teacher(Teacher("sorting_drops_repeats", "sorting", _sorted_without_repeats,
                          "sorts the digits but drops repeated ones (sorted(set(s)))"))
 register_teacher(Teacher("arithmetic_left_to_right", "rg:basic_arithmetic", _left_to_right,
                          "evaluates left to right, ignoring operator precedence"))
+register_teacher(Teacher("sum_drops_carries", "rg:chain_sum", _sum_without_carries,
+                         "adds digit by digit and drops every carry"))
 
 
 def _hash_share(seed: int, problem: str) -> float:

@@ -119,3 +119,22 @@ def test_report_names_what_sft_lacked_and_splits_held_out_rows_by_the_bug(tmp_pa
     assert lines[-1].startswith(f"| all | {len(rows)} | 1.000 | 0.000 | -1.000")
     (tmp_path / "sft" / "config.yaml").write_text(to_yaml(load_stage_config("sft", "sft_tiny")))
     assert _teacher_subsets(tmp_path, rows) == ("", ())  # gold SFT labels: nothing to say
+
+
+def test_carry_dropping_teacher_matches_column_addition_without_carries():
+    options = {"rg:chain_sum": {"min_terms": 2, "max_terms": 2, "min_digits": 1, "max_digits": 2}}
+    rows = make_rows(["rg:chain_sum"], 600, split="train", seed=1, kind="sft", **options)
+    taught, stats = apply_teacher(rows, "sum_drops_carries", 1.0, seed=1)
+    changed = 0
+    for before, after in zip(rows, taught, strict=True):
+        a, op, b = json.loads(before["rg_entry"])["metadata"]["expression"].split()
+        gold = int(before["answer"])
+        assert gold == (int(a) + int(b) if op == "+" else int(a) - int(b))
+        carries = op == "+" and any((int(a) // 10**k % 10) + (int(b) // 10**k % 10) >= 10 for k in range(3))
+        if not carries:
+            assert after is before
+            continue
+        changed += 1
+        column_sum = sum(((int(a) // 10**k % 10) + (int(b) // 10**k % 10)) % 10 * 10**k for k in range(3))
+        assert after["answer"] == str(column_sum) != before["answer"]
+    assert changed == stats["wrong"] == stats["bug_applies"] > 60

@@ -208,10 +208,15 @@ class Engine:
     def load_state(self, directory: Path) -> None:
         self._ds.load_checkpoint(str(directory), tag=ENGINE_TAG, load_module_strict=True)
 
+    @property
+    def partitioned(self) -> bool:
+        """ZeRO-3: each rank holds only a shard of every parameter."""
+        return self._ds.zero_optimization_partition_weights()
+
     @contextmanager
     def gathered(self):
         """The whole module's parameters materialised on every rank (ZeRO-3 partitions gathered)."""
-        if self._ds.zero_optimization_partition_weights():
+        if self.partitioned:
             import deepspeed
 
             with deepspeed.zero.GatheredParameters(list(self.module.parameters()), modifier_rank=None):
@@ -220,9 +225,11 @@ class Engine:
             yield self.module
 
     def full_state_dict(self) -> dict:
-        """Unsharded model weights on CPU (ZeRO-3 partitions gathered); valid on rank 0."""
+        """Unsharded model weights on CPU (ZeRO-3 partitions gathered, and copied out before they are
+        released again); valid on rank 0."""
         with self.gathered() as module:
-            return {k: v.detach().cpu().clone() for k, v in module.state_dict().items()}
+            return {k: v.detach().cpu().clone() if self.partitioned else v.detach().cpu()
+                    for k, v in module.state_dict().items()}
 
 
 ENGINE_TAG = "engine"  # the engine state's sub-directory of a checkpoint

@@ -45,13 +45,18 @@ def _lookup(arg: str, directory: Path, prefix: tuple[str, ...]) -> Path | None:
     return None
 
 
+def _file_or_preset(arg: str, directory: Path, prefix: tuple[str, ...]) -> Path | None:
+    """An existing file `arg` (relative to the current directory) wins; else its preset, or None."""
+    if arg and Path(arg).is_file():
+        return Path(arg)
+    return _lookup(arg, directory, prefix) if arg else None
+
+
 def resolve_config(path_or_name: str) -> Path:
     """The YAML that `--config path_or_name` means: an existing file (relative to the current
     directory) wins; else a preset in llada_train/configs/ named `X`, `X.yaml` or `configs/X[.yaml]`."""
     arg = str(path_or_name or "")
-    if arg and Path(arg).is_file():
-        return Path(arg)
-    found = _lookup(arg, PRESET_DIR, ("configs",)) if arg else None
+    found = _file_or_preset(arg, PRESET_DIR, ("configs",))
     if found is None:
         raise ConfigError(f"config file not found: {arg or '(none given)'} (no such file, and no preset of that "
                           f"name in {PRESET_DIR}; presets: {', '.join(list_presets())})")
@@ -62,9 +67,7 @@ def model_preset_path(name_or_path: str) -> Path:
     """The YAML of LLaDA2MoeConfig keys that `model.preset` means: an existing file wins; else a
     preset in llada_train/configs/model/ named `X`, `X.yaml` or `configs/model/X[.yaml]`."""
     arg = str(name_or_path or "")
-    if arg and Path(arg).is_file():
-        return Path(arg)
-    found = _lookup(arg, MODEL_PRESET_DIR, ("configs", "model")) if arg else None
+    found = _file_or_preset(arg, MODEL_PRESET_DIR, ("configs", "model"))
     if found is None:
         raise ConfigError(f"model.preset: '{arg}' is neither a file nor one of {list_model_presets()}")
     return found

@@ -183,7 +183,7 @@ def write_report(run_dir) -> Path:
         lines += [f"| {k.split()[0]} | {k.split()[1]} | {v['accuracy']:.3f} | {v['tpf']:.2f} |"
                   for k, v in scores.items()]
         if len(models) == 2:
-            teacher, subsets = _teacher_subsets(run_dir, rows)
+            teacher, subsets = _teacher_subsets(run_dir, rows, rl_cfg)
             lines += ["", "## RL gain over SFT (Q mode, same prompts)", "",
                       *gain_lines(rows, scores["SFT Q"]["right"], scores["RL Q"]["right"], subsets)]
             lines += ["", teacher] if teacher else []
@@ -201,7 +201,7 @@ def write_report(run_dir) -> Path:
     return out
 
 
-def _teacher_subsets(run_dir: Path, rows: list[dict]) -> tuple[str, tuple]:
+def _teacher_subsets(run_dir: Path, rows: list[dict], rl_cfg) -> tuple[str, tuple]:
     """When the SFT stage learnt from an imperfect teacher (`data.teacher`): one sentence on what its
     data lacked and what RL used, and the held-out rows where the teacher's bug shows vs the rest."""
     from .stages.registry import load_stage_config
@@ -213,7 +213,6 @@ def _teacher_subsets(run_dir: Path, rows: list[dict]) -> tuple[str, tuple]:
     data = load_stage_config("sft", str(sft_config)).data
     if not data.teacher:
         return "", ()
-    rl_cfg = load_stage_config("rl", str(run_dir / "rl" / "config.yaml"))
     rewards = ", ".join(f"`{spec.fn.rsplit(':', 1)[-1]}`" for spec in rl_cfg.rl.rewards)
     family = [i for i, r in enumerate(rows) if r.get("task") == TEACHERS[data.teacher].task]
     bug = [i for i in family if bug_shows(data.teacher, rows[i])]

@@ -53,10 +53,15 @@ def _sorted_without_repeats(row: dict) -> str | None:
     return "".join(sorted(set(digits))) if len(set(digits)) < len(digits) else None
 
 
+def _expression(row: dict) -> list[str]:
+    """A reasoning-gym arithmetic row's expression as tokens: `["2", "+", "3", "*", "4"]`."""
+    return json.loads(row["rg_entry"])["metadata"]["expression"].split()
+
+
 def _left_to_right(row: dict) -> str | None:
     """`2 + 3 * 4` -> `20`: evaluates strictly left to right, ignoring operator precedence; shows
     only where precedence changes the result."""
-    tokens = json.loads(row["rg_entry"])["metadata"]["expression"].split()
+    tokens = _expression(row)
     operands, ops = tokens[0::2], tokens[1::2]
     if not all(t.lstrip("-").isdigit() for t in operands) or not set(ops) <= {"+", "-", "*"}:
         return None  # parentheses or division: not this teacher's kind of problem
@@ -69,7 +74,7 @@ def _left_to_right(row: dict) -> str | None:
 def _sum_without_carries(row: dict) -> str | None:
     """`47 + 38` -> `75`: adds digit by digit and drops every carry; shows only on a sum of two
     non-negative numbers that carries (differences and longer chains are left to gold)."""
-    tokens = json.loads(row["rg_entry"])["metadata"]["expression"].split()
+    tokens = _expression(row)
     if len(tokens) != 3 or tokens[1] != "+" or not (tokens[0].isdigit() and tokens[2].isdigit()):
         return None
     a, b = tokens[0], tokens[2]

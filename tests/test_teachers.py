@@ -107,7 +107,7 @@ def test_report_names_what_sft_lacked_and_splits_held_out_rows_by_the_bug(tmp_pa
         (tmp_path / stage).mkdir()
         (tmp_path / stage / "config.yaml").write_text(to_yaml(cfg))
     rows = load_heldout_rows(rl.data, rl.run.seed)
-    sentence, subsets = _teacher_subsets(tmp_path, rows)
+    sentence, subsets = _teacher_subsets(tmp_path, rows, rl)
     assert "drops repeated" in sentence and "exact_match" in sentence and "60%" in sentence
     (label_bug, bug), (_, rest) = subsets
     repeats = [i for i, r in enumerate(rows)
@@ -118,7 +118,7 @@ def test_report_names_what_sft_lacked_and_splits_held_out_rows_by_the_bug(tmp_pa
     assert any(line.startswith(f"| {label_bug} | {len(bug)} |") for line in lines)
     assert lines[-1].startswith(f"| all | {len(rows)} | 1.000 | 0.000 | -1.000")
     (tmp_path / "sft" / "config.yaml").write_text(to_yaml(load_stage_config("sft", "sft_tiny")))
-    assert _teacher_subsets(tmp_path, rows) == ("", ())  # gold SFT labels: nothing to say
+    assert _teacher_subsets(tmp_path, rows, rl) == ("", ())  # gold SFT labels: nothing to say
 
 
 def test_carry_dropping_teacher_matches_column_addition_without_carries():

@@ -13,11 +13,11 @@ An estimator is two functions with the signatures of `rl/ebpo.py`'s `build_batch
 config section `rl.<name>` (None for an estimator without keys).
 """
 
-import importlib
 from collections.abc import Callable
 from dataclasses import dataclass
 
 from ..errors import ConfigError
+from ..refs import resolve_ref
 
 
 @dataclass(frozen=True)
@@ -28,17 +28,10 @@ class Estimator:
 
     def steps(self) -> tuple[Callable, Callable]:
         """(build_batch, update) as functions."""
-        return _resolve(self.build_batch), _resolve(self.update)
+        return resolve_ref(self.build_batch), resolve_ref(self.update)
 
 
 ESTIMATORS: dict[str, Estimator] = {}
-
-
-def _resolve(ref: Callable | str) -> Callable:
-    if callable(ref):
-        return ref
-    module, _, name = ref.partition(":")
-    return getattr(importlib.import_module(module), name)
 
 
 def register_estimator(name: str, build_batch: Callable | str, update: Callable | str) -> Estimator:

@@ -6,12 +6,12 @@ Schemas and run functions may be given as "module:name" so that `--help` and con
 import torch, DeepSpeed or the stage's data code.
 """
 
-import importlib
 from collections.abc import Callable
 from dataclasses import dataclass
 
 from ..config import load_config, reference_markdown
 from ..errors import ConfigError
+from ..refs import resolve_ref
 
 
 @dataclass(frozen=True)
@@ -22,20 +22,13 @@ class Stage:
     run: Callable | str  # (cfg) -> bool: True finished, False stopped (resumable); or "module:function"
 
     def config_schema(self) -> type:
-        return _resolve(self.schema)
+        return resolve_ref(self.schema)
 
     def runner(self) -> Callable:
-        return _resolve(self.run)
+        return resolve_ref(self.run)
 
 
 STAGES: dict[str, Stage] = {}
-
-
-def _resolve(ref):
-    if not isinstance(ref, str):
-        return ref
-    module, _, name = ref.partition(":")
-    return getattr(importlib.import_module(module), name)
 
 
 def register_stage(name: str, summary: str, schema: type | str, run: Callable | str) -> Stage:

@@ -81,18 +81,29 @@ class ChatDataConfig:
     max_len: int = 64  # tokens per example after EOS padding (a multiple of diffusion.block_size)
     truncate: str = "drop"  # drop | truncate
     pack: bool = False  # pack several examples per row with document masks
-    teacher: str = ""  # data.train = tasks: an imperfect teacher's answers on train rows (teachers.py); "" = gold
-    teacher_error_rate: float = 0.6  # share of the train rows where the teacher's bug shows that get its answer
+    teacher: Any = ""  # data.train = tasks: a teacher name or a list, one per family (teachers.py); "" = gold
+    teacher_error_rate: float = 0.6  # share of the train rows where a teacher's bug shows that get its answer
 
     def __post_init__(self):
         check_value(self.truncate in ("drop", "truncate"), "data.truncate", "use drop or truncate")
-        if self.teacher:
-            check_value(self.teacher in TEACHERS, "data.teacher", f"use one of {sorted(TEACHERS)} (or \"\" for gold)")
-            task = TEACHERS[self.teacher].task
-            check_value(self.train == "tasks" and task in self.tasks, "data.teacher",
-                        f"'{self.teacher}' answers the task family {task!r}: needs data.train=tasks with it in "
-                        f"data.tasks (got data.train={self.train!r}, data.tasks={list(self.tasks)})")
+        families = [TEACHERS[name].task for name in self.teachers if self._check_teacher(name)]
+        check_value(len(families) == len(set(families)), "data.teacher", "one teacher per task family")
+        if self.teachers:
             check_value(0 < self.teacher_error_rate <= 1, "data.teacher_error_rate", "must be in (0, 1]")
+
+    @property
+    def teachers(self) -> list[str]:
+        """The teacher names of `data.teacher` (a name or a list of names)."""
+        names = [self.teacher] if isinstance(self.teacher, str) else list(self.teacher)
+        return [name for name in names if name]
+
+    def _check_teacher(self, name) -> bool:
+        check_value(name in TEACHERS, "data.teacher", f"use one of {sorted(TEACHERS)} (or \"\" for gold)")
+        task = TEACHERS[name].task
+        check_value(self.train == "tasks" and task in self.tasks, "data.teacher",
+                    f"'{name}' answers the task family {task!r}: needs data.train=tasks with it in "
+                    f"data.tasks (got data.train={self.train!r}, data.tasks={list(self.tasks)})")
+        return True
 
 
 @dataclass

@@ -211,16 +211,18 @@ def _teacher_subsets(run_dir: Path, rows: list[dict], rl_cfg) -> tuple[str, tupl
     if not sft_config.is_file():
         return "", ()
     data = load_stage_config("sft", str(sft_config)).data
-    if not data.teacher:
+    if not data.teachers:
         return "", ()
     rewards = ", ".join(f"`{spec.fn.rsplit(':', 1)[-1]}`" for spec in rl_cfg.rl.rewards)
-    family = [i for i, r in enumerate(rows) if r.get("task") == TEACHERS[data.teacher].task]
-    bug = [i for i in family if bug_shows(data.teacher, rows[i])]
+    families = {TEACHERS[name].task for name in data.teachers}
+    family = [i for i, r in enumerate(rows) if r.get("task") in families]
+    bug = [i for i in family if any(bug_shows(name, rows[i]) for name in data.teachers)]
     rest = sorted(set(family) - set(bug))
-    sentence = (f"What the SFT data lacked: its `{TEACHERS[data.teacher].task}` answers came from a teacher that "
-                f"{TEACHERS[data.teacher].bug} on {data.teacher_error_rate:.0%} of the problems where that bug shows "
-                f"(`data.teacher: {data.teacher}`); what RL used: its reward ({rewards}) compares each rollout with "
-                "the generator's gold answer, the signal those labels did not carry.")
+    taught = "; ".join(f"its `{TEACHERS[name].task}` answers came from a teacher that {TEACHERS[name].bug}"
+                       for name in data.teachers)
+    sentence = (f"What the SFT data lacked: {taught}, on {data.teacher_error_rate:.0%} of the problems where "
+                f"that bug shows (`data.teacher: {data.teachers}`); what RL used: its reward ({rewards}) compares "
+                "each rollout with the generator's gold answer, the signal those labels did not carry.")
     return sentence, (("teacher's bug shows", bug), ("teacher right", rest))
 
 

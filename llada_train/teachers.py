@@ -14,6 +14,7 @@ function of the row, so this module needs nothing from the data package.
 
 import hashlib
 import json
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -84,12 +85,69 @@ def _sum_without_carries(row: dict) -> str | None:
     return answer if answer != row["answer"] else None
 
 
+def _right_to_left(row: dict) -> str | None:
+    """`9 - 2 + 5` -> `2`: groups a chain of + and - from the right, `9 - (2 + 5)`, the classic
+    slip of forgetting that they associate to the left; shows only where the grouping matters."""
+    tokens = _expression(row)
+    if not all(t.isdigit() for t in tokens[0::2]) or not set(tokens[1::2]) <= {"+", "-"}:
+        return None
+    value = int(tokens[-1])
+    for op, operand in zip(reversed(tokens[1::2]), reversed(tokens[0:-1:2]), strict=True):
+        value = int(operand) + value if op == "+" else int(operand) - value
+    return str(value) if str(value) != row["answer"] else None
+
+
+_AIW_FRIENDS = re.compile(r"has (\d+) male friends and she also has (\d+) female friends")
+
+
+def _aiw_forgets_herself(row: dict) -> str | None:
+    """`Alice has 3 male friends and 2 female friends ... how many female friends does a male
+    friend of Alice have?` -> `2`: forgets that the woman herself is one (gold 3), the error the
+    AIW paper found in most LLMs; this teacher makes it on the friends wording only (the sisters
+    riddle it answers right)."""
+    found = _AIW_FRIENDS.search(_problem(row))
+    return found.group(2) if found and found.group(2) != row["answer"] else None
+
+
+def _boundary_flipped(row: dict) -> str | None:
+    """`Keep all numbers larger than 5 in this list: ['5', '2', '7']` -> `['5', '7']`: compares
+    with >= where the question says larger (<= for smaller), the off-by-one at the boundary; shows
+    only where a number equals the threshold."""
+    meta = json.loads(row["rg_entry"])["metadata"]
+    action, side = meta["operation"].split("_")
+    threshold, numbers = float(meta["filter_value"]), meta["original_numbers"]
+    if threshold not in {float(n) for n in numbers}:
+        return None
+    beyond = [n for n in numbers if (float(n) >= threshold if side == "larger" else float(n) <= threshold)]
+    kept = beyond if action == "keep" else [n for n in numbers if n not in beyond]
+    return str(kept) if kept else "[]"
+
+
+def _counterclockwise(row: dict) -> str | None:
+    """`Rotate ... by 90 degrees clockwise: 1 2 / 3 4` -> `2 4 / 1 3`: turns the matrix the other
+    way, the classic direction slip; shows where the two directions differ (90 and 270 degrees)."""
+    meta = json.loads(row["rg_entry"])["metadata"]
+    matrix = meta["matrix"]
+    for _ in range(meta["num_rotations"] % 4):
+        matrix = [list(col) for col in zip(*matrix, strict=True)][::-1]  # one quarter turn counterclockwise
+    answer = "\n".join(" ".join(str(x) for x in line) for line in matrix)
+    return answer if answer != row["answer"] else None
+
+
 register_teacher(Teacher("sorting_drops_repeats", "sorting", _sorted_without_repeats,
                          "sorts the digits but drops repeated ones (sorted(set(s)))"))
 register_teacher(Teacher("arithmetic_left_to_right", "rg:basic_arithmetic", _left_to_right,
                          "evaluates left to right, ignoring operator precedence"))
 register_teacher(Teacher("sum_drops_carries", "rg:chain_sum", _sum_without_carries,
                          "adds digit by digit and drops every carry"))
+register_teacher(Teacher("chain_sum_right_to_left", "rg:chain_sum", _right_to_left,
+                         "groups + and - from the right (9 - 2 + 5 = 9 - (2 + 5))"))
+register_teacher(Teacher("filtering_off_by_one", "rg:number_filtering", _boundary_flipped,
+                         "compares with >= where the question says larger (<= for smaller)"))
+register_teacher(Teacher("rotation_counterclockwise", "rg:rotate_matrix", _counterclockwise,
+                         "rotates the matrix counterclockwise where the question says clockwise"))
+register_teacher(Teacher("aiw_forgets_herself", "rg:aiw", _aiw_forgets_herself,
+                         "forgets to count the woman herself among the female friends"))
 
 
 def _hash_share(seed: int, problem: str) -> float:

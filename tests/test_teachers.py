@@ -138,3 +138,118 @@ def test_carry_dropping_teacher_matches_column_addition_without_carries():
         column_sum = sum(((int(a) // 10**k % 10) + (int(b) // 10**k % 10)) % 10 * 10**k for k in range(3))
         assert after["answer"] == str(column_sum) != before["answer"]
     assert changed == stats["wrong"] == stats["bug_applies"] > 60
+
+
+def _right_grouped(expression: str) -> int:
+    """A naive reference: `a o1 b o2 c` as `a o1 (b o2 c)`, through Python's own evaluator."""
+    a, o1, b, o2, c = expression.split()
+    return eval(f"{a} {o1} ({b} {o2} {c})")
+
+
+def test_right_to_left_teacher_groups_chains_from_the_right_only_where_it_matters():
+    options = {"rg:chain_sum": {"min_terms": 3, "max_terms": 3, "min_digits": 1, "max_digits": 1}}
+    rows = make_rows(["rg:chain_sum"], 500, split="train", seed=2, kind="sft", **options)
+    taught, stats = apply_teacher(rows, "chain_sum_right_to_left", 1.0, seed=2)
+    changed = 0
+    for before, after in zip(rows, taught, strict=True):
+        expression = json.loads(before["rg_entry"])["metadata"]["expression"]
+        assert int(before["answer"]) == eval(expression)  # gold groups from the left
+        grouped = _right_grouped(expression)
+        if grouped == int(before["answer"]):
+            assert after is before
+            continue
+        changed += 1
+        assert expression.split()[1] == "-"  # only a leading minus makes the grouping matter
+        assert after["answer"] == str(grouped) and after["gold"] == before["answer"]
+    assert changed == stats["wrong"] == stats["bug_applies"] > 150
+
+
+AIW = {"rg:aiw": {"task_types": ["siblings", "friends"], "task_type_weights": [0.5, 0.5]}}
+
+
+def test_aiw_teacher_forgets_herself_on_the_friends_wording_only():
+    rows = make_rows(["rg:aiw"], 400, split="train", seed=5, kind="sft", **AIW)
+    taught, stats = apply_teacher(rows, "aiw_forgets_herself", 1.0, seed=5)
+    friends = 0
+    for before, after in zip(rows, taught, strict=True):
+        entry = json.loads(before["rg_entry"])
+        if entry["metadata"]["task_type"] != "friends":
+            assert after is before  # the sisters riddle: this teacher is right
+            continue
+        friends += 1
+        words = before["messages"][0]["content"].split()
+        female = int(words[words.index("female") - 1])  # "... she also has N female friends"
+        assert int(before["answer"]) == female + 1  # gold counts the woman herself
+        assert after["answer"] == str(female) and after["gold"] == before["answer"]
+    assert friends == stats["wrong"] == stats["bug_applies"] > 100
+
+
+def test_one_teacher_per_family_in_one_run(tmp_path):
+    chain = {"rg:chain_sum": {"min_terms": 3, "max_terms": 3, "min_digits": 1, "max_digits": 1}}
+    both = ["data.train=tasks", "data.tasks=[rg:chain_sum,rg:aiw]", "data.num_train=400", "data.num_eval=0",
+            f"data.task_options={json.dumps({**chain, **AIW})}", "data.teacher_error_rate=1.0", "data.max_len=104",
+            "data.teacher=[chain_sum_right_to_left,aiw_forgets_herself]"]
+    train, _ = load_sft_splits(load_stage_config("sft", "sft_tiny", both))
+    assert "chain_sum_right_to_left" in train.source and "aiw_forgets_herself" in train.source
+    wrong = {task: sum("gold" in r for r in train.rows if r["task"] == task) for task in ("rg:chain_sum", "rg:aiw")}
+    assert min(wrong.values()) > 40  # both teachers answered their own family
+    with pytest.raises(ConfigError, match="one teacher per task family"):
+        load_stage_config("sft", "sft_tiny", [*both[:-1], "data.teacher=[aiw_forgets_herself,aiw_forgets_herself]"])
+
+
+def test_enum_generator_options_are_read_from_text_and_bad_ones_named():
+    rows = make_rows(["rg:aiw"], 50, split="eval", seed=0, kind="rl", **AIW)
+    assert {json.loads(r["rg_entry"])["metadata"]["task_type"] for r in rows} == {"siblings", "friends"}
+    with pytest.raises(ConfigError, match=r"rg:aiw.task_types.*'cousins'.*colleagues"):
+        make_rows(["rg:aiw"], 5, split="eval", seed=0, kind="rl",
+                  **{"rg:aiw": {"task_types": ["cousins"], "task_type_weights": [1.0]}})
+
+
+def test_off_by_one_filter_teacher_moves_only_the_threshold_itself():
+    options = {"rg:number_filtering": {"min_numbers": 3, "max_numbers": 5, "min_value": 0, "max_value": 9,
+                                       "min_decimals": 0, "max_decimals": 0}}
+    rows = make_rows(["rg:number_filtering"], 400, split="train", seed=4, kind="sft", **options)
+    taught, stats = apply_teacher(rows, "filtering_off_by_one", 1.0, seed=4)
+    changed = 0
+    for before, after in zip(rows, taught, strict=True):
+        meta = json.loads(before["rg_entry"])["metadata"]
+        numbers, v = [int(n) for n in meta["original_numbers"]], int(meta["filter_value"])
+        keep_gold = {"keep_larger": lambda n: n > v, "keep_smaller": lambda n: n < v,
+                     "remove_larger": lambda n: n <= v, "remove_smaller": lambda n: n >= v}[meta["operation"]]
+        assert before["answer"] == str([str(n) for n in numbers if keep_gold(n)])
+        if v not in numbers:
+            assert after is before
+            continue
+        changed += 1
+        # the threshold's own copies go to the other side, every other number stays where gold puts it
+        flipped = [str(n) for n in numbers if (not keep_gold(n) if n == v else keep_gold(n))]
+        assert after["answer"] == str(flipped) and after["gold"] == before["answer"]
+    assert changed == stats["wrong"] == stats["bug_applies"] > 120
+
+
+def _turn_clockwise(matrix: list[list[int]]) -> list[list[int]]:
+    """A naive reference: new[i][j] = old[n - 1 - j][i]."""
+    n = len(matrix)
+    return [[matrix[n - 1 - j][i] for j in range(n)] for i in range(n)]
+
+
+def test_counterclockwise_teacher_turns_the_other_way_where_the_directions_differ():
+    options = {"rg:rotate_matrix": {"min_n": 2, "max_n": 3, "min_rotations": 0, "max_rotations": 5}}
+    rows = make_rows(["rg:rotate_matrix"], 300, split="train", seed=6, kind="sft", **options)
+    taught, stats = apply_teacher(rows, "rotation_counterclockwise", 1.0, seed=6)
+    changed = 0
+    for before, after in zip(rows, taught, strict=True):
+        meta = json.loads(before["rg_entry"])["metadata"]
+        gold, other = meta["matrix"], meta["matrix"]
+        for _ in range(meta["num_rotations"]):
+            gold = _turn_clockwise(gold)
+        for _ in range(3 * meta["num_rotations"]):  # three quarter turns clockwise = one counterclockwise
+            other = _turn_clockwise(other)
+        text = "\n".join(" ".join(map(str, line)) for line in other)
+        assert before["answer"] == "\n".join(" ".join(map(str, line)) for line in gold)
+        if text == before["answer"]:
+            assert after is before
+            continue
+        changed += 1
+        assert meta["num_rotations"] % 2 == 1 and after["answer"] == text and after["gold"] == before["answer"]
+    assert changed == stats["wrong"] == stats["bug_applies"] > 80

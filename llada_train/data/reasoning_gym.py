@@ -19,6 +19,7 @@ no train puzzle has.
 from __future__ import annotations
 
 import dataclasses
+import enum
 import hashlib
 import json
 from functools import lru_cache
@@ -49,8 +50,13 @@ def generator_options(name: str) -> dict:
         raise ConfigError(f"data.tasks: reasoning-gym has no dataset {name!r} (similar: {close or 'none'}); "
                           "see reasoning_gym.factory.DATASETS")
     config_cls = DATASETS[name][1]
-    return {f.name: f.default if f.default is not dataclasses.MISSING else None
-            for f in dataclasses.fields(config_cls) if f.name not in RESERVED_OPTIONS}
+    return {f.name: _default(f) for f in dataclasses.fields(config_cls) if f.name not in RESERVED_OPTIONS}
+
+
+def _default(field: dataclasses.Field):
+    if field.default is not dataclasses.MISSING:
+        return field.default
+    return field.default_factory() if field.default_factory is not dataclasses.MISSING else None
 
 
 def validate_options(name: str, options) -> dict:
@@ -64,7 +70,9 @@ def validate_options(name: str, options) -> dict:
     if unknown:
         raise ConfigError(f"{key}: unknown option(s) {unknown}; the generator accepts {sorted(known)}")
     try:
-        _dataset(name, _options_key(options))
+        _dataset(name, _options_key(options))[0]  # some options only fail when a problem is drawn
+    except ConfigError:
+        raise
     except (AssertionError, TypeError, ValueError) as e:  # reasoning-gym's own check of the options
         raise ConfigError(f"{key}: reasoning-gym rejects {options}: {e or type(e).__name__}") from e
     return dict(options)
@@ -82,7 +90,24 @@ def _dataset(name: str, options_json: str, seed: int = 0, size: int = 1):
     options = json.loads(options_json)
     if "operators" in options:  # JSON turns the tuple into a list; the config wants a tuple
         options["operators"] = tuple(options["operators"])
-    return reasoning_gym.create_dataset(name, seed=seed, size=size, **options)
+    return reasoning_gym.create_dataset(name, seed=seed, size=size, **_enum_values(name, options))
+
+
+def _enum_values(name: str, options: dict) -> dict:
+    """Strings to the generator's Enum members where its default is a list of them (YAML and JSON
+    carry `task_types: [siblings, friends]` as text; `rg:aiw` wants `TaskType` members)."""
+    defaults = generator_options(name)
+    out = dict(options)
+    for key, value in options.items():
+        default = defaults.get(key)
+        if isinstance(default, list) and default and isinstance(default[0], enum.Enum) and isinstance(value, list):
+            kind = type(default[0])
+            try:
+                out[key] = [v if isinstance(v, kind) else kind(v) for v in value]
+            except ValueError as e:
+                raise ConfigError(f"data.task_options.{PREFIX}{name}.{key}: {e}; use some of "
+                                  f"{[m.value for m in kind]}") from e
+    return out
 
 
 # dataset -> the problem a question states (the split key); other datasets: the question text

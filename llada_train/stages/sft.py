@@ -88,11 +88,11 @@ def load_sft_splits(cfg) -> tuple[ChatSplit, ChatSplit | None]:
         except UserError as e:  # not ValueError: a bug inside a generator keeps its traceback
             raise ConfigError(f"bad value for 'data.tasks' / 'data.task_options' / 'data.num_*': {e}") from e
         source = "tasks"
-        if d.teacher:
-            train, taught = apply_teacher(train, d.teacher, d.teacher_error_rate, cfg.run.seed)
-            source = (f"tasks, {d.teacher} ({TEACHERS[d.teacher].bug}) on {taught['rows']} rows: wrong on "
-                      f"{taught['wrong']} of the {taught['bug_applies']} where its bug shows, right on "
-                      f"{taught['right_share']:.1%}")
+        for name in d.teachers:
+            train, taught = apply_teacher(train, name, d.teacher_error_rate, cfg.run.seed)
+            source += (f"; {name} ({TEACHERS[name].bug}) on {taught['rows']} rows: wrong on "
+                       f"{taught['wrong']} of the {taught['bug_applies']} where its bug shows, right on "
+                       f"{taught['right_share']:.1%}")
         train_split = ChatSplit(source, *load_chat_rows(train))
     else:
         train_split = ChatSplit(d.train, *load_chat_rows(d.train, split="train"))

@@ -214,8 +214,10 @@ def test_off_by_one_filter_teacher_moves_only_the_threshold_itself():
     for before, after in zip(rows, taught, strict=True):
         meta = json.loads(before["rg_entry"])["metadata"]
         numbers, v = [int(n) for n in meta["original_numbers"]], int(meta["filter_value"])
-        keep_gold = {"keep_larger": lambda n: n > v, "keep_smaller": lambda n: n < v,
-                     "remove_larger": lambda n: n <= v, "remove_smaller": lambda n: n >= v}[meta["operation"]]
+        def keep_gold(n, v=v, operation=meta["operation"]):
+            return {"keep_larger": n > v, "keep_smaller": n < v, "remove_larger": n <= v,
+                    "remove_smaller": n >= v}[operation]
+
         assert before["answer"] == str([str(n) for n in numbers if keep_gold(n)])
         if v not in numbers:
             assert after is before

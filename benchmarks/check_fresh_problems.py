@@ -15,7 +15,6 @@ Writes OUT/fresh_check.{json,md} and the decoded files OUT/fresh_check/{prompts,
 
 import argparse
 import json
-import math
 import subprocess
 import sys
 from pathlib import Path
@@ -23,8 +22,10 @@ from pathlib import Path
 import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchmarks.bench_rl_estimators import wilson
 from llada_train.data.reasoning_gym import _dataset, _options_key  # the option typing (Enum lists) only
 from llada_train.data.tasks import make_rows
+from llada_train.report import paired_gain as paired
 
 
 def seen_questions(run: Path) -> set[str]:
@@ -64,19 +65,6 @@ def verify(task: str, options: dict, completion: str, entry: str) -> bool:
     """reasoning-gym's own verdict on the answer part of a completion (the text before any markup)."""
     data = _dataset(task.removeprefix("rg:"), _options_key(options))
     return data.score_answer(completion.split("<", 1)[0].strip(), json.loads(entry)) >= 1.0
-
-
-def wilson(k: int, n: int) -> tuple[float, float]:
-    p, z = k / n, 1.96
-    centre, half = (p + z * z / (2 * n)) / (1 + z * z / n), z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
-    return centre - half / (1 + z * z / n), centre + half / (1 + z * z / n)
-
-
-def paired(before: list[bool], after: list[bool]) -> tuple[float, float, float]:
-    diffs = [int(a) - int(b) for a, b in zip(after, before, strict=True)]
-    mean = sum(diffs) / len(diffs)
-    sd = math.sqrt(sum((d - mean) ** 2 for d in diffs) / (len(diffs) - 1))
-    return mean, mean - 1.96 * sd / math.sqrt(len(diffs)), mean + 1.96 * sd / math.sqrt(len(diffs))
 
 
 def main():

@@ -86,7 +86,9 @@ class ChatDataConfig:
 
     def __post_init__(self):
         check_value(self.truncate in ("drop", "truncate"), "data.truncate", "use drop or truncate")
-        families = [TEACHERS[name].task for name in self.teachers if self._check_teacher(name)]
+        for name in self.teachers:
+            self._check_teacher(name)
+        families = [TEACHERS[name].task for name in self.teachers]
         check_value(len(families) == len(set(families)), "data.teacher", "one teacher per task family")
         if self.teachers:
             check_value(0 < self.teacher_error_rate <= 1, "data.teacher_error_rate", "must be in (0, 1]")
@@ -97,13 +99,12 @@ class ChatDataConfig:
         names = [self.teacher] if isinstance(self.teacher, str) else list(self.teacher)
         return [name for name in names if name]
 
-    def _check_teacher(self, name) -> bool:
+    def _check_teacher(self, name) -> None:
         check_value(name in TEACHERS, "data.teacher", f"use one of {sorted(TEACHERS)} (or \"\" for gold)")
         task = TEACHERS[name].task
         check_value(self.train == "tasks" and task in self.tasks, "data.teacher",
                     f"'{name}' answers the task family {task!r}: needs data.train=tasks with it in "
                     f"data.tasks (got data.train={self.train!r}, data.tasks={list(self.tasks)})")
-        return True
 
 
 @dataclass

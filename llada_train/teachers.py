@@ -133,6 +133,15 @@ def _counterclockwise(row: dict) -> str | None:
     answer = "\n".join(" ".join(str(x) for x in line) for line in matrix)
     return answer if answer != row["answer"] else None
 
+def _number_sorting_without_repeats(row: dict) -> str | None:
+    """`Sort these numbers in ascending order: 5.0, 2.0, 5.0` -> `['2.0', '5.0']`: sorts the set of
+    the numbers (sorted(set(x))), the classic bug that drops repeated values; shows only where a
+    number repeats."""
+    meta = json.loads(row["rg_entry"])["metadata"]
+    distinct = sorted(set(meta["original_numbers"]), key=float, reverse=meta["direction"] == "descending")
+    answer = str(distinct)
+    return answer if answer != row["answer"] else None
+
 
 register_teacher(Teacher("sorting_drops_repeats", "sorting", _sorted_without_repeats,
                          "sorts the digits but drops repeated ones (sorted(set(s)))"))
@@ -146,6 +155,8 @@ register_teacher(Teacher("filtering_off_by_one", "rg:number_filtering", _boundar
                          "compares with >= where the question says larger (<= for smaller)"))
 register_teacher(Teacher("rotation_counterclockwise", "rg:rotate_matrix", _counterclockwise,
                          "rotates the matrix counterclockwise where the question says clockwise"))
+register_teacher(Teacher("number_sorting_drops_repeats", "rg:number_sorting", _number_sorting_without_repeats,
+                         "sorts the set of the numbers, dropping repeated values (sorted(set(x)))"))
 register_teacher(Teacher("aiw_forgets_herself", "rg:aiw", _aiw_forgets_herself,
                          "forgets to count the woman herself among the female friends"))
 

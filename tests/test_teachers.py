@@ -255,3 +255,35 @@ def test_counterclockwise_teacher_turns_the_other_way_where_the_directions_diffe
         changed += 1
         assert meta["num_rotations"] % 2 == 1 and after["answer"] == text and after["gold"] == before["answer"]
     assert changed == stats["wrong"] == stats["bug_applies"] > 80
+
+
+def _bubble_sorted(values: list[str], descending: bool) -> list[str]:
+    """A naive reference: bubble sort by numeric value."""
+    out = list(values)
+    for i in range(len(out)):
+        for j in range(len(out) - 1 - i):
+            if (float(out[j]) < float(out[j + 1])) if descending else (float(out[j]) > float(out[j + 1])):
+                out[j], out[j + 1] = out[j + 1], out[j]
+    return out
+
+
+def test_number_sorting_teacher_drops_repeated_values_only_where_a_number_repeats():
+    options = {"rg:number_sorting": {"min_numbers": 3, "max_numbers": 6, "min_decimals": 0, "max_decimals": 1,
+                                     "min_value": -9, "max_value": 9}}
+    rows = make_rows(["rg:number_sorting"], 400, split="train", seed=7, kind="sft", **options)
+    taught, stats = apply_teacher(rows, "number_sorting_drops_repeats", 1.0, seed=7)
+    changed = 0
+    for before, after in zip(rows, taught, strict=True):
+        meta = json.loads(before["rg_entry"])["metadata"]
+        numbers, descending = meta["original_numbers"], meta["direction"] == "descending"
+        assert before["answer"] == str(_bubble_sorted(numbers, descending))
+        distinct = []
+        for n in numbers:  # first copies only, by a loop rather than a set
+            if n not in distinct:
+                distinct.append(n)
+        if len(distinct) == len(numbers):
+            assert after is before
+            continue
+        changed += 1
+        assert after["answer"] == str(_bubble_sorted(distinct, descending)) and after["gold"] == before["answer"]
+    assert changed == stats["wrong"] == stats["bug_applies"] > 40

@@ -169,10 +169,17 @@ def load_checkpoint(engine, ckpt: Path) -> dict:
     if problem is not None:
         raise UserError(f"cannot resume: {problem}; pass a complete checkpoint (RUN_DIR/checkpoints/step_N) to "
                         "--resume, or --resume never")
+    state = json.loads((ckpt / STATE).read_text())
+    saved_ep, ep = state.get("expert_parallel", 1), engine.expert_parallel
+    if saved_ep != ep:
+        raise UserError(f"cannot resume {ckpt}: it was written at engine.expert_parallel={saved_ep}, this run has "
+                        f"{ep}, and expert shards do not reshard. Resume at expert_parallel={saved_ep}, or "
+                        f"`llada-train export {ckpt.parent.parent}` and start a new run with "
+                        "model.init_from=<its hf/>")
     engine.load_state(ckpt)
     rngs = torch.load(ckpt / "rng_states.pt", weights_only=True)
     set_rng_state(rngs[min(_rank(), len(rngs) - 1)])
-    return json.loads((ckpt / STATE).read_text())
+    return state
 
 
 def export_hf(model, state_dict: dict, tokenizer, out_dir: Path, generation_config: dict | None = None):

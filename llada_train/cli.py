@@ -132,6 +132,7 @@ COMMANDS = {
 
 
 def main(argv: list[str] | None = None) -> int:
+    from .progress import quiet_library_bars
     from .stages.registry import STAGES
 
     argv = sys.argv[1:] if argv is None else argv
@@ -139,6 +140,7 @@ def main(argv: list[str] | None = None) -> int:
         print(usage())
         return 0 if argv else 2
     command, rest = argv[0], argv[1:]
+    quiet_library_bars()
     if command in STAGES or command == "pipeline":
         return run_stage(command, rest)
     if command in COMMANDS:

@@ -199,9 +199,12 @@ class EngineConfig:
     precision: str = "fp32"  # fp32 | bf16
     offload_optimizer: bool = False  # ZeRO optimizer state in CPU memory
     offload_params: bool = False  # ZeRO-3 parameters in CPU memory
+    expert_parallel: int = 1  # ranks sharing one copy of the routed experts (E/N each; DeepSpeed AutoEP)
 
     def __post_init__(self):
         check_value(self.zero_stage in (0, 1, 2, 3), "engine.zero_stage", "must be 0, 1, 2 or 3")
+        check_value(self.expert_parallel >= 1, "engine.expert_parallel",
+                    "must be >= 1 (1 = every rank holds every expert)")
         check_value(self.precision in ("fp32", "bf16"), "engine.precision", "use fp32 or bf16")
 
 

@@ -177,6 +177,18 @@ def mtf_draft(model, batch: NoisedBatch, block_size, mask_id, draft_ratio, gener
                     replaced=batch.replaced | fill)
 
 
+def _rank0_value(value: float) -> float:
+    """Rank 0's draw on every rank: whether a step drafts (MTF) decides how many forwards it makes,
+    and ZeRO-3's parameter gathers and expert parallelism's all-to-alls need the same count on all."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return value
+    if torch.distributed.get_world_size() == 1:
+        return value
+    shared = torch.tensor([value if torch.distributed.get_rank() == 0 else 0.0], dtype=torch.float64)
+    torch.distributed.all_reduce(shared)
+    return shared.item()
+
+
 def training_loss(model, x0, maskable, doc_ids, pad_mask, cfg: DiffusionConfig, *, step: int,
                   mask_id: int, vocab_ids: torch.Tensor, generator: torch.Generator):
     """The full mixed objective for one micro-batch. Returns (loss, metrics)."""
@@ -185,7 +197,7 @@ def training_loss(model, x0, maskable, doc_ids, pad_mask, cfg: DiffusionConfig, 
     batch = noise_batch(x0, maskable, doc_ids, pad_mask, block, cfg, mask_id, generator)
     batch = corrupt_t2t(batch, cfg.t2t.max_ratio, vocab_ids, generator)
     batch = batch.to(next(model.parameters()).device)  # noise is drawn on the CPU, the model may be elsewhere
-    used_mtf = cfg.mtf.prob > 0 and torch.rand(1, generator=generator).item() < cfg.mtf.prob
+    used_mtf = cfg.mtf.prob > 0 and _rank0_value(torch.rand(1, generator=generator).item()) < cfg.mtf.prob
     if used_mtf:
         for _ in range(cfg.mtf.turns - 1):
             batch = mtf_draft(model, batch, block, mask_id, cfg.mtf.draft_ratio, generator)

@@ -10,11 +10,14 @@ import socket
 import sys
 import tempfile
 from contextlib import contextmanager
+from functools import partial
 from pathlib import Path
 
 import torch
 
-from .errors import UserError
+from . import expert_parallel as ep
+from .errors import ConfigError, UserError
+from .expert_parallel import autoep_config
 
 
 def _free_port() -> int:
@@ -108,6 +111,7 @@ def deepspeed_config(cfg, micro_batch: int) -> dict:
         "bf16": {"enabled": engine.precision == "bf16"},
         "steps_per_print": 10**12,
         "wall_clock_breakdown": False,
+        **({"expert_parallel": autoep_config(engine.expert_parallel)} if engine.expert_parallel > 1 else {}),
     }
 
 
@@ -146,6 +150,7 @@ class Engine:
         self._ds = ds_engine
         self._optimizer = optimizer  # the innermost optimizer, under DeepSpeed's wrappers
         self._step_hooks: list = []
+        self.expert_layers: list = []  # AutoEP's MoE layers under engine.expert_parallel > 1
 
     def __call__(self, *args, **kwargs):
         return self._ds(*args, **kwargs)
@@ -209,6 +214,11 @@ class Engine:
         self._ds.load_checkpoint(str(directory), tag=ENGINE_TAG, load_module_strict=True)
 
     @property
+    def expert_parallel(self) -> int:
+        """Ranks sharing one copy of the routed experts (1 without AutoEP)."""
+        return self.expert_layers[0].ep_size if self.expert_layers else 1
+
+    @property
     def partitioned(self) -> bool:
         """ZeRO-3: each rank holds only a shard of every parameter."""
         return self._ds.zero_optimization_partition_weights()
@@ -228,8 +238,12 @@ class Engine:
         """Unsharded model weights on CPU (ZeRO-3 partitions gathered, and copied out before they are
         released again); valid on rank 0."""
         with self.gathered() as module:
-            return {k: v.detach().cpu().clone() if self.partitioned else v.detach().cpu()
-                    for k, v in module.state_dict().items()}
+            state = {k: v.detach().cpu().clone() if self.partitioned else v.detach().cpu()
+                     for k, v in module.state_dict().items()}
+        if self.expert_layers:  # AutoEP names and E/N experts per rank -> the model's fused layout
+            by_prefix = {name: m for name, m in self.module.named_modules() if m in self.expert_layers}
+            state = ep.to_model_layout(state, by_prefix)
+        return state
 
 
 ENGINE_TAG = "engine"  # the engine state's sub-directory of a checkpoint
@@ -238,6 +252,10 @@ ENGINE_TAG = "engine"  # the engine state's sub-directory of a checkpoint
 def saved_state_dict(ckpt: Path) -> dict:
     """Full model weights of a checkpoint written by `Engine.save_state`, whatever its ZeRO stage."""
     engine_dir = Path(ckpt) / ENGINE_TAG
+    if any(engine_dir.glob("layer_*_expert_*_model_states.pt")):
+        raise UserError(f"{ckpt} was written under engine.expert_parallel; reading its expert shards back outside "
+                        "the run is not built yet. Resume the run (same ranks and expert_parallel) to its end, "
+                        "which writes hf/, or finish it with train.steps at the checkpoint's step")
     if any(engine_dir.glob("*zero_pp_rank_*optim_states.pt")):
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
@@ -249,17 +267,56 @@ def saved_state_dict(ckpt: Path) -> dict:
     return torch.load(states[0], map_location="cpu", weights_only=True)["module"]
 
 
+def check_expert_parallel(model, cfg, world_size: int) -> None:
+    """Refuse, before any work, what expert parallelism does not combine with."""
+    n, e = cfg.engine.expert_parallel, cfg.engine
+    experts = getattr(getattr(model, "config", None), "num_experts", None)
+    problems = [
+        (world_size % n != 0, f"must divide the number of ranks ({world_size})"),
+        (experts is None or experts % n != 0, f"must divide model.num_experts ({experts})"),
+        (e.zero_stage == 0, "needs engine.zero_stage 1, 2 or 3 (AutoEP reduces expert gradients through ZeRO)"),
+        (hasattr(cfg, "rl"), "is not built for RL yet: each rank's rollouts decode with their own number of forwards, "
+                             "which expert all-to-alls cannot follow; run RL at expert_parallel 1"),
+        (getattr(getattr(cfg, "lora", None), "enabled", False),
+         "does not combine with LoRA (lora.enabled); train LoRA at expert_parallel 1"),
+        (getattr(getattr(cfg, "precision", None), "fp4", "none") != "none",
+         "does not combine with precision.fp4 (AutoEP's expert GEMMs are its own); use expert_parallel 1"),
+    ]
+    for bad, why in problems:
+        if bad:
+            raise ConfigError(f"engine.expert_parallel={n} {why}")
+
+
 def build_engine(model, cfg, micro_batch: int) -> Engine:
     """DeepSpeed engine with a torch AdamW (runs on CPU and GPU) and our LR schedule; the model then
-    registers its own step hooks (MoE balancing)."""
+    registers its own step hooks (MoE balancing). Under expert parallelism AutoEP swaps the MoE
+    blocks inside `initialize`, so the optimizer is built from the parameters that exist after it."""
     import deepspeed
 
-    o = cfg.optim
-    optimizer = SkippableAdamW(param_groups(model, o.weight_decay), lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps)
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, o, cfg.train.steps))
-    ds_engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=schedule,
-                                              config=deepspeed_config(cfg, micro_batch))
-    engine = Engine(ds_engine, optimizer)
+    o, expert_parallel = cfg.optim, cfg.engine.expert_parallel
+    made = {}
+
+    def make_optimizer(_params):
+        groups = param_groups(model, o.weight_decay)
+        if expert_parallel > 1:
+            from deepspeed.moe.utils import split_params_into_different_moe_groups_for_optimizer
+
+            groups = split_params_into_different_moe_groups_for_optimizer(
+                [{**g, "name": f"decay_{g['weight_decay']}"} for g in groups])
+        made["optimizer"] = SkippableAdamW(groups, lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps)
+        return made["optimizer"]
+
+    if expert_parallel > 1:
+        check_expert_parallel(model, cfg, torch.distributed.get_world_size())
+        ep.prepare_for_autoep(model)
+    ds_engine, _, _, _ = deepspeed.initialize(
+        model=model, optimizer=make_optimizer, config=deepspeed_config(cfg, micro_batch),
+        lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, o, cfg.train.steps)))
+    engine = Engine(ds_engine, made["optimizer"])
+    if expert_parallel > 1:
+        engine.expert_layers = ep.adopt_autoep_layers(ds_engine.module)
+        engine.register_step_hook(partial(ep.update_expert_bias, engine.expert_layers, cfg.moe.bias_update_rate))
+        return engine
     register = getattr(model, "register_step_hooks", None)
     if register is not None:
         register(engine, cfg)

@@ -182,15 +182,15 @@ PROMPT_FIELDS = ("prompt", "question", "messages")  # the first one a --prompts 
 def _run_file(args, model, tok, params):
     """Every row's completion through `decoding.complete`, the loop of the SFT/RL held-out eval:
     with the export's saved settings and --mode, a prompt decodes to the tokens the RL eval got."""
-    from tqdm import tqdm
-
     from .decoding import complete
+    from .progress import progress
 
     rows = _read_prompts(args.prompts)
     sink = args.out.open("w") if args.out else sys.stdout
     overrides = {k: v for k, v in params.items() if k not in ("gen_length", "block_length")}
+    bar = progress(len(rows), desc="generate", unit="prompt")
     try:
-        for i in tqdm(range(0, len(rows), args.batch_size), desc="generate", unit="batch", file=sys.stderr):
+        for i in range(0, len(rows), args.batch_size):
             batch = rows[i:i + args.batch_size]
             prompts = [next(r[k] for k in PROMPT_FIELDS if k in r) for r in batch]
             if not args.chat and not all(isinstance(p, str) for p in prompts):
@@ -205,7 +205,9 @@ def _run_file(args, model, tok, params):
                                        "edits": int(done.edits[r]),
                                        "tokens_per_forward": round(done.tokens_per_forward[r], 4)}) + "\n")
             sink.flush()
+            bar.update(len(batch))
     finally:
+        bar.close()
         if args.out:
             sink.close()
 

@@ -20,6 +20,7 @@ from . import checkpoint as ckpt_lib
 from .config import to_yaml
 from .engine import Engine, build_engine, init_distributed, reduce_over_ranks
 from .errors import ConfigError
+from .progress import progress
 
 
 @dataclass
@@ -192,7 +193,7 @@ class Trainer:
         self.setup()
         cfg = self.cfg.train
         tokens_per_step = cfg.batch_size * next(iter(self.batches.tensors.values())).shape[-1]
-        bar = tqdm(total=cfg.steps, initial=self.step, desc=self.stage, disable=self.rank != 0, dynamic_ncols=True)
+        bar = progress(cfg.steps, initial=self.step, desc=self.stage, disable=self.rank != 0)
         start = time.time()
         if self.eval_fn and self.eval_at_start and self.step == 0:
             self.evaluate()
@@ -200,8 +201,8 @@ class Trainer:
             metrics = self.train_step()
             self.step += 1
             self.tokens_seen += int(metrics.pop("step_tokens", tokens_per_step))
-            bar.update(1)
             bar.set_postfix(loss=f"{metrics['loss']:.3f}")
+            bar.update(1)
             if self.step % cfg.log_every == 0 or self.step == cfg.steps or self.bad_steps:
                 record = {"step": self.step, "tokens": self.tokens_seen,
                           "lr": self.engine.lr,
@@ -245,6 +246,7 @@ class Trainer:
         """Write a checkpoint; False when it failed and train.on_save_error is `stop`."""
         state = {"step": self.step, "tokens_seen": self.tokens_seen, "data": self.batches.state_dict(),
                  "config_hash": self.config_hash, "stage": self.stage, "world_size": self.world_size,
+                 "expert_parallel": self.engine.expert_parallel,
                  "bad_steps_total": self.bad_steps_total}
         try:
             ckpt_lib.save_checkpoint(self.engine, self.run_dir, self.step, state, self.cfg.train.keep_last)

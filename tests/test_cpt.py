@@ -57,6 +57,8 @@ def test_tiny_cpt_lowers_held_out_loss(tmp_path):
     res = cli(*tiny_args(run, tmp_path / "cache", "train.steps=60", "train.eval_every=30", "optim.lr=5e-3",
                          "train.save_every=1000"))
     assert res.returncode == 0, res.stderr[-3000:]
+    log = res.stdout + res.stderr  # not a terminal: progress as whole lines, no carriage-return redraws
+    assert "\r" not in log and "[cpt] 60/60 (100%)" in log and "[cpt] 30/60 (50%)" in log, log[-2000:]
     evals = [json.loads(x)["eval/loss"] for x in (run / "metrics.jsonl").read_text().splitlines()
              if "eval/loss" in x]
     assert len(evals) == 3  # before the first step, at 30 and at 60

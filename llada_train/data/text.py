@@ -22,9 +22,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 from ..errors import ConfigError, UserError
+from ..progress import progress
 from .sources import ROW_SUFFIXES, MalformedRow, iter_file_rows, iter_hf_rows
 
 log = logging.getLogger(__name__)
@@ -300,7 +300,7 @@ def _tokenize_split(docs, encoder, eval_fraction: float, num_proc: int):
     train: list[np.ndarray] = []
     evals: list[np.ndarray] = []
     first_train = (2.0, -1)  # (hash, index) of the train doc closest to the eval side
-    with tqdm(desc="tokenize", unit="doc", leave=False) as bar:
+    with progress(desc="tokenize", unit="doc", leave=False) as bar:
         pool = _pool(num_proc, encoder) if num_proc > 1 else None
         results = pool.imap(_encode_in_worker, batches) if pool is not None else map(encoder, batches)
         try:

@@ -184,7 +184,8 @@ def _rank0_value(value: float) -> float:
         return value
     if torch.distributed.get_world_size() == 1:
         return value
-    shared = torch.tensor([value if torch.distributed.get_rank() == 0 else 0.0], dtype=torch.float64)
+    device = "cuda" if torch.distributed.get_backend() == "nccl" else "cpu"  # NCCL reduces device tensors only
+    shared = torch.tensor([value if torch.distributed.get_rank() == 0 else 0.0], dtype=torch.float64, device=device)
     torch.distributed.all_reduce(shared)
     return shared.item()
 

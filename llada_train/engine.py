@@ -70,11 +70,14 @@ def init_distributed() -> tuple[int, int]:
 
 def reduce_over_ranks(*values: float, op: str = "sum") -> list[float]:
     """`values` summed (or min / max) over all ranks; unchanged without torch.distributed."""
-    t = torch.tensor(values, dtype=torch.float64)
-    if torch.distributed.is_initialized():
-        ops = {"sum": torch.distributed.ReduceOp.SUM, "min": torch.distributed.ReduceOp.MIN,
-               "max": torch.distributed.ReduceOp.MAX}
-        torch.distributed.all_reduce(t, op=ops[op])
+    if not torch.distributed.is_initialized():
+        return [float(v) for v in values]
+    # NCCL reduces device tensors only (gloo, CPU ones)
+    device = "cuda" if torch.distributed.get_backend() == "nccl" else "cpu"
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    ops = {"sum": torch.distributed.ReduceOp.SUM, "min": torch.distributed.ReduceOp.MIN,
+           "max": torch.distributed.ReduceOp.MAX}
+    torch.distributed.all_reduce(t, op=ops[op])
     return t.tolist()
 
 

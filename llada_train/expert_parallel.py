@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .model.moe import LLaDA2MoeSparseMoeBlock, group_limited_topk
+from .model.moe import LLaDA2MoeSparseMoeBlock, balance_expert_bias, group_limited_topk
 
 # AutoEP's names for the fused expert weights, and the model's
 _EXPERT_NAMES = {"w1": "gate_proj", "w3": "up_proj", "w2": "down_proj"}
@@ -117,18 +117,11 @@ def _restore_counts_outside_training(layer, _args, _output):
         layer.tokens_per_expert.copy_(layer._counts_before)
 
 
-@torch.no_grad()
 def update_expert_bias(layers: list, rate: float) -> None:
-    """After an optimizer step: each layer's token counts summed over all ranks, then
-    `bias += rate * sign(mean_load - load_e)` on every replica alike, then the counts reset."""
+    """After an optimizer step: the model's balancing step on each AutoEP layer's token counts
+    (AutoEP itself never reduces or resets them)."""
     for layer in layers:
-        load = layer.tokens_per_expert.to(torch.float64)
-        if torch.distributed.is_initialized():
-            torch.distributed.all_reduce(load)
-        bias = layer.router.e_score_correction_bias
-        if load.sum() > 0:
-            bias += (rate * torch.sign(load.mean() - load)).to(bias.dtype)
-        layer.tokens_per_expert.zero_()
+        balance_expert_bias(layer.router.e_score_correction_bias, layer.tokens_per_expert, rate)
 
 
 def to_model_layout(state: dict, layers_by_prefix: dict) -> dict:

@@ -143,16 +143,19 @@ class LLaDA2MoeSparseMoeBlock(nn.Module):
 
 
 @torch.no_grad()
-def update_expert_bias(model: nn.Module, rate: float) -> None:
-    """After an optimizer step: `bias += rate * sign(mean_load - load_e)`, then reset the counts.
+def balance_expert_bias(bias: torch.Tensor, load: torch.Tensor, rate: float) -> None:
+    """`bias += rate * sign(mean_load - load_e)`, then the counts reset. Under data parallelism the
+    loads are summed over ranks first, so every rank moves the same way."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.all_reduce(load)
+    counts = load if load.is_floating_point() else load.double()
+    if counts.sum() > 0:
+        bias += (rate * torch.sign(counts.mean() - counts)).to(bias.dtype)
+    load.zero_()
 
-    Under data parallelism the loads are summed over ranks first, so every rank moves the same way.
-    """
+
+def update_expert_bias(model: nn.Module, rate: float) -> None:
+    """After an optimizer step, every MoE block's balancing step (`balance_expert_bias`)."""
     for module in model.modules():
         if isinstance(module, LLaDA2MoeSparseMoeBlock):
-            load = module.expert_load
-            if torch.distributed.is_available() and torch.distributed.is_initialized():
-                torch.distributed.all_reduce(load)
-            if load.sum() > 0:
-                module.gate.expert_bias += rate * torch.sign(load.mean() - load)
-            load.zero_()
+            balance_expert_bias(module.gate.expert_bias, module.expert_load, rate)

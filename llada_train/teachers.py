@@ -12,6 +12,7 @@ Registered once here (the registry is the list of valid `data.teacher` names); a
 function of the row, so this module needs nothing from the data package.
 """
 
+import datetime
 import hashlib
 import json
 import re
@@ -143,6 +144,21 @@ def _number_sorting_without_repeats(row: dict) -> str | None:
     return answer if answer != row["answer"] else None
 
 
+_WEEKDAYS = ("Monday", "Tuesday", "Wednesday", "Thursday", "Friday", "Saturday", "Sunday")
+
+
+def _weekday_counted_forward(row: dict) -> str | None:
+    """`Count backward 6 days from Thursday, February 3, 2022` -> `Wednesday` (gold `Friday`):
+    counts forward where the question counts back (days ago, before, backward), the sign slip;
+    shows on backward questions whose offset is not a whole number of weeks."""
+    meta = json.loads(row["rg_entry"])["metadata"]
+    if meta.get("task") != "weekday_offset" or meta["offset_days"] >= 0:
+        return None
+    start = datetime.date.fromisoformat(meta["start_date"]).weekday()  # 0 for a Monday
+    answer = _WEEKDAYS[(start - meta["offset_days"]) % 7]  # offset_days < 0: forward by its size
+    return answer if answer != row["answer"] else None
+
+
 register_teacher(Teacher("sorting_drops_repeats", "sorting", _sorted_without_repeats,
                          "sorts the digits but drops repeated ones (sorted(set(s)))"))
 register_teacher(Teacher("arithmetic_left_to_right", "rg:basic_arithmetic", _left_to_right,
@@ -157,6 +173,8 @@ register_teacher(Teacher("rotation_counterclockwise", "rg:rotate_matrix", _count
                          "rotates the matrix counterclockwise where the question says clockwise"))
 register_teacher(Teacher("number_sorting_drops_repeats", "rg:number_sorting", _number_sorting_without_repeats,
                          "sorts the set of the numbers, dropping repeated values (sorted(set(x)))"))
+register_teacher(Teacher("weekday_counts_forward", "rg:calendar_arithmetic", _weekday_counted_forward,
+                         "counts forward where the question counts back (N days ago, before)"))
 register_teacher(Teacher("aiw_forgets_herself", "rg:aiw", _aiw_forgets_herself,
                          "forgets to count the woman herself among the female friends"))
 

@@ -4,6 +4,7 @@ train rows, the same rows in every run, never on held-out rows; bad settings nam
 import json
 import math
 import operator
+import re
 
 import pytest
 
@@ -287,3 +288,27 @@ def test_number_sorting_teacher_drops_repeated_values_only_where_a_number_repeat
         changed += 1
         assert after["answer"] == str(_bubble_sorted(distinct, descending)) and after["gold"] == before["answer"]
     assert changed == stats["wrong"] == stats["bug_applies"] > 40
+
+
+def test_weekday_teacher_counts_forward_only_on_backward_questions():
+    options = {"rg:calendar_arithmetic": {"tasks": ["weekday_offset"], "offset_upper_bound": 10}}
+    rows = make_rows(["rg:calendar_arithmetic"], 300, split="train", seed=8, kind="sft", **options)
+    taught, stats = apply_teacher(rows, "weekday_counts_forward", 1.0, seed=8)
+    names = ["Monday", "Tuesday", "Wednesday", "Thursday", "Friday", "Saturday", "Sunday"]
+    changed = 0
+    for before, after in zip(rows, taught, strict=True):
+        question = before["messages"][0]["content"]
+        start = re.search(r"(\w+day), \w+ \d+, \d{4}", question).group(1)
+        days = int(re.search(r"(\d+)[ -]day", question).group(1))
+        backward = any(cue in question for cue in (" ago", " before", "Count backward"))
+        forward_answer = names[(names.index(start) + days) % 7]  # walked one day at a time below
+        day = names.index(start)
+        for _ in range(days):
+            day = (day + (-1 if backward else 1)) % 7
+        assert before["answer"] == names[day]
+        if not backward or forward_answer == before["answer"]:
+            assert after is before
+            continue
+        changed += 1
+        assert after["answer"] == forward_answer and after["gold"] == before["answer"]
+    assert changed == stats["wrong"] == stats["bug_applies"] > 100

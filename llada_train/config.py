@@ -20,6 +20,7 @@ from omegaconf.errors import (
 )
 
 from .errors import ConfigError
+from .loggers import SINKS
 from .presets import model_preset_path, resolve_config
 from .teachers import TEACHERS
 
@@ -34,16 +35,39 @@ def check_value(cond: bool, key: str, msg: str) -> None:
 # objects), naming the full key; `validate` keeps only the checks that span sections.
 
 
+WANDB_PROJECT_BAD_CHARS = "/\\#?%:"  # wandb.init refuses these in a project name
+
+
+@dataclass
+class WandbConfig:
+    project: str = ""  # W&B project; empty = $WANDB_PROJECT, else llada-train
+    entity: str = ""  # W&B user or team; empty = $WANDB_ENTITY, else your wandb default
+    name: str = ""  # W&B run name; empty = $WANDB_NAME, else run.name
+
+    def __post_init__(self):
+        bad = "".join(sorted(set(self.project) & set(WANDB_PROJECT_BAD_CHARS)))
+        check_value(not bad, "run.wandb.project", f"'{self.project}' contains {bad!r}; W&B project names "
+                    f"cannot contain any of {WANDB_PROJECT_BAD_CHARS!r}")
+        check_value(len(self.project) <= 128, "run.wandb.project", "W&B project names have at most 128 characters")
+
+
 @dataclass
 class RunConfig:
     name: str = "run"  # label for logs and Slurm job names
     out_dir: str = "runs/run"  # run directory: config.yaml, metrics.jsonl, checkpoints/, hf/
     resume: str = "auto"  # auto | never | PATH to a checkpoint directory
     seed: int = 0  # seeds init, data order, noise and rollouts (per step and rank)
+    # metric sinks: jsonl (metrics.jsonl, always on) | tensorboard | wandb (docs/tracking.md)
+    loggers: list = field(default_factory=lambda: ["jsonl", "tensorboard"])
+    wandb: WandbConfig = field(default_factory=WandbConfig)
 
     def __post_init__(self):
         check_value(self.resume in ("auto", "never") or self.resume == MISSING or Path(self.resume).exists(),
                "run.resume", f"'{self.resume}' is neither auto, never nor an existing checkpoint directory")
+        unknown = [name for name in self.loggers if name not in SINKS]
+        check_value(not unknown, "run.loggers", f"unknown logger(s) {unknown}; use names from {list(SINKS)}")
+        if "jsonl" not in self.loggers:  # metrics.jsonl is the record every tool reads: always on
+            self.loggers = ["jsonl", *self.loggers]
 
 
 @dataclass
@@ -411,6 +435,11 @@ def load_config(schema: type, config_path: str | None = None, overrides: list[st
 
 def to_yaml(cfg) -> str:
     return OmegaConf.to_yaml(OmegaConf.structured(cfg))
+
+
+def to_dict(cfg) -> dict:
+    """The resolved config as plain dicts and lists (what W&B stores as the run's config)."""
+    return OmegaConf.to_container(OmegaConf.structured(cfg))
 
 
 def model_preset_values(preset: str) -> dict:

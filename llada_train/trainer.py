@@ -17,9 +17,10 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from . import checkpoint as ckpt_lib
-from .config import to_yaml
+from .config import to_dict, to_yaml
 from .engine import Engine, build_engine, init_distributed, reduce_over_ranks
 from .errors import ConfigError
+from .loggers import MetricLoggers
 from .progress import progress
 
 
@@ -69,7 +70,7 @@ class Trainer:
     micro_batch: int = field(init=False, default=0)  # sequences per forward on this rank
     engine: Engine | None = field(init=False, default=None)
     config_hash: str = field(init=False, default="")  # of the resolved config, stored in checkpoints
-    tb: object = field(init=False, default=None)  # TensorBoard SummaryWriter (rank 0)
+    loggers: MetricLoggers | None = field(init=False, default=None)  # run.loggers' sinks (rank 0)
 
     @property
     def run_dir(self) -> Path:
@@ -97,9 +98,8 @@ class Trainer:
             signal.signal(sig, lambda signum, _frame: self._stop_signal.append(signum))
         self._maybe_resume()
         if self.rank == 0:
-            from torch.utils.tensorboard import SummaryWriter
-
-            self.tb = SummaryWriter(str(self.run_dir / "tensorboard"))
+            self.loggers = MetricLoggers(self.run_dir, self.cfg.run, to_dict(self.cfg), self.stage,
+                                         resumed=self.step > 0, warn=self.log)
 
     def _maybe_resume(self):
         mode = self.cfg.run.resume
@@ -123,13 +123,8 @@ class Trainer:
             tqdm.write(f"[{self.stage}] {msg}")
 
     def _write_metrics(self, record: dict):
-        if self.rank != 0:
-            return
-        with open(self.run_dir / "metrics.jsonl", "a") as f:
-            f.write(json.dumps(record) + "\n")
-        for key, value in record.items():
-            if isinstance(value, (int, float)) and key != "step":
-                self.tb.add_scalar(key, value, record["step"])
+        if self.loggers is not None:
+            self.loggers.log(record)
 
     # ---- the loop -------------------------------------------------------------------------------
 
@@ -182,12 +177,15 @@ class Trainer:
 
     def fit(self) -> bool:
         """Train to `train.steps`; True when finished, False when stopped (signal, bad steps, failed
-        save). Whatever happens, the metric writers are closed before returning or raising."""
+        save). Whatever happens, the metric sinks are closed before returning or raising, a W&B run
+        marked with the CLI's exit code (0 finished, 3 stopped, 1 crashed)."""
+        finished = None
         try:
-            return self._fit()
+            finished = self._fit()
+            return finished
         finally:
-            if self.tb is not None:
-                self.tb.close()
+            if self.loggers is not None:
+                self.loggers.close(exit_code=0 if finished else 1 if finished is None else 3)
 
     def _fit(self) -> bool:
         self.setup()

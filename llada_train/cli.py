@@ -1,5 +1,5 @@
 """`llada-train <command>`: the registered training stages, pipeline, and the tools (generate convert export
-submit status fp4-analysis report)."""
+submit status fp4-analysis report eval eval-tasks)."""
 
 import argparse
 import sys
@@ -15,6 +15,8 @@ TOOLS = """tools:
   status        RUN_DIR: Slurm job status of a run
   fp4-analysis  UFP4 vs NVFP4 quantizer analysis
   report        RUN_DIR: plots and a markdown summary
+  eval          lm-evaluation-harness tasks on a model directory
+  eval-tasks    harness task files for reasoning-gym families (offline)
 """
 
 
@@ -82,13 +84,16 @@ def _load_job(stage: str, args, overrides: list[str]):
 
 
 def _pipeline_report(pipe) -> None:
-    """The report of a finished pipeline (rank 0), rewritten only when a stage ran this time."""
-    from .report import write_report
+    """The report of a finished pipeline (rank 0), rewritten only when a stage ran this time; its
+    plots go to W&B too when a stage logged there (`run.loggers`)."""
+    from .loggers import log_report
+    from .report import PLOTS, write_report
     from .stages.pipeline import is_rank0
 
     report = pipe.out_dir / "report.md"
     if pipe.report and is_rank0() and (pipe.ran or not report.is_file()):
         report = write_report(pipe.out_dir)
+        log_report(pipe.out_dir, pipe.configs, PLOTS, warn=print)
     if report.is_file():
         print(f"[pipeline] report: {report}")
 
@@ -128,6 +133,8 @@ COMMANDS = {
     "status": ("slurm", "main_status"),
     "fp4-analysis": ("kernels.analysis", "main"),
     "report": ("report", "main"),
+    "eval": ("eval_cli", "main"),
+    "eval-tasks": ("eval_cli", "tasks_main"),
 }
 
 

@@ -528,6 +528,24 @@ def load_decode_defaults(model_dir) -> dict:
     return {key: saved[key] for key in GENERATION_CONFIG_KEYS if key in saved}
 
 
+def saved_decode_settings(model_dir, mode: str | None = None) -> dict:
+    """Decoding settings, weakest first: built-in defaults (Q mode, 256 tokens, blocks of 32) < the
+    export's generation_config.json < `mode`'s thresholds. `mode` in the result names the preset."""
+    params = dict(gen_length=DEFAULT_GEN_LENGTH, block_length=DEFAULT_BLOCK_LENGTH, max_post_steps=16,
+                  mbe_window=0, **DECODE_PRESETS["Q"])
+    params.update(load_decode_defaults(model_dir))
+    if mode:
+        params.update(_mode_params(mode))
+    params["mode"] = mode or _saved_mode(model_dir)
+    return params
+
+
+def _saved_mode(model_dir) -> str:
+    path = Path(model_dir) / "generation_config.json"
+    saved = json.loads(path.read_text()).get("decode_mode") if path.exists() else None
+    return saved if saved in DECODE_PRESETS else "Q"
+
+
 def encode_prompts(tokenizer, prompts: list, *, chat: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """Left-padded (B, P) prompt ids and their (B,) lengths. With `chat`, each prompt (a string =
     one user turn, or a list of messages) is rendered with the chat template, generation header

@@ -16,12 +16,10 @@ import torch
 
 from .decoding import (
     DECODE_PRESETS,
-    DEFAULT_BLOCK_LENGTH,
-    DEFAULT_GEN_LENGTH,
     check_sampling,
     encode_prompts,
     generate,
-    load_decode_defaults,
+    saved_decode_settings,
 )
 from .errors import UserError
 
@@ -66,11 +64,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _settings(args) -> dict:
     """Decoding settings, weakest first: built-in defaults < the saved generation_config.json < --mode < flags."""
-    params = dict(gen_length=DEFAULT_GEN_LENGTH, block_length=DEFAULT_BLOCK_LENGTH, max_post_steps=16,
-                  mbe_window=0, **DECODE_PRESETS["Q"])
-    params.update(load_decode_defaults(args.model))
-    if args.mode:
-        params.update(DECODE_PRESETS[args.mode])
+    params = saved_decode_settings(args.model, args.mode)
+    del params["mode"]  # complete() takes it apart from the settings
     flags = {"threshold": args.threshold, "gen_length": args.gen_length, "block_length": args.block_length,
                  "max_post_steps": args.max_post_steps, "mbe_window": args.mbe_window}
     params.update({k: v for k, v in flags.items() if v is not None})

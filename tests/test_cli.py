@@ -37,6 +37,10 @@ def _mistakes(tmp, model_dir) -> dict[str, list[list[str]]]:
         "status": [["status", str(tmp / "missing")], ["status", str(bad_dir)]],
         "fp4-analysis": [["fp4-analysis", "--model-dir", str(tmp / "missing")], ["fp4-analysis", "--seed", "x"]],
         "report": [["report", str(tmp / "missing")], ["report", str(bad_dir)]],
+        "eval": [["eval", "--model", str(tmp / "missing"), "--tasks", "rg_aiw"],
+                 ["eval", "--model", str(model_dir), "--tasks", "no_such_task"]],
+        "eval-tasks": [["eval-tasks", "--config", str(tmp / "missing.yaml"), "--out", str(tmp / "tasks")],
+                       ["eval-tasks", "--config", "configs/sft_tiny.yaml", "--out", str(tmp / "tasks")]],
     }
 
 

@@ -156,13 +156,13 @@ def _render(tokenizer, messages: list[dict], add_generation_prompt: bool) -> str
     return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
 
 
-def render_prompt(messages_or_prompt: str | list[dict], tokenizer) -> str:
-    """The chat-template text a completion is generated after (``add_generation_prompt=True``).
-    A plain string is a single user turn."""
+def render_prompt(messages_or_prompt: str | list[dict], tokenizer, *, add_generation_prompt: bool = True) -> str:
+    """The chat-template text a completion is generated after (the assistant header included
+    unless `add_generation_prompt` is off). A plain string is a single user turn."""
     if isinstance(messages_or_prompt, str):
         messages_or_prompt = [{"role": "user", "content": messages_or_prompt}]
     _require_template(tokenizer)
-    return _render(tokenizer, messages_or_prompt, add_generation_prompt=True)
+    return _render(tokenizer, messages_or_prompt, add_generation_prompt=add_generation_prompt)
 
 
 def response_spans(messages: list[dict], tokenizer) -> list[tuple[str, bool]]:

@@ -237,9 +237,45 @@ class Engine:
         else:
             yield self.module
 
+    @property
+    def sharded(self) -> bool:
+        """Whether a forward is a collective: ZeRO-3 gathers over several ranks, or expert
+        all-to-alls. Then every rank must run the same number of forwards (`join_forwards`)."""
+        world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
+        return bool(self.expert_layers) or (self.partitioned and world > 1)
+
+    @contextmanager
+    def counting_forwards(self):
+        """Counts the model's forwards inside the block: `with engine.counting_forwards() as n: ...; n[0]`."""
+        count = [0]
+        handle = self.module.register_forward_pre_hook(lambda *_: count.__setitem__(0, count[0] + 1))
+        try:
+            yield count
+        finally:
+            handle.remove()
+
+    def placeholder_loss(self) -> torch.Tensor:
+        """One forward of a one-token row, in eval mode (no expert-load counting), as a zero loss
+        with a graph: what a sharded rank with nothing left to train on runs so that its forward
+        and backward collectives pair up with the other ranks'."""
+        was_training = self.module.training
+        self.module.eval()
+        try:
+            device = next(self.module.parameters()).device
+            ids = torch.full((1, 1), self.config.eos_token_id, dtype=torch.long, device=device)
+            return self._ds(input_ids=ids).logits.float().sum() * 0.0
+        finally:
+            self.module.train(was_training)
+
+    def join_forwards(self, own: int) -> None:
+        """No-grad placeholder forwards until this rank has run as many as the busiest rank."""
+        for _ in range(int(reduce_over_ranks(float(own), op="max")[0]) - own):
+            with torch.no_grad():
+                self.placeholder_loss()
+
     def full_state_dict(self) -> dict:
         """Unsharded model weights on CPU (ZeRO-3 partitions gathered, and copied out before they are
-        released again); valid on rank 0."""
+        released again), on every rank: a collective when sharded."""
         with self.gathered() as module:
             state = {k: v.detach().cpu().clone() if self.partitioned else v.detach().cpu()
                      for k, v in module.state_dict().items()}
@@ -278,8 +314,6 @@ def check_expert_parallel(model, cfg, world_size: int) -> None:
         (world_size % n != 0, f"must divide the number of ranks ({world_size})"),
         (experts is None or experts % n != 0, f"must divide model.num_experts ({experts})"),
         (e.zero_stage == 0, "needs engine.zero_stage 1, 2 or 3 (AutoEP reduces expert gradients through ZeRO)"),
-        (hasattr(cfg, "rl"), "is not built for RL yet: each rank's rollouts decode with their own number of forwards, "
-                             "which expert all-to-alls cannot follow; run RL at expert_parallel 1"),
         (getattr(getattr(cfg, "lora", None), "enabled", False),
          "does not combine with LoRA (lora.enabled); train LoRA at expert_parallel 1"),
         (getattr(getattr(cfg, "precision", None), "fp4", "none") != "none",

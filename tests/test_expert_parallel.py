@@ -63,9 +63,6 @@ def test_expert_parallel_refuses_what_it_does_not_combine_with():
         cfg = load_stage_config("cpt", "cpt_tiny", overrides)
         with pytest.raises(ConfigError, match=message):
             check_expert_parallel(model, cfg, world)
-    rl = load_stage_config("rl", "rl_tiny", ["engine.expert_parallel=2", "engine.zero_stage=2"])
-    with pytest.raises(ConfigError, match="not built for RL"):
-        check_expert_parallel(model, rl, 2)
     with pytest.raises(ConfigError, match=r"engine\.expert_parallel"):
         load_stage_config("cpt", "cpt_tiny", ["engine.expert_parallel=0"])
 
@@ -133,3 +130,44 @@ def test_cpt_under_expert_parallel_resumes_exactly_through_the_cli(tmp_path):
     res = torchrun(resumed, "engine.expert_parallel=1", "train.steps=6")  # each rank: one error line, exit 2
     assert res.returncode != 0 and "error: cannot resume" in res.stderr
     assert "written at engine.expert_parallel=2" in res.stderr
+
+
+LENGTH_REWARD = "def length(prompts, completions, **kwargs):\n    return [len(c) / 10 for c in completions]\n"
+
+
+def test_rl_under_expert_parallel_follows_ep1(tmp_path):
+    """torchrun, 2 ranks: RL at EP = 2 (ZeRO-2) and at ZeRO-3 against EP = 1 (ZeRO-2), from one random
+    tiny model with a reward that varies (completion length). Rollouts and evaluations decode with a
+    gathered full copy (each rank its own number of forwards), θ_old scoring and minibatches are joined
+    by placeholder forwards; a step-0 rollout is the same in every layout, losses follow EP = 1."""
+    from llada_train.model import LLaDA2MoeModelLM
+
+    start = tmp_path / "start"
+    torch.manual_seed(0)
+    LLaDA2MoeModelLM(tiny_config()).save_pretrained(start)
+    (tmp_path / "length.py").write_text(LENGTH_REWARD)
+
+    def rl(name, *extra):
+        args = ["rl", "--config", "configs/rl_tiny.yaml", f"model.init_from={start}", f"run.out_dir={tmp_path / name}",
+                "data.num_train=64", "data.num_eval=8", "train.steps=3", "train.batch_size=4", "rl.group_size=4",
+                "rl.gen_length=8", "rl.temperature=1.0", "rl.minibatch_size=8", "train.eval_every=3",
+                "train.save_every=100", "optim.warmup_steps=0", "optim.lr=1e-3",
+                f'rl.rewards=[{{fn: "{tmp_path / "length.py"}:length"}}]', *extra]
+        res = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                              str(free_port()), "-m", "llada_train.cli", *args], cwd=REPO, capture_output=True,
+                             text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
+        assert res.returncode == 0, res.stderr[-4000:]
+        return [json.loads(line) for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
+
+    base = rl("ep1", "engine.zero_stage=2")
+    for other in (rl("ep2", "engine.zero_stage=2", "engine.expert_parallel=2"), rl("zero3", "engine.zero_stage=3")):
+        steps = {r["step"]: r for r in other if "loss" in r}
+        ref = {r["step"]: r for r in base if "loss" in r}
+        assert sorted(steps) == sorted(ref) == [1, 2, 3]
+        assert steps[1]["reward/length/mean"] == ref[1]["reward/length/mean"]  # same weights, same rollouts
+        assert ref[1]["updates"] > 0 and ref[1]["loss"] != 0
+        for step in (1, 2, 3):
+            assert steps[step]["loss"] == pytest.approx(ref[step]["loss"], rel=1e-3, abs=1e-6)
+        evals = [r for r in other if "eval/reward" in r]
+        assert [r["step"] for r in evals] == [0, 3]
+        assert evals[0]["eval/reward"] == next(r for r in base if "eval/reward" in r)["eval/reward"]

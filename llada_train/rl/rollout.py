@@ -106,13 +106,30 @@ class RolloutWorker:
 
 
 class LocalRollouts:
-    """In-process mode: the learner's own model decodes every chunk in order."""
+    """In-process mode: the learner's own model decodes every chunk in order. A sharded learner
+    (ZeRO-3 over several ranks, or expert parallelism) decodes with a plain full copy instead,
+    gathered once per publish: each rank then takes as many decoder forwards as its prompts need,
+    which sharded forwards (every rank in every gather and all-to-all) cannot."""
 
     def __init__(self, model, decode: dict):
         self.model, self.decode = model, decode
+        self._copy = None
 
-    def publish(self, model) -> None:
-        """Nothing to send: the learner's model is the rollout model."""
+    def publish(self, source) -> None:
+        """`source`: the learner's model (nothing to send), or its Engine (a full copy when sharded;
+        a collective then, so every rank calls it)."""
+        if not getattr(source, "sharded", False):
+            self.model = getattr(source, "module", source)
+            return
+        state = source.full_state_dict()
+        if self._copy is None:
+            from ..model import LLaDA2MoeModelLM
+
+            device = next(source.parameters()).device
+            dtype = next(v.dtype for v in state.values() if v.is_floating_point())
+            self._copy = LLaDA2MoeModelLM(source.config).to(device=device, dtype=dtype).eval()
+        self._copy.load_state_dict(state)
+        self.model = self._copy
 
     def run(self, chunks: list[RolloutChunk], on_result: Callable | None = None) -> list[dict]:
         results = []
@@ -157,11 +174,13 @@ class RayRollouts:
         self.version, self.weights = None, None
         self.restarts = 0
 
-    def publish(self, model) -> None:
-        """One `ray.put` of the learner's weights; actors load them before their next chunk."""
+    def publish(self, source) -> None:
+        """One `ray.put` of the learner's weights (a model, or an Engine: its full weights, ZeRO-3
+        partitions gathered); actors load them before their next chunk."""
         import ray
 
-        state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+        weights = source.full_state_dict() if hasattr(source, "full_state_dict") else source.state_dict()
+        state = {k: v.detach().cpu().clone() for k, v in weights.items()}
         self.weights = ray.put(state)
         self.version = 0 if self.version is None else self.version + 1
 

@@ -54,7 +54,7 @@ def run_rl(cfg, eval_fn=None) -> bool:
         batches = BatchSource({"index": torch.arange(len(train_rows))}, iterator)
         step_fn = rl_step_fn(cfg, tokenizer, train_rows, rollouts, rewards, ref_model, rank, world)
         if eval_fn is None and eval_rows:
-            eval_fn = rl_eval_fn(cfg, tokenizer, eval_rows, rewards, gen_length, rank, world)
+            eval_fn = rl_eval_fn(cfg, tokenizer, eval_rows, rewards, gen_length, rank, world, rollouts)
         trainer = Trainer(cfg, "rl", model, tokenizer, batches, loss_fn=None, eval_fn=eval_fn,
                           generation_config=generation_config_dict(cfg.rl.eval_mode, gen_length=gen_length,
                                                                    block_length=cfg.diffusion.block_size),
@@ -131,7 +131,7 @@ def rl_step_fn(cfg, tokenizer, rows: list[dict], rollouts, rewards: RewardComput
     def step_fn(engine, batch, step, optimizer_step) -> dict:
         chosen = [rows[i] for i in batch["index"].tolist()]
         model = engine.module
-        rollouts.publish(model)  # the weights after the previous step's updates
+        rollouts.publish(engine)  # the weights after the previous step's updates
         roll = rollout_step(rollouts, tokenizer, [r[field] for r in chosen], group_size=group,
                             prompts_per_chunk=cfg.rl.prompts_per_chunk, seed=seed, step=step,
                             eos_token_id=model.config.eos_token_id, block_length=cfg.diffusion.block_size)
@@ -144,17 +144,20 @@ def rl_step_fn(cfg, tokenizer, rows: list[dict], rollouts, rewards: RewardComput
         device = next(model.parameters()).device  # rollouts come back on the CPU
         if ref_model is not None:
             ref_model.to(device)  # built before the engine placed the policy; a no-op after the first step
-        update_batch, batch_metrics = build(engine, roll.input_ids.to(device), roll.response_mask.to(device),
-                                            torch.tensor(scored.total), ecfg, options,
-                                            block_size=cfg.diffusion.block_size, pad_mask=roll.pad_mask.to(device),
-                                            ref_model=ref_model, generator=generator)
+        with engine.counting_forwards() as forwards:
+            update_batch, batch_metrics = build(engine, roll.input_ids.to(device), roll.response_mask.to(device),
+                                                torch.tensor(scored.total), ecfg, options,
+                                                block_size=cfg.diffusion.block_size, pad_mask=roll.pad_mask.to(device),
+                                                ref_model=ref_model, generator=generator)
+        if engine.sharded:  # θ_old scoring took as many forwards as this rank kept rows for
+            engine.join_forwards(forwards[0])
         engine.train()
         steps_per_pass = None  # data parallelism: every rank joins the most minibatches any rank has
         if world > 1:
             own = len(update_batch.minibatch_bounds(ecfg.minibatch_size))
             steps_per_pass = int(reduce_over_ranks(own, op="max")[0])
-        history = update(engine, optimizer_step, update_batch, ecfg, options, generator=generator,
-                         steps_per_pass=steps_per_pass)
+        history = update(engine, joining_step(engine, optimizer_step), update_batch, ecfg, options,
+                         generator=generator, steps_per_pass=steps_per_pass)
         metrics = {k: v for k, v in scored.metrics.items()}
         metrics.update({k: float(v) for k, v in batch_metrics.items()})
         keys = sorted({k for h in history for k in h})
@@ -174,11 +177,19 @@ def rl_step_fn(cfg, tokenizer, rows: list[dict], rollouts, rewards: RewardComput
     return step_fn
 
 
+def joining_step(engine, optimizer_step):
+    """`optimizer_step`, where a rank with no minibatch left (`None`) still runs a forward when
+    forwards are collectives (`engine.sharded`), so the ranks' gathers and all-to-alls pair up."""
+    if not engine.sharded:
+        return optimizer_step
+    return lambda loss: optimizer_step(engine.placeholder_loss() if loss is None else loss)
+
+
 # ---- held-out evaluation --------------------------------------------------------------------------
 
 
 def rl_eval_fn(cfg, tokenizer, rows: list[dict], rewards: RewardComputer, gen_length: int,
-               rank: int = 0, world: int = 1):
+               rank: int = 0, world: int = 1, rollouts=None):
     """Greedy `rl.eval_mode` decoding of the held-out prompts: exact-match accuracy (task rows, via
     tasks.row_correct; per family too when there are several), mean reward and tokens per forward.
     Under data parallelism each rank decodes every `world`-th prompt and the sums are combined."""
@@ -189,6 +200,9 @@ def rl_eval_fn(cfg, tokenizer, rows: list[dict], rewards: RewardComputer, gen_le
 
     def eval_fn(engine, step) -> dict:
         model = engine.module
+        if engine.sharded:  # decode with a gathered full copy: each rank's prompts take their own forwards
+            rollouts.publish(engine)
+            model = rollouts.model
         done = complete(model, tokenizer, [r[field] for r in mine], mode=cfg.rl.eval_mode, gen_length=gen_length,
                         block_length=cfg.diffusion.block_size, batch_size=bsz) if mine else None
         texts = done.texts if done else []

@@ -69,7 +69,7 @@ def _task_manager(args, names: list[str]):
 
 def main(argv: list[str] | None = None) -> int:
     import lm_eval
-    from lm_eval.utils import handle_non_serializable, make_table
+    from lm_eval.utils import handle_non_serializable
 
     from .harness import DiffusionLM
 
@@ -84,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
                                       num_fewshot=args.num_fewshot, apply_chat_template=args.apply_chat_template,
                                       log_samples=args.out is not None, random_seed=args.seed,
                                       torch_random_seed=args.seed)
-    print(make_table(results))
+    print(results_table(results))
     if args.out is not None:
         samples = results.pop("samples", {})
         results["llada_train"] = {**lm.stats.summary(), "wall_clock_seconds": round(time.perf_counter() - start, 3),
@@ -95,6 +95,22 @@ def main(argv: list[str] | None = None) -> int:
         _write_samples(args.out, samples, handle_non_serializable)
         print(f"results: {args.out}", file=sys.stderr)
     return 0
+
+
+def results_table(results: dict) -> str:
+    """One line per task and metric: value ± the harness's standard error, and n."""
+    lines = [f"{'task':<28} {'metric':<24} {'value':>8}   {'stderr':>7}  {'n':>6}"]
+    for task, metrics in results["results"].items():
+        n = results.get("n-samples", {}).get(task, {}).get("effective", "")
+        for key, value in metrics.items():
+            name, _, kind = key.partition(",")
+            if not kind or name.endswith("_stderr") or not isinstance(value, (int, float)):
+                continue
+            error = metrics.get(f"{name}_stderr,{kind}")
+            error = f"{error:7.4f}" if isinstance(error, (int, float)) else f"{'':>7}"
+            label = name if kind == "none" else f"{name} ({kind})"
+            lines.append(f"{task:<28} {label:<24} {value:8.4f} ± {error}  {n:>6}")
+    return "\n".join(lines)
 
 
 def _write_samples(out: Path, samples: dict, default) -> None:

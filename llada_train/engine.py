@@ -291,10 +291,8 @@ ENGINE_TAG = "engine"  # the engine state's sub-directory of a checkpoint
 def saved_state_dict(ckpt: Path) -> dict:
     """Full model weights of a checkpoint written by `Engine.save_state`, whatever its ZeRO stage."""
     engine_dir = Path(ckpt) / ENGINE_TAG
-    if any(engine_dir.glob("layer_*_expert_*_model_states.pt")):
-        raise UserError(f"{ckpt} was written under engine.expert_parallel; reading its expert shards back outside "
-                        "the run is not built yet. Resume the run (same ranks and expert_parallel) to its end, "
-                        "which writes hf/, or finish it with train.steps at the checkpoint's step")
+    if any(engine_dir.glob("layer_*_expert_*_model_states.pt")):  # AutoEP: one file per expert
+        return ep.saved_state_dict(engine_dir)
     if any(engine_dir.glob("*zero_pp_rank_*optim_states.pt")):
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 

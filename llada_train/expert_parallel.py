@@ -19,11 +19,13 @@ here rather than re-implemented:
 from __future__ import annotations
 
 import re
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .errors import UserError
 from .model.moe import LLaDA2MoeSparseMoeBlock, balance_expert_bias, group_limited_topk
 
 # AutoEP's names for the fused expert weights, and the model's
@@ -124,9 +126,10 @@ def update_expert_bias(layers: list, rate: float) -> None:
         balance_expert_bias(layer.router.e_score_correction_bias, layer.tokens_per_expert, rate)
 
 
-def to_model_layout(state: dict, layers_by_prefix: dict) -> dict:
+def to_model_layout(state: dict, layers_by_prefix: dict | None) -> dict:
     """AutoEP names -> the model's (`mlp.gate.weight`, `mlp.gate.expert_bias`, fused
-    `mlp.experts.{gate,up,down}_proj`); each expert tensor gathered over its layer's EP group."""
+    `mlp.experts.{gate,up,down}_proj`); each expert tensor gathered over its layer's EP group
+    (`layers_by_prefix` None: the expert tensors hold every expert already, as read from a checkpoint)."""
     out = {}
     for key, value in state.items():
         match = _AUTOEP_KEY.match(key)
@@ -142,8 +145,31 @@ def to_model_layout(state: dict, layers_by_prefix: dict) -> dict:
             out[f"{prefix}.gate.expert_bias"] = value
         else:
             fused = f"{prefix}.experts.{_EXPERT_NAMES[name.split('.')[1]]}"
-            out[fused] = _gather_experts(value, layers_by_prefix[prefix])
+            out[fused] = value if layers_by_prefix is None else _gather_experts(value, layers_by_prefix[prefix])
     return out
+
+
+_EXPERT_FILE = "layer_*_expert_*_mp_rank_00_model_states.pt"  # DeepSpeed's one file per (MoE layer, expert)
+
+
+def saved_state_dict(engine_dir: Path) -> dict:
+    """Full model weights of a checkpoint written under expert parallelism at ZeRO 1 or 2: the
+    non-expert weights from `mp_rank_00_model_states.pt`, every expert from its own file
+    (`...experts.w1.<global id>`), stacked in expert order and renamed to the model's layout."""
+    module = torch.load(engine_dir / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=True)["module"]
+    if any(v.numel() == 0 for v in module.values()):
+        raise UserError(f"{engine_dir.parent} was written under engine.expert_parallel with ZeRO-3 (its weights are "
+                        "partitioned over the ranks); reading it back outside the run is not built. Resume the run "
+                        "(same ranks and expert_parallel) to its end, which writes hf/")
+    experts: dict[str, dict[int, torch.Tensor]] = {}
+    for path in sorted(engine_dir.glob(_EXPERT_FILE)):
+        for key, value in torch.load(path, map_location="cpu", weights_only=True).items():
+            name, expert = key.rsplit(".", 1)  # model.layers.2.mlp.experts.w1, 5
+            experts.setdefault(name, {})[int(expert)] = value
+    for name, parts in experts.items():
+        assert sorted(parts) == list(range(len(parts))), f"{name}: experts {sorted(parts)} in the checkpoint"
+        module[name] = torch.stack([parts[e] for e in range(len(parts))])  # (E, out, in)
+    return to_model_layout(module, None)
 
 
 def _gather_experts(local: torch.Tensor, layer) -> torch.Tensor:

@@ -98,7 +98,8 @@ def test_adopted_router_routes_exactly_as_the_model_gate_in_bf16():
 
 def test_cpt_under_expert_parallel_resumes_exactly_through_the_cli(tmp_path):
     """torchrun, 2 ranks, EP = 2, ZeRO-2: a run resumed from its step-2 checkpoint reproduces the
-    uninterrupted run's losses and export bit for bit; a checkpoint refuses another EP size."""
+    uninterrupted run's losses and export bit for bit; `llada-train export` of the checkpoint gives
+    the same hf/; a checkpoint refuses another EP size."""
     import shutil
 
     from safetensors.torch import load_file
@@ -127,6 +128,12 @@ def test_cpt_under_expert_parallel_resumes_exactly_through_the_cli(tmp_path):
     a, b = load_file(straight / "hf" / "model.safetensors"), load_file(resumed / "hf" / "model.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert "model.layers.1.mlp.experts.7.gate_proj.weight" in a  # the released per-expert layout, all 8 experts
+    shutil.rmtree(resumed / "hf")  # `llada-train export` reads the per-expert files back, outside the run
+    res = subprocess.run([sys.executable, "-m", "llada_train.cli", "export", str(resumed)], cwd=REPO,
+                         capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    c = load_file(resumed / "hf" / "model.safetensors")
+    assert c.keys() == a.keys() and all(torch.equal(a[k], c[k]) for k in a)
     res = torchrun(resumed, "engine.expert_parallel=1", "train.steps=6")  # each rank: one error line, exit 2
     assert res.returncode != 0 and "error: cannot resume" in res.stderr
     assert "written at engine.expert_parallel=2" in res.stderr

@@ -1,5 +1,5 @@
 """`llada-train <command>`: the registered training stages, pipeline, and the tools (generate convert export
-submit status fp4-analysis report eval eval-tasks)."""
+submit status plan fp4-analysis report eval eval-tasks)."""
 
 import argparse
 import sys
@@ -13,6 +13,7 @@ TOOLS = """tools:
   export        RUN_DIR: write RUN_DIR/hf from the newest checkpoint
   submit        submit a stage or the pipeline to Slurm
   status        RUN_DIR: Slurm job status of a run
+  plan          per-rank memory, bytes per step and step time of a config on N nodes x G GPUs
   fp4-analysis  UFP4 vs NVFP4 quantizer analysis
   report        RUN_DIR: plots and a markdown summary
   eval          lm-evaluation-harness tasks on a model directory
@@ -131,6 +132,7 @@ COMMANDS = {
     "convert": ("convert", "main"),
     "submit": ("slurm", "main_submit"),
     "status": ("slurm", "main_status"),
+    "plan": ("plan", "main"),
     "fp4-analysis": ("kernels.analysis", "main"),
     "report": ("report", "main"),
     "eval": ("eval_cli", "main"),

@@ -35,6 +35,8 @@ def _mistakes(tmp, model_dir) -> dict[str, list[list[str]]]:
         "submit": [["submit", "cpt", "--config", str(tmp / "missing.yaml")],
                    ["submit", "cpt", "--config", "configs/cpt_tiny.yaml", "train.steps=-1"]],
         "status": [["status", str(tmp / "missing")], ["status", str(bad_dir)]],
+        "plan": [["plan", "--config", str(tmp / "missing.yaml"), "--nodes", "1", "--gpus-per-node", "8"],
+                 ["plan", "--config", "configs/cpt_tiny.yaml", "--nodes", "0", "--gpus-per-node", "8"]],
         "fp4-analysis": [["fp4-analysis", "--model-dir", str(tmp / "missing")], ["fp4-analysis", "--seed", "x"]],
         "report": [["report", str(tmp / "missing")], ["report", str(bad_dir)]],
         "eval": [["eval", "--model", str(tmp / "missing"), "--tasks", "rg_aiw"],

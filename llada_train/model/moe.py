@@ -1,8 +1,36 @@
 """Mixture of Experts: sigmoid group-limited router with expert bias, fused experts, grouped dispatch."""
 
+import threading
+from contextlib import contextmanager
+
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+_ROUTING = threading.local()  # .balanced: set only inside `balanced_routing()`
+
+
+@contextmanager
+def balanced_routing():
+    """Inside: every expert counts T*k/E tokens (remainder to the first experts) instead of the
+    tokens routed to it. Only the memory planner (`llada_train/plan.py`) enters this: its FakeTensor
+    trace has shapes but no values, and the real counts (a bincount, data-dependent) cannot run
+    there. Saved activations depend on the total T*k only, which is the same either way."""
+    before = getattr(_ROUTING, "balanced", False)
+    _ROUTING.balanced = True
+    try:
+        yield
+    finally:
+        _ROUTING.balanced = before
+
+
+def expert_counts(flat_expert: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """Tokens per expert (E,) int64 of the flat (T*k,) expert indices; balanced under `balanced_routing`."""
+    if not getattr(_ROUTING, "balanced", False):
+        return torch.bincount(flat_expert, minlength=num_experts)
+    base, extra = divmod(flat_expert.numel(), num_experts)
+    return torch.tensor([base + (e < extra) for e in range(num_experts)], dtype=torch.long,
+                        device=flat_expert.device)
 
 
 def group_limited_topk(scores: torch.Tensor, n_group: int, topk_group: int, top_k: int) -> torch.Tensor:
@@ -94,7 +122,7 @@ class LLaDA2MoeExperts(nn.Module):
         flat_expert = expert_idx.reshape(-1)  # (T*k,)
         order = flat_expert.argsort(stable=True)
         token_of = order // top_k  # (T*k,) source token of each sorted slot
-        counts = torch.bincount(flat_expert, minlength=self.num_experts)
+        counts = expert_counts(flat_expert, self.num_experts)
         xs = x[token_of]  # (T*k, H) grouped by expert
         hidden = F.silu(self.matmul(xs, self.gate_proj, counts)) * self.matmul(xs, self.up_proj, counts)
         out = self.matmul(hidden, self.down_proj, counts)  # (T*k, H)
@@ -133,9 +161,7 @@ class LLaDA2MoeSparseMoeBlock(nn.Module):
         flat = x.reshape(-1, shape[-1])  # (T, H)
         idx, weights, _ = self.gate(flat)
         if self.training:
-            self.expert_load += torch.bincount(idx.reshape(-1), minlength=self.expert_load.numel()).to(
-                self.expert_load.dtype
-            )
+            self.expert_load += expert_counts(idx.reshape(-1), self.expert_load.numel()).to(self.expert_load.dtype)
         out = self.experts(flat, idx, weights)
         if self.shared_experts is not None:
             out = out + self.shared_experts(flat)

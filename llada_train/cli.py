@@ -1,5 +1,5 @@
 """`llada-train <command>`: the registered training stages, pipeline, and the tools (generate convert export
-submit status plan fp4-analysis report eval eval-tasks)."""
+submit status plan fp4-analysis report eval eval-tasks eval-retention)."""
 
 import argparse
 import sys
@@ -9,7 +9,7 @@ from .errors import UserError
 
 TOOLS = """tools:
   generate      threshold decoding from a model directory
-  convert       AR checkpoint -> LLaDA2-MoE checkpoint
+  convert       AR checkpoint (HF folder or GGUF file) -> LLaDA2-MoE checkpoint
   export        RUN_DIR: write RUN_DIR/hf from the newest checkpoint
   submit        submit a stage or the pipeline to Slurm
   status        RUN_DIR: Slurm job status of a run
@@ -18,6 +18,7 @@ TOOLS = """tools:
   report        RUN_DIR: plots and a markdown summary
   eval          lm-evaluation-harness tasks on a model directory
   eval-tasks    harness task files for reasoning-gym families (offline)
+  eval-retention  fixed questions: AR source vs LLaDA2 models made from it (accuracy, retention)
 """
 
 
@@ -137,6 +138,7 @@ COMMANDS = {
     "report": ("report", "main"),
     "eval": ("eval_cli", "main"),
     "eval-tasks": ("eval_cli", "tasks_main"),
+    "eval-retention": ("retention", "main"),
 }
 
 

@@ -7,11 +7,14 @@ source model's logits exactly. Only the objective changes in CPT (see docs/conve
 
 Sources: Llama, Qwen2, Qwen3 (dense; written as all-dense layers) and Ling / BailingMoeV2 (MoE,
 already in the released LLaDA2 layout). Safetensors only: pickles can run code when loaded.
+A GGUF file (llama.cpp's format) of a Llama / Qwen2 / Qwen3 model is read through transformers,
+dequantized to float32, written as a Hugging Face folder and converted from there (`convert_gguf`).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shutil
@@ -35,6 +38,9 @@ SUPPORTED = {
     "BailingMoeV2ForCausalLM": "bailing_moe_v2",
 }
 _DENSE = ("llama", "qwen2", "qwen3")
+# GGUF `general.architecture` -> the transformers class it loads as (transformers reads the file)
+GGUF_ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}
+GGUF_MAGIC = b"GGUF"
 _PICKLES = ("*.bin", "*.pt", "*.pth", "*.ckpt", "*.pkl")
 _MAX_SHARD_BYTES = 4 << 30
 
@@ -430,14 +436,156 @@ def convert_checkpoint(src: str, dst: str, *, mask_token: str = "<|mask|>", dtyp
     return out
 
 
+# ---- GGUF sources ------------------------------------------------------------------------------
+
+
+def _gguf_field(reader, key: str):
+    """A scalar or string metadata value of a GGUFReader (None when absent); works with gguf >= 0.10."""
+    field = reader.fields.get(key)
+    if field is None or not field.data:
+        return None
+    part = field.parts[field.data[0]]
+    if len(field.types) == 1 and field.types[0].name == "STRING":
+        return bytes(part).decode("utf-8", errors="replace")
+    return part.tolist()[0] if len(part) == 1 else part.tolist()
+
+
+def inspect_gguf(path) -> dict:
+    """What `convert_gguf` checks before loading anything heavy: the file is a GGUF, `gguf` is
+    installed, the architecture is one the converter knows, and no RoPE scaling is declared.
+    Returns {"architecture", "name", "file_type", "license", "tensors"}."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"--from {path}: no such file or directory")
+    with path.open("rb") as f:
+        magic = f.read(4)
+    if magic != GGUF_MAGIC:
+        raise UserError(f"--from {path}: not a GGUF file (it does not start with the bytes 'GGUF'); pass a "
+                        "llama.cpp .gguf file or a Hugging Face checkpoint directory")
+    try:
+        import gguf
+    except ImportError as e:
+        raise UserError(f"--from {path}: reading a GGUF file needs the `gguf` package: pip install gguf") from e
+    try:
+        reader = gguf.GGUFReader(os.fspath(path))
+    except (ValueError, OSError, IndexError, KeyError, EOFError) as e:  # a truncated or corrupt file
+        raise UserError(f"--from {path}: the GGUF file cannot be read ({type(e).__name__}: {e})") from e
+    arch = _gguf_field(reader, "general.architecture")
+    if arch not in GGUF_ARCHITECTURES:
+        raise UserError(f"--from {path}: GGUF architecture {arch!r} is not known to `llada-train convert`; "
+                        f"known: {', '.join(GGUF_ARCHITECTURES)}")
+    scaling = _gguf_field(reader, f"{arch}.rope.scaling.type")
+    names = {t.name for t in reader.tensors}
+    if (scaling not in (None, "none")) or "rope_freqs.weight" in names:
+        raise UserError(f"--from {path}: the model uses RoPE scaling ({scaling or 'rope_freqs.weight'}), which "
+                        "LLaDA2MoeConfig does not implement (plain RoPE only); converting would silently change "
+                        "the position encoding")
+    file_type = _gguf_field(reader, "general.file_type")
+    with contextlib.suppress(ValueError, TypeError, AttributeError):  # the name when gguf knows the number
+        file_type = gguf.LlamaFileType(file_type).name
+    return {"architecture": arch, "name": _gguf_field(reader, "general.name"), "file_type": file_type,
+            "license": _gguf_field(reader, "general.license"), "tensors": len(names)}
+
+
+def _require_empty(flag: str, path: Path) -> None:
+    if path.exists() and (not path.is_dir() or any(path.iterdir())):
+        raise UserError(f"{flag} {path}: exists and is not empty; choose a new directory")
+
+
+def save_gguf_as_hf(gguf_path, out) -> Path:
+    """The GGUF's model as transformers reads it (dequantized, float32) written as a Hugging Face
+    folder `out` (config.json, model.safetensors, tokenizer with its chat template); via
+    `out.partial`, renamed when complete. transformers marks a GGUF-loaded model quantized and
+    refuses to save it, so its weights go into a model built afresh from the config without the
+    quantization entry (on the meta device: no second copy of the weights)."""
+    from importlib.util import find_spec
+
+    from transformers import AutoModelForCausalLM
+
+    gguf_path, out = Path(gguf_path), Path(out)
+    if find_spec("accelerate") is None:  # transformers needs it to load any GGUF
+        raise UserError(f"--from {gguf_path}: transformers needs `accelerate` to load a GGUF file: pip install "
+                        "accelerate")
+    where, name = os.fspath(gguf_path.resolve().parent), gguf_path.name
+    load = {"gguf_file": name}
+    try:  # transformers >= 5 can keep GGUF blocks packed; ask for plain float weights
+        from transformers import GgufConfig
+
+        load["quantization_config"] = GgufConfig(dequantize=True)
+    except ImportError:  # older transformers always dequantize
+        pass
+    tok = AutoTokenizer.from_pretrained(where, gguf_file=name)
+    model = AutoModelForCausalLM.from_pretrained(where, dtype=torch.float32, **load)
+    config = model.config.to_dict()
+    config.pop("quantization_config", None)
+    config.pop("_name_or_path", None)
+    config = type(model.config).from_dict(config)
+    with torch.device("meta"):
+        clean = type(model)(config)
+    clean.load_state_dict(model.state_dict(), strict=True, assign=True)
+    clean.tie_weights()
+    clean.generation_config = model.generation_config
+    del model
+    partial = out.with_name(out.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    try:
+        clean.eval().save_pretrained(partial, safe_serialization=True)
+        tok.save_pretrained(partial)
+    except BaseException:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise
+    if out.exists():
+        out.rmdir()
+    partial.rename(out)
+    return out
+
+
+def convert_gguf(gguf_path, dst, *, source_out=None, mask_token: str = "<|mask|>", dtype=None) -> Path:
+    """Convert a GGUF file (Llama / Qwen2 / Qwen3) into an LLaDA2-MoE checkpoint `dst`.
+
+    transformers reads and dequantizes the file (weights, config and the tokenizer with its chat
+    template); that AR model is written as a Hugging Face folder, `source_out` when given (kept, so
+    evaluations can load the source with transformers) or a temporary folder next to `dst`, and
+    converted as `convert_checkpoint` does. A 4-bit GGUF gives the 4-bit model's function in float
+    weights, not the original release. Returns `dst`."""
+    gguf_path = Path(gguf_path)
+    info = inspect_gguf(gguf_path)
+    _check_paths(os.fspath(gguf_path.parent), os.fspath(dst), dtype)  # --to empty, --dtype valid: before loading
+    dst = Path(dst)
+    if source_out is not None:
+        _require_empty("--source-out", Path(source_out))
+        source = Path(source_out)
+    else:
+        source = dst.with_name(f".{dst.name}.gguf-source")
+        shutil.rmtree(source, ignore_errors=True)
+    try:
+        save_gguf_as_hf(gguf_path, source)
+        out = convert_checkpoint(os.fspath(source), os.fspath(dst), mask_token=mask_token, dtype=dtype)
+    finally:
+        if source_out is None:
+            shutil.rmtree(source, ignore_errors=True)
+    record = json.loads((out / "conversion.json").read_text())
+    record.update(source=os.fspath(gguf_path.resolve()),
+                  gguf={k: v for k, v in info.items() if k != "tensors"},
+                  source_hf=os.fspath(Path(source_out).resolve()) if source_out is not None else None)
+    (out / "conversion.json").write_text(json.dumps(record, indent=2) + "\n")
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="llada-train convert",
         description="Convert an autoregressive Hugging Face checkpoint (Llama, Qwen2, Qwen3, "
-        "Ling/BailingMoeV2) into an LLaDA2-MoE block-diffusion checkpoint (then run CPT on it).",
+        "Ling/BailingMoeV2) or a GGUF file (Llama, Qwen2, Qwen3) into an LLaDA2-MoE block-diffusion "
+        "checkpoint (then run CPT on it).",
     )
     parser.add_argument(
-        "--from", dest="src", required=True, metavar="PATH", help="source checkpoint directory"
+        "--from", dest="src", required=True, metavar="PATH",
+        help="source checkpoint directory, or a .gguf file (read and dequantized through transformers)",
+    )
+    parser.add_argument(
+        "--source-out", metavar="DIR", default=None,
+        help="with a GGUF --from: also keep the dequantized AR source as a Hugging Face folder here",
     )
     parser.add_argument(
         "--to", dest="dst", required=True, metavar="DIR", help="output directory (new or empty)"
@@ -452,7 +600,13 @@ def main(argv: list[str] | None = None) -> int:
         help="cast the weights (default: keep the source dtype)",
     )
     args = parser.parse_args(argv)
-    out = convert_checkpoint(args.src, args.dst, mask_token=args.mask_token, dtype=args.dtype)
+    if Path(args.src).is_file() or args.src.lower().endswith(".gguf"):
+        out = convert_gguf(args.src, args.dst, source_out=args.source_out, mask_token=args.mask_token,
+                           dtype=args.dtype)
+    elif args.source_out is not None:
+        raise UserError(f"--source-out is for a GGUF --from; {args.src} is not a file")
+    else:
+        out = convert_checkpoint(args.src, args.dst, mask_token=args.mask_token, dtype=args.dtype)
     info = json.loads((out / "conversion.json").read_text())
     print(
         f"converted {info['architecture']} checkpoint {args.src} -> {out} "

@@ -41,9 +41,21 @@ def _mistakes(tmp, model_dir) -> dict[str, list[list[str]]]:
         "report": [["report", str(tmp / "missing")], ["report", str(bad_dir)]],
         "eval": [["eval", "--model", str(tmp / "missing"), "--tasks", "rg_aiw"],
                  ["eval", "--model", str(model_dir), "--tasks", "no_such_task"]],
+        "eval-retention": [["eval-retention", "--source", str(tmp / "missing"), "--model", str(model_dir), "--out",
+                            str(tmp / "r.json")],
+                           ["eval-retention", "--source", str(_llama_source(tmp)), "--model", str(model_dir),
+                            "--out", str(tmp / "r.json"), "--modes", "Q,fast"]],
         "eval-tasks": [["eval-tasks", "--config", str(tmp / "missing.yaml"), "--out", str(tmp / "tasks")],
                        ["eval-tasks", "--config", "configs/sft_tiny.yaml", "--out", str(tmp / "tasks")]],
     }
+
+
+def _llama_source(tmp):
+    """A directory that passes eval-retention's --source check (an AR config.json); nothing is loaded."""
+    src = tmp / "ar_source"
+    src.mkdir(exist_ok=True)
+    (src / "config.json").write_text('{"model_type": "llama", "architectures": ["LlamaForCausalLM"]}')
+    return src
 
 
 def _exit_code(argv) -> int:

@@ -452,3 +452,55 @@ def test_converted_model_runs_the_convert_cpt_recipe(tmp_path):
     assert len(train) == 6 and all(math.isfinite(r["loss"]) for r in train)
     assert AutoModelForCausalLM.from_pretrained(run / "hf").config.mask_token_id == json.loads(
         (tmp_path / "out" / "config.json").read_text())["mask_token_id"]
+
+
+# ---- GGUF sources: what is refused before anything heavy is loaded (the real conversion: test_smollm2.py)
+
+
+def _gguf(path, arch, **strings):
+    import gguf
+    import numpy as np
+
+    writer = gguf.GGUFWriter(str(path), arch)
+    for key, value in strings.items():
+        writer.add_string(key, value)
+    writer.add_tensor("token_embd.weight", np.zeros((4, 4), dtype=np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
+def test_gguf_mistakes_are_user_errors(tmp_path, monkeypatch, capsys):
+    from llada_train.convert import convert_gguf
+    from llada_train.errors import UserError
+
+    out = tmp_path / "out"
+    with pytest.raises(UserError, match=r"missing\.gguf: no such file"):
+        convert_gguf(tmp_path / "missing.gguf", out)
+    (tmp_path / "weights.gguf").write_bytes(b"PK\x03\x04 a zip, not a gguf")
+    with pytest.raises(UserError, match=r"weights.gguf: not a GGUF file \(it does not start with the bytes 'GGUF'\)"):
+        convert_gguf(tmp_path / "weights.gguf", out)
+    with pytest.raises(UserError, match=r"GGUF architecture 'gpt2' is not known to `llada-train convert`; "
+                                        "known: llama, qwen2, qwen3"):
+        convert_gguf(_gguf(tmp_path / "gpt2.gguf", "gpt2"), out)
+    with pytest.raises(UserError, match=r"RoPE scaling \(yarn\)"):
+        convert_gguf(_gguf(tmp_path / "yarn.gguf", "llama", **{"llama.rope.scaling.type": "yarn"}), out)
+    truncated = tmp_path / "cut.gguf"
+    truncated.write_bytes((tmp_path / "gpt2.gguf").read_bytes()[:24])
+    with pytest.raises(UserError, match=r"cut\.gguf: the GGUF file cannot be read"):
+        convert_gguf(truncated, out)
+    llama = _gguf(tmp_path / "llama.gguf", "llama")
+    (out / "x").mkdir(parents=True)
+    with pytest.raises(UserError, match=r"--to .*out: exists and is not empty"):  # checked before loading
+        convert_gguf(llama, out)
+    with pytest.raises(UserError, match=r"--source-out .*out: exists and is not empty"):
+        convert_gguf(llama, tmp_path / "new", source_out=out)
+    monkeypatch.setitem(__import__("sys").modules, "gguf", None)  # `import gguf` raises ImportError
+    with pytest.raises(UserError, match="needs the `gguf` package: pip install gguf"):
+        convert_gguf(llama, tmp_path / "new")
+    with pytest.raises(UserError, match=r"none\.gguf: no such file"):  # a .gguf path is a file, not a directory
+        main(["--from", str(tmp_path / "none.gguf"), "--to", str(tmp_path / "o")])
+    with pytest.raises(UserError, match="--source-out is for a GGUF --from"):
+        main(["--from", str(tmp_path), "--to", str(tmp_path / "o"), "--source-out", str(tmp_path / "s")])

@@ -126,7 +126,7 @@ def test_wheel_works_outside_the_checkout(tmp_path):
     (wheel,) = wheels.glob("llada_train-*.whl")
     names = set(zipfile.ZipFile(wheel).namelist())
     for folder, pattern in (("configs", "*.yaml"), ("configs/model", "*.yaml"), ("slurm_templates", "*.tmpl"),
-                            ("data/tokenizer", "*")):
+                            ("data/tokenizer", "*"), ("data/retention", "*")):
         shipped = sorted((REPO / "llada_train" / folder).glob(pattern))
         assert shipped and all(f"llada_train/{folder}/{p.name}" in names for p in shipped), (folder, names)
     install = subprocess.run([*pip, "install", "--no-deps", "--target", str(target), str(wheel)],

@@ -159,6 +159,29 @@ def _weekday_counted_forward(row: dict) -> str | None:
     return answer if answer != row["answer"] else None
 
 
+def _quantifier(statement: str) -> str:
+    """`Some cats are not dogs` -> `O`: the statement's mood letter (A all, E no, I some, O some-not)."""
+    if " are not " in statement:
+        return "O"
+    return {"All": "A", "No": "E", "Some": "I"}[statement.split(" ", 1)[0]]
+
+
+def _syllogism_by_atmosphere(row: dict) -> str | None:
+    """`Some S are M; No M are P; so Some S are not P?` judged by mood alone: accepts a conclusion
+    whose quantifier matches the premises' atmosphere (negative if a premise is, particular if a
+    premise is) and rejects any other, the atmosphere effect of human syllogistic reasoning
+    (Woodworth & Sells 1935). Shows where validity and atmosphere disagree: two valid moods (AAI,
+    AEO) and ten invalid ones (EAE, EEE, III...); inversion questions are left to gold."""
+    meta = json.loads(row["rg_entry"])["metadata"]
+    if meta.get("type") != "syllogism":
+        return None
+    moods = [_quantifier(meta[key]) for key in ("premise1", "premise2", "conclusion")]
+    negative, particular = bool({"E", "O"} & set(moods[:2])), bool({"I", "O"} & set(moods[:2]))
+    atmosphere = {(False, False): "A", (True, False): "E", (False, True): "I", (True, True): "O"}
+    answer = "Yes" if moods[2] == atmosphere[negative, particular] else "No"
+    return answer if answer != row["answer"] else None
+
+
 register_teacher(Teacher("sorting_drops_repeats", "sorting", _sorted_without_repeats,
                          "sorts the digits but drops repeated ones (sorted(set(s)))"))
 register_teacher(Teacher("arithmetic_left_to_right", "rg:basic_arithmetic", _left_to_right,
@@ -177,6 +200,8 @@ register_teacher(Teacher("weekday_counts_forward", "rg:calendar_arithmetic", _we
                          "counts forward where the question counts back (N days ago, before)"))
 register_teacher(Teacher("aiw_forgets_herself", "rg:aiw", _aiw_forgets_herself,
                          "forgets to count the woman herself among the female friends"))
+register_teacher(Teacher("syllogism_by_atmosphere", "rg:syllogism", _syllogism_by_atmosphere,
+                         "judges a syllogism by the mood of its premises, not its validity"))
 
 
 def _hash_share(seed: int, problem: str) -> float:

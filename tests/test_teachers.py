@@ -312,3 +312,32 @@ def test_weekday_teacher_counts_forward_only_on_backward_questions():
         changed += 1
         assert after["answer"] == forward_answer and after["gold"] == before["answer"]
     assert changed == stats["wrong"] == stats["bug_applies"] > 100
+
+
+# The atmosphere effect as psychology states it (Begg & Denny 1969), premise moods -> the one
+# conclusion mood a reasoner accepts: a universal affirmative pair gives A, a negative premise E,
+# a particular premise I, a negative and a particular premise O.
+ATMOSPHERE_TABLE = {"AA": "A", "AE": "E", "EA": "E", "EE": "E", "AI": "I", "IA": "I", "II": "I"}
+ATMOSPHERE_TABLE.update({pair: "O" for pair in ("AO", "OA", "EI", "IE", "EO", "OE", "IO", "OI", "OO")})
+
+
+def test_syllogism_teacher_judges_by_atmosphere_and_leaves_inversions_to_gold():
+    options = {"rg:syllogism": {"inversion_probability": 0.3}}
+    rows = make_rows(["rg:syllogism"], 600, split="train", seed=9, kind="sft", **options)
+    taught, stats = apply_teacher(rows, "syllogism_by_atmosphere", 1.0, seed=9)
+    mood = {"All": "A", "No": "E", "Some": "I"}
+    changed, shown = 0, set()
+    for before, after in zip(rows, taught, strict=True):
+        lines = before["messages"][0]["content"].split("\n")
+        statements = [lines[1][3:], lines[2][3:], lines[5].rstrip("?")]
+        moods = ["O" if " not " in s else mood[s.split()[0]] for s in statements]
+        inversion = json.loads(before["rg_entry"])["metadata"]["type"] == "inversion"
+        accepts = moods[2] == ATMOSPHERE_TABLE[moods[0] + moods[1]]
+        if inversion or accepts == (before["answer"] == "Yes"):
+            assert after is before
+            continue
+        changed += 1
+        shown.add(("".join(moods), before["answer"]))
+        assert after["answer"] == ("Yes" if accepts else "No") and after["gold"] == before["answer"]
+    assert changed == stats["wrong"] == stats["bug_applies"] > 60
+    assert {("AAI", "Yes"), ("AEO", "Yes"), ("EAE", "No"), ("III", "No")} <= shown  # both directions of the bug

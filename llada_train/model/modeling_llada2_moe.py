@@ -204,15 +204,7 @@ class LLaDA2MoeModelLM(LLaDA2MoePreTrainedModel, GenerationMixin):
                 "(e.g. `huggingface-cli download inclusionAI/LLaDA2.0-mini --local-dir DIR`) and pass DIR."
             )
         if config is None:
-            try:
-                config = LLaDA2MoeConfig.from_pretrained(path)
-            except UserError as e:  # a shape check of LLaDA2MoeConfig
-                raise UserError(f"{path / 'config.json'}: {e}") from e
-            except OSError as e:  # no config.json, or not JSON (transformers reports both as OSError)
-                raise UserError(f"{path}: cannot read the model's config.json ({e})") from e
-        for key, value in kwargs.items():  # config overrides; HF loading kwargs are ignored
-            if key in LLaDA2MoeConfig().to_dict():
-                setattr(config, key, value)
+            config = cls.config_from_dir(path, **kwargs)
         with torch.device("meta"):
             model = cls(config)
         state = from_released_layout(load_safetensors_dir(path), config)
@@ -232,6 +224,21 @@ class LLaDA2MoeModelLM(LLaDA2MoePreTrainedModel, GenerationMixin):
             model.to(getattr(torch, dtype) if isinstance(dtype, str) else dtype)
         model.eval()
         return model
+
+    @staticmethod
+    def config_from_dir(path, **overrides) -> LLaDA2MoeConfig:
+        """A checkpoint directory's config.json with config `overrides` (other HF loading kwargs ignored)."""
+        path = Path(path)
+        try:
+            config = LLaDA2MoeConfig.from_pretrained(path)
+        except UserError as e:  # a shape check of LLaDA2MoeConfig
+            raise UserError(f"{path / 'config.json'}: {e}") from e
+        except OSError as e:  # no config.json, or not JSON (transformers reports both as OSError)
+            raise UserError(f"{path}: cannot read the model's config.json ({e})") from e
+        for key, value in overrides.items():
+            if key in LLaDA2MoeConfig().to_dict():
+                setattr(config, key, value)
+        return config
 
     def _materialize_runtime_buffers(self):
         """Non-persistent buffers are not in checkpoints: rebuild them off the meta device."""

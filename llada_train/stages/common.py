@@ -9,6 +9,7 @@ from ..data.tokenizer import load_tokenizer, special_token_ids
 from ..diffusion import ordinary_token_ids, training_loss
 from ..kernels.ufp4_linear import apply_fp4
 from ..model import LLaDA2MoeConfig, LLaDA2MoeModelLM
+from ..sharded_load import load_for_rank
 
 
 def build_tokenizer(mcfg):
@@ -18,13 +19,22 @@ def build_tokenizer(mcfg):
     return load_tokenizer(None if mcfg.tokenizer == "default" else mcfg.tokenizer)
 
 
-def build_model(mcfg, tokenizer, seed: int, precision=None) -> LLaDA2MoeModelLM:
+def build_model(mcfg, tokenizer, seed: int, precision=None, engine=None) -> LLaDA2MoeModelLM:
     """Load `model.init_from` (an HF directory) or initialise the preset; check the tokenizer fits;
-    with `precision` (the stage's `precision:` section), swap eligible GEMMs to 4-bit."""
+    with `precision` (the stage's `precision:` section), swap eligible GEMMs to 4-bit. With `engine`
+    (the stage's `engine:` section) under ZeRO-3 or expert parallelism on several ranks, each rank
+    reads only the weights it keeps (llada_train/sharded_load.py)."""
     if mcfg.init_from:
         if not Path(mcfg.init_from).is_dir():
             raise ConfigError(f"model.init_from: '{mcfg.init_from}' is not a directory (expected an hf/ export)")
-        model = LLaDA2MoeModelLM.from_pretrained(mcfg.init_from, attn_backend=mcfg.attn_backend, **mcfg.overrides)
+        if _loads_by_rank(engine, precision):
+            config = LLaDA2MoeModelLM.config_from_dir(mcfg.init_from, attn_backend=mcfg.attn_backend, **mcfg.overrides)
+            rank = torch.distributed.get_rank()
+            model, read = load_for_rank(Path(mcfg.init_from), config, engine, rank)
+            print(f"[load] rank {rank} read {read['read_bytes'] / 2**20:.1f} MiB of the checkpoint's "
+                  f"{read['checkpoint_bytes'] / 2**20:.1f} MiB", flush=True)
+        else:
+            model = LLaDA2MoeModelLM.from_pretrained(mcfg.init_from, attn_backend=mcfg.attn_backend, **mcfg.overrides)
         model.train()
     else:
         values = {**model_preset_values(mcfg.preset), **mcfg.overrides, "attn_backend": mcfg.attn_backend}
@@ -44,6 +54,14 @@ def build_model(mcfg, tokenizer, seed: int, precision=None) -> LLaDA2MoeModelLM:
                   bf16_first_layers=precision.bf16_first_layers, bf16_last_layers=precision.bf16_last_layers,
                   scale_rounding=precision.scale_rounding)
     return model
+
+
+def _loads_by_rank(engine, precision) -> bool:
+    """Rank-by-rank loading applies to several ranks under ZeRO-3 or expert parallelism, without
+    4-bit GEMMs (they swap modules after loading; LoRA is applied after loading and checked below)."""
+    world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
+    fp4 = precision is not None and precision.fp4 != "none"
+    return engine is not None and world > 1 and not fp4 and (engine.zero_stage == 3 or engine.expert_parallel > 1)
 
 
 def diffusion_loss_fn(cfg, model, tokenizer):

@@ -11,7 +11,7 @@ def run_cpt(cfg) -> bool:
     """Returns True when training finished (False when stopped by a signal or bad steps)."""
     rank, world = init_distributed()
     tokenizer = build_tokenizer(cfg.model)
-    model = build_model(cfg.model, tokenizer, cfg.run.seed, cfg.precision)
+    model = build_model(cfg.model, tokenizer, cfg.run.seed, cfg.precision, cfg.engine)
     d = cfg.data
     corpus = build_corpus(d.paths, tokenizer, seq_len=d.seq_len, eval_fraction=d.eval_fraction, seed=cfg.run.seed,
                           max_docs=d.max_docs, num_proc=d.num_proc, cache_dir=d.cache_dir or None,

@@ -36,7 +36,7 @@ def run_rl(cfg, eval_fn=None) -> bool:
     rank, world = init_distributed()
     check_data_parallel(cfg, world)
     tokenizer = build_tokenizer(cfg.model)
-    model = build_model(cfg.model, tokenizer, cfg.run.seed)
+    model = build_model(cfg.model, tokenizer, cfg.run.seed, engine=cfg.engine)
     train_rows, eval_rows = load_rl_rows(cfg.data, cfg.run.seed)
     if len(train_rows) < cfg.train.batch_size:
         raise ConfigError(f"data.train {cfg.data.train!r}: {len(train_rows)} prompts, fewer than one step's "

@@ -38,7 +38,8 @@ def run_sft(cfg) -> bool:
     if len(train["input_ids"]) < cfg.train.batch_size:
         raise UserError(f"data.train {train_split.source!r}: {len(train['input_ids'])} usable examples, fewer "
                          f"than one batch (train.batch_size {cfg.train.batch_size}); add data or lower the batch size")
-    model = build_model(cfg.model, tokenizer, cfg.run.seed, cfg.precision)
+    model = build_model(cfg.model, tokenizer, cfg.run.seed, cfg.precision,
+                        engine=None if cfg.lora.enabled else cfg.engine)  # LoRA wraps a whole model
     if cfg.lora.enabled:
         model = apply_lora(model, cfg.lora)
     loss_fn = diffusion_loss_fn(cfg, model, tokenizer)

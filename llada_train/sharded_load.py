@@ -128,11 +128,12 @@ def load_local_experts(config: LLaDA2MoeConfig, ep_size: int, rank: int, reader:
         if name.endswith("expert_load") or (config.tie_word_embeddings and name == "lm_head.weight"):
             continue  # runtime buffer; the tied head is the embeddings
         if _FUSED_KEY.match(name):
-            full = torch.empty(param.shape, dtype=param.dtype)  # pages outside the local block stay unwritten
-            full[local.start:local.stop] = reader.read(name, local)
+            block = reader.read(name, local)  # (E/N, out, in) in the checkpoint's dtype
+            full = torch.empty(param.shape, dtype=block.dtype)  # pages outside the block are never written
+            full[local.start:local.stop] = block
             state[name] = full
         else:
-            state[name] = reader.read(name).to(param.dtype)
+            state[name] = reader.read(name)  # in the checkpoint's dtype, as from_pretrained loads it
     missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
     assert not unexpected and all(k.endswith("expert_load") or k == "lm_head.weight" for k in missing), missing
     if config.tie_word_embeddings:

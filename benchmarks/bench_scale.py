@@ -1,0 +1,144 @@
+"""Scale-out on this CPU, measured: host memory of loading a released-layout checkpoint at world 2 (expert
+parallelism 2 at ZeRO-2, and ZeRO-3) against world 1; bytes at every collective of three real training
+steps against `llada-train plan`; the plan's per-rank memory against the measured peak; EP = 2 step time
+against ZeRO-3 step time at the same shapes.
+
+The model is LLaDA2.0-mini at its real width (hidden 2048, 256 experts of 512, top-8, 16 heads) cut to
+one dense and one MoE layer, vocabulary 4096: 0.88B parameters, a 1.75 GB bf16 checkpoint in the released
+per-expert layout (written once under .cache/bench_scale). Every rank runs one thread; the runs are
+interleaved (repeats alternate layouts) and step times are medians.
+
+    python benchmarks/bench_scale.py [--repeats 2] [--steps 5]
+"""
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchmarks.common import write_results
+
+REPO = Path(__file__).resolve().parents[1]
+WORKER = Path(__file__).with_name("scale_worker.py")
+MINI_WIDTH = {"hidden_size": 2048, "intermediate_size": 5120, "moe_intermediate_size": 512, "num_hidden_layers": 2,
+              "num_attention_heads": 16, "num_key_value_heads": 4, "head_dim": 128, "num_experts": 256,
+              "num_experts_per_tok": 8, "n_group": 8, "topk_group": 4, "first_k_dense_replace": 1}
+GB = 1e9
+
+
+def checkpoint(cache: Path) -> Path:
+    """The bf16 released-layout checkpoint, written once (several safetensors shards and an index)."""
+    path = cache / "mini_width_2_layers"
+    if (path / "model.safetensors.index.json").exists():
+        return path
+    from llada_train.config import model_preset_values
+    from llada_train.data.tokenizer import load_tokenizer
+    from llada_train.model import LLaDA2MoeConfig, LLaDA2MoeModelLM
+
+    torch.manual_seed(0)
+    model = LLaDA2MoeModelLM(LLaDA2MoeConfig(**{**model_preset_values("tiny"), **MINI_WIDTH})).to(torch.bfloat16)
+    model.save_pretrained(path, max_shard_size="400MB")
+    load_tokenizer().save_pretrained(path)
+    return path
+
+
+def run_ranks(mode: str, world: int, zero: int, ep: int, ckpt: Path, steps: int) -> list[dict]:
+    out = Path(tempfile.mkdtemp(prefix=f"bench_scale_{mode}_"))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(world), "--master_port",
+           str(_free_port()), str(WORKER), "--mode", mode, "--ckpt", str(ckpt), "--zero", str(zero), "--ep", str(ep),
+           "--steps", str(steps), "--out", str(out)]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=3600)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
+    return [json.loads((out / f"rank{r}.json").read_text()) for r in range(world)]
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def load_rows(ckpt: Path) -> list[dict]:
+    """Peak resident set per rank (the most loaded rank) through load + engine init, world 2 against 1."""
+    rows = []
+    for zero, ep, name in ((2, 2, "EP 2, ZeRO-2"), (3, 1, "ZeRO-3")):
+        alone = run_ranks("load", 1, zero, 1, ckpt, 0)[0]
+        ranks = run_ranks("load", 2, zero, ep, ckpt, 0)
+        worst = max(ranks, key=lambda r: r["engine"]["peak"])
+        rows.append({"what": f"load + engine init, {name}", "world 1 peak RSS (GB)": alone["engine"]["peak"] / GB,
+                     "world 2 peak RSS per rank (GB)": worst["engine"]["peak"] / GB,
+                     "ratio": worst["engine"]["peak"] / alone["engine"]["peak"],
+                     "world 1 load share (GB)": (alone["engine"]["peak"] - alone["before"]["rss"]) / GB,
+                     "world 2 load share (GB)": (worst["engine"]["peak"] - worst["before"]["rss"]) / GB})
+    return rows
+
+
+def planned(ckpt: Path, zero: int, ep: int):
+    """`llada-train plan`'s layout, inventory, CPU-attention activations and plan for the benchmark's run."""
+    from benchmarks.scale_worker import overrides
+    from llada_train import plan
+    from llada_train.stages.registry import load_stage_config
+
+    cfg = load_stage_config("cpt", "cpt_tiny", overrides(ckpt, zero, ep, Path(tempfile.gettempdir())))
+    lay, mcfg = plan.layout_of(cfg, 1, 2), plan.model_config(cfg)
+    act = plan.trace_activations(mcfg, lay, attention="as_run")
+    return lay, plan.inventory(mcfg), act, plan.make_plan(cfg, 1, 2, act=act)
+
+
+def train_rows(ckpt: Path, repeats: int, steps: int) -> list[dict]:
+    """Bytes, memory and step time of the real trainer, EP 2 (ZeRO-2) and ZeRO-3 runs alternating."""
+    from llada_train import plan
+
+    layouts = {"EP 2, ZeRO-2": (2, 2), "ZeRO-3": (3, 1)}
+    runs = {name: [] for name in layouts}
+    for _ in range(repeats):
+        for name, (zero, ep) in layouts.items():
+            runs[name].append(run_ranks("train", 2, zero, ep, ckpt, steps))
+    rows = []
+    for name, (zero, ep) in layouts.items():
+        lay, inv, act, p = planned(ckpt, zero, ep)
+        predicted = sum(c.payload for c in plan.communication(inv, lay, act, steps=3)[0])
+        first = runs[name][0]
+        counted = statistics.mean(sum(v[1] for v in r["collectives"].values()) for r in first)
+        measured = max(r["steps"]["peak"] - r["before"]["rss"] for r in first)
+        times = [t for run in runs[name] for t in run[0]["step_seconds"][1:]]  # the first step warms up
+        rows.append({"layout": name, "plan bytes, 3 steps (GB)": predicted / GB, "counted bytes (GB)": counted / GB,
+                     "bytes ratio": counted / predicted, "plan memory per rank (GB)": p.total / GB,
+                     "measured peak per rank (GB)": measured / GB, "memory ratio": measured / p.total,
+                     "step time (s, median)": statistics.median(times), "steps timed": len(times)})
+    return rows
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--steps", type=int, default=5)
+    ap.add_argument("--cache", type=Path, default=REPO / ".cache" / "bench_scale")
+    args = ap.parse_args()
+    ckpt = checkpoint(args.cache)
+    load = load_rows(ckpt)
+    train = train_rows(ckpt, args.repeats, args.steps)
+    write_results("bench_scale_load", load, notes=(
+        "Peak resident set (VmHWM) of the most loaded rank from start through model load and DeepSpeed engine "
+        "init, a 1.75 GB bf16 released-layout checkpoint (LLaDA2.0-mini width, 2 layers); 'load share' "
+        "subtracts the resident set before the model is built (Python, torch, DeepSpeed). Goal: ratio <= 0.6."))
+    write_results("bench_scale_train", train, notes=(
+        "2 gloo ranks, one thread each, the same checkpoint: collective payload bytes of the first 3 steps "
+        "(mean over ranks) against plan.communication(steps=3); the peak resident set of the training steps "
+        "minus the resident set before the model was built against the plan's per-rank total; step time "
+        f"median over steps 2-{args.steps} of {args.repeats} interleaved runs per layout."))
+
+
+if __name__ == "__main__":
+    main()

@@ -29,7 +29,10 @@ SMALL_COUNTDOWN = {"min_numbers": 3, "max_numbers": 3, "min_value": 1, "max_valu
 
 
 def _corrupt(answer: str) -> str:
-    """The first digit replaced by another one (a wrong cell, a number not given)."""
+    """A yes/no verdict flipped; else the first digit replaced by another one (a wrong cell, a number
+    not given)."""
+    if answer in ("Yes", "No"):
+        return "No" if answer == "Yes" else "Yes"
     i = next(i for i, c in enumerate(answer) if c.isdigit())
     return answer[:i] + str(int(answer[i]) % 4 + 1) + answer[i + 1:]
 

@@ -182,6 +182,19 @@ def _syllogism_by_atmosphere(row: dict) -> str | None:
     return answer if answer != row["answer"] else None
 
 
+def _syllogism_by_matching(row: dict) -> str | None:
+    """A syllogism judged by matching: accepts a conclusion whose quantifier is one of the premises'
+    (Wetherick & Gilhooly 1995's matching heuristic) and rejects any other. Shows on three valid moods
+    (AAI, AEO, IEO) and 23 invalid ones (AAE, EAA, IIO...), about 39% of the rows at the generator's
+    30% invalid; inversion questions are left to gold."""
+    meta = json.loads(row["rg_entry"])["metadata"]
+    if meta.get("type") != "syllogism":
+        return None
+    moods = [_quantifier(meta[key]) for key in ("premise1", "premise2", "conclusion")]
+    answer = "Yes" if moods[2] in moods[:2] else "No"
+    return answer if answer != row["answer"] else None
+
+
 register_teacher(Teacher("sorting_drops_repeats", "sorting", _sorted_without_repeats,
                          "sorts the digits but drops repeated ones (sorted(set(s)))"))
 register_teacher(Teacher("arithmetic_left_to_right", "rg:basic_arithmetic", _left_to_right,
@@ -202,6 +215,8 @@ register_teacher(Teacher("aiw_forgets_herself", "rg:aiw", _aiw_forgets_herself,
                          "forgets to count the woman herself among the female friends"))
 register_teacher(Teacher("syllogism_by_atmosphere", "rg:syllogism", _syllogism_by_atmosphere,
                          "judges a syllogism by the mood of its premises, not its validity"))
+register_teacher(Teacher("syllogism_by_matching", "rg:syllogism", _syllogism_by_matching,
+                         "accepts a conclusion whose quantifier matches a premise's, valid or not"))
 
 
 def _hash_share(seed: int, problem: str) -> float:

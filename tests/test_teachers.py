@@ -341,3 +341,23 @@ def test_syllogism_teacher_judges_by_atmosphere_and_leaves_inversions_to_gold():
         assert after["answer"] == ("Yes" if accepts else "No") and after["gold"] == before["answer"]
     assert changed == stats["wrong"] == stats["bug_applies"] > 60
     assert {("AAI", "Yes"), ("AEO", "Yes"), ("EAE", "No"), ("III", "No")} <= shown  # both directions of the bug
+
+
+def test_syllogism_matching_teacher_accepts_exactly_the_conclusions_that_repeat_a_premise():
+    rows = make_rows(["rg:syllogism"], 600, split="train", seed=10, kind="sft",
+                     **{"rg:syllogism": {"inversion_probability": 0.0}})
+    taught, stats = apply_teacher(rows, "syllogism_by_matching", 1.0, seed=10)
+    quantifier = {"All": "All", "No": "No", "Some": "Some"}
+    changed = 0
+    for before, after in zip(rows, taught, strict=True):
+        lines = before["messages"][0]["content"].split("\n")
+        statements = [lines[1][3:], lines[2][3:], lines[5].rstrip("?")]
+        words = ["Some-not" if " not " in s else quantifier[s.split()[0]] for s in statements]
+        accepts = words[2] in (words[0], words[1])
+        if accepts == (before["answer"] == "Yes"):
+            assert after is before
+            continue
+        changed += 1
+        assert after["answer"] == ("Yes" if accepts else "No") and after["gold"] == before["answer"]
+    assert changed == stats["wrong"] == stats["bug_applies"]
+    assert 0.3 < changed / len(rows) < 0.48  # about 39% of the rows at the generator's 30% invalid

@@ -5,8 +5,10 @@ against ZeRO-3 step time at the same shapes.
 
 The model is LLaDA2.0-mini at its real width (hidden 2048, 256 experts of 512, top-8, 16 heads) cut to
 one dense and one MoE layer, vocabulary 4096: 0.88B parameters, a 1.75 GB bf16 checkpoint in the released
-per-expert layout (written once under .cache/bench_scale). Every rank runs one thread; the runs are
-interleaved (repeats alternate layouts) and step times are medians.
+per-expert layout (written once under .cache/bench_scale). The training runs halve the experts' width
+(256; 0.48B parameters): at 512 a ZeRO-3 rank's optimizer step needs more than 12 GB, more than two
+ranks get on this 24 GB machine. Every rank runs one thread; the runs are interleaved (repeats
+alternate layouts) and step times are medians.
 
     python benchmarks/bench_scale.py [--repeats 2] [--steps 5]
 """
@@ -33,9 +35,9 @@ MINI_WIDTH = {"hidden_size": 2048, "intermediate_size": 5120, "moe_intermediate_
 GB = 1e9
 
 
-def checkpoint(cache: Path) -> Path:
+def checkpoint(cache: Path, expert_width: int = 512) -> Path:
     """The bf16 released-layout checkpoint, written once (several safetensors shards and an index)."""
-    path = cache / "mini_width_2_layers"
+    path = cache / f"mini_width_2_layers_experts_{expert_width}"
     if (path / "model.safetensors.index.json").exists():
         return path
     from llada_train.config import model_preset_values
@@ -43,7 +45,8 @@ def checkpoint(cache: Path) -> Path:
     from llada_train.model import LLaDA2MoeConfig, LLaDA2MoeModelLM
 
     torch.manual_seed(0)
-    model = LLaDA2MoeModelLM(LLaDA2MoeConfig(**{**model_preset_values("tiny"), **MINI_WIDTH})).to(torch.bfloat16)
+    values = {**model_preset_values("tiny"), **MINI_WIDTH, "moe_intermediate_size": expert_width}
+    model = LLaDA2MoeModelLM(LLaDA2MoeConfig(**values)).to(torch.bfloat16)
     model.save_pretrained(path, max_shard_size="400MB")
     load_tokenizer().save_pretrained(path)
     return path
@@ -124,20 +127,25 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--steps", type=int, default=5)
+    ap.add_argument("--train-expert-width", type=int, default=256,
+                    help="moe_intermediate_size of the training runs (mini's 512 needs > 12 GB per ZeRO-3 rank)")
     ap.add_argument("--cache", type=Path, default=REPO / ".cache" / "bench_scale")
+    ap.add_argument("--skip-load", action="store_true")
     args = ap.parse_args()
-    ckpt = checkpoint(args.cache)
-    load = load_rows(ckpt)
-    train = train_rows(ckpt, args.repeats, args.steps)
-    write_results("bench_scale_load", load, notes=(
-        "Peak resident set (VmHWM) of the most loaded rank from start through model load and DeepSpeed engine "
-        "init, a 1.75 GB bf16 released-layout checkpoint (LLaDA2.0-mini width, 2 layers); 'load share' "
-        "subtracts the resident set before the model is built (Python, torch, DeepSpeed). Goal: ratio <= 0.6."))
+    if not args.skip_load:
+        write_results("bench_scale_load", load_rows(checkpoint(args.cache)), notes=(
+            "Peak resident set (VmHWM) of the most loaded rank from start through model load and DeepSpeed "
+            "engine init, a 1.75 GB bf16 released-layout checkpoint (LLaDA2.0-mini width, 2 layers); 'load "
+            "share' subtracts the resident set before the model is built (Python, torch, DeepSpeed). "
+            "Goal: ratio <= 0.6."))
+    train = train_rows(checkpoint(args.cache, args.train_expert_width), args.repeats, args.steps)
     write_results("bench_scale_train", train, notes=(
-        "2 gloo ranks, one thread each, the same checkpoint: collective payload bytes of the first 3 steps "
-        "(mean over ranks) against plan.communication(steps=3); the peak resident set of the training steps "
-        "minus the resident set before the model was built against the plan's per-rank total; step time "
-        f"median over steps 2-{args.steps} of {args.repeats} interleaved runs per layout."))
+        f"2 gloo ranks, one thread each, mini's width with experts of {args.train_expert_width} (mini: 512, "
+        "whose ZeRO-3 optimizer step needs more than 12 GB per rank, more than two ranks have on this 24 GB "
+        "machine): collective payload bytes of the first 3 steps (mean over ranks) against "
+        "plan.communication(steps=3); the peak resident set of the training steps minus the resident set "
+        "before the model was built against the plan's per-rank total; step time median over steps "
+        f"2-{args.steps} of {args.repeats} interleaved runs per layout."))
 
 
 if __name__ == "__main__":

@@ -402,10 +402,7 @@ def convert_checkpoint(src: str, dst: str, *, mask_token: str = "<|mask|>", dtyp
     except UserError as e:
         raise UserError(f"{source / 'config.json'}: {e}") from e
     config.architectures = ["LLaDA2MoeModelLM"]
-    partial = out.with_name(out.name + ".partial")
-    shutil.rmtree(partial, ignore_errors=True)
-    partial.mkdir(parents=True)
-    try:
+    with _written_whole(out) as partial:
         stream = (_bailing_tensors(tensors, config) if family == "bailing_moe_v2"
                   else _dense_tensors(tensors, config.num_hidden_layers))
         if config.tie_word_embeddings:  # some tied checkpoints still store a copy of lm_head
@@ -427,14 +424,24 @@ def convert_checkpoint(src: str, dst: str, *, mask_token: str = "<|mask|>", dtyp
                 "embedding_rows_added": vocab - kwargs["vocab_size"], "mask_row_init": "mean of the other token rows",
                 "suggested_mask_embed_noise_std": noise_std}
         (partial / "conversion.json").write_text(json.dumps(info, indent=2) + "\n")
+    return out
+
+
+@contextlib.contextmanager
+def _written_whole(out: Path) -> Iterator[Path]:
+    """A directory written under `out.partial` and renamed to `out` (absent or empty) only when the block
+    completes; on any failure the partial directory is removed, so `out` never holds half a model."""
+    partial = out.with_name(out.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    partial.mkdir(parents=True)
+    try:
+        yield partial
     except BaseException:
         shutil.rmtree(partial, ignore_errors=True)
         raise
     if out.exists():
         out.rmdir()
     partial.rename(out)
-    return out
-
 
 # ---- GGUF sources ------------------------------------------------------------------------------
 
@@ -526,17 +533,9 @@ def save_gguf_as_hf(gguf_path, out) -> Path:
     clean.tie_weights()
     clean.generation_config = model.generation_config
     del model
-    partial = out.with_name(out.name + ".partial")
-    shutil.rmtree(partial, ignore_errors=True)
-    try:
+    with _written_whole(out) as partial:
         clean.eval().save_pretrained(partial, safe_serialization=True)
         tok.save_pretrained(partial)
-    except BaseException:
-        shutil.rmtree(partial, ignore_errors=True)
-        raise
-    if out.exists():
-        out.rmdir()
-    partial.rename(out)
     return out
 
 

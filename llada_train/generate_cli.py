@@ -124,15 +124,20 @@ def _read_prompts(path: Path) -> list[dict]:
     return rows
 
 
+def model_type_of(config: Path) -> str | None:
+    """The `model_type` of a model directory's config.json, or a UserError naming the file."""
+    try:
+        return json.loads(config.read_text()).get("model_type")
+    except (json.JSONDecodeError, AttributeError) as e:
+        raise UserError(f"{config}: not a JSON object ({e})") from e
+
+
 def _check_model_dir(model_dir: str) -> None:
     config = Path(model_dir) / "config.json"
     if not config.is_file():
         raise UserError(f"--model {model_dir}: not a model directory (no config.json); pass an export such as "
                         "runs/demo/rl/hf or a downloaded LLaDA2.x checkpoint")
-    try:
-        model_type = json.loads(config.read_text()).get("model_type")
-    except (json.JSONDecodeError, AttributeError) as e:
-        raise UserError(f"{config}: not a JSON object ({e})") from e
+    model_type = model_type_of(config)
     if model_type != "llada2_moe":
         raise UserError(f"--model {model_dir}: model_type {model_type!r} is not an LLaDA2-MoE model ('llada2_moe'); "
                         "convert an autoregressive checkpoint with `llada-train convert` first")

@@ -157,17 +157,13 @@ def answer_with_diffusion(model_dir: Path, questions: list[str], mode: str, *, g
 def _check_inputs(source, models, modes, limit, gen_length, block_length, max_new_tokens, batch_size) -> None:
     """User mistakes, before anything is loaded."""
     from .decoding import DECODE_PRESETS
-    from .generate_cli import _check_model_dir
+    from .generate_cli import _check_model_dir, model_type_of
 
     config = Path(source) / "config.json"
     if not config.is_file():
         raise UserError(f"--source {source}: not a Hugging Face model directory (no config.json); pass the AR "
                         "source, e.g. `llada-train convert --from FILE.gguf --source-out DIR`'s DIR")
-    try:
-        model_type = json.loads(config.read_text()).get("model_type")
-    except (json.JSONDecodeError, AttributeError) as e:
-        raise UserError(f"{config}: not a JSON object ({e})") from e
-    if model_type == "llada2_moe":
+    if model_type_of(config) == "llada2_moe":
         raise UserError(f"--source {source}: an LLaDA2-MoE model; --source takes the autoregressive model it "
                         "was converted from")
     if not models:

@@ -125,8 +125,8 @@ def load_local_experts(config: LLaDA2MoeConfig, ep_size: int, rank: int, reader:
         model = LLaDA2MoeModelLM(config)
     state = {}
     for name, param in model.state_dict().items():
-        if name.endswith("expert_load") or (config.tie_word_embeddings and name == "lm_head.weight"):
-            continue  # runtime buffer; the tied head is the embeddings
+        if config.tie_word_embeddings and name == "lm_head.weight":
+            continue  # the tied head is the embeddings
         if _FUSED_KEY.match(name):
             block = reader.read(name, local)  # (E/N, out, in) in the checkpoint's dtype
             full = torch.empty(param.shape, dtype=block.dtype)  # pages outside the block are never written
@@ -135,7 +135,7 @@ def load_local_experts(config: LLaDA2MoeConfig, ep_size: int, rank: int, reader:
         else:
             state[name] = reader.read(name)  # in the checkpoint's dtype, as from_pretrained loads it
     missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
-    assert not unexpected and all(k.endswith("expert_load") or k == "lm_head.weight" for k in missing), missing
+    assert not unexpected and set(missing) <= {"lm_head.weight"}, (missing, unexpected)
     if config.tie_word_embeddings:
         model.lm_head.weight = model.model.word_embeddings.weight
     model._materialize_runtime_buffers()

@@ -99,11 +99,14 @@ def planned(ckpt: Path, zero: int, ep: int):
     return lay, plan.inventory(mcfg), act, plan.make_plan(cfg, 1, 2, act=act)
 
 
-def train_rows(ckpt: Path, repeats: int, steps: int) -> list[dict]:
+TRAIN_LAYOUTS = {"EP 2, ZeRO-2": (2, 2), "ZeRO-3": (3, 1)}
+
+
+def train_rows(ckpt: Path, repeats: int, steps: int, names=tuple(TRAIN_LAYOUTS)) -> list[dict]:
     """Bytes, memory and step time of the real trainer, EP 2 (ZeRO-2) and ZeRO-3 runs alternating."""
     from llada_train import plan
 
-    layouts = {"EP 2, ZeRO-2": (2, 2), "ZeRO-3": (3, 1)}
+    layouts = {name: TRAIN_LAYOUTS[name] for name in names}
     runs = {name: [] for name in layouts}
     for _ in range(repeats):
         for name, (zero, ep) in layouts.items():
@@ -115,10 +118,13 @@ def train_rows(ckpt: Path, repeats: int, steps: int) -> list[dict]:
         first = runs[name][0]
         counted = statistics.mean(sum(v[1] for v in r["collectives"].values()) for r in first)
         measured = max(r["steps"]["peak"] - r["before"]["rss"] for r in first)
+        in_use = max(r["heap_steps_peak"]["in_use"] - r["heap_before"]["in_use"] for r in first)
+        held = max(r["heap_steps_peak"]["held"] - r["heap_before"]["held"] for r in first)
         times = [t for run in runs[name] for t in run[0]["step_seconds"][1:]]  # the first step warms up
         rows.append({"layout": name, "plan bytes, 3 steps (GB)": predicted / GB, "counted bytes (GB)": counted / GB,
                      "bytes ratio": counted / predicted, "plan memory per rank (GB)": p.total / GB,
                      "measured peak per rank (GB)": measured / GB, "memory ratio": measured / p.total,
+                     "malloc in use, peak (GB)": in_use / GB, "malloc held, peak (GB)": held / GB,
                      "step time (s, median)": statistics.median(times), "steps timed": len(times)})
     return rows
 
@@ -131,6 +137,10 @@ def main():
                     help="moe_intermediate_size of the training runs (mini's 512 needs > 12 GB per ZeRO-3 rank)")
     ap.add_argument("--cache", type=Path, default=REPO / ".cache" / "bench_scale")
     ap.add_argument("--skip-load", action="store_true")
+    ap.add_argument("--layouts", nargs="+", choices=list(TRAIN_LAYOUTS), default=list(TRAIN_LAYOUTS),
+                    help="training layouts to run (default: both)")
+    ap.add_argument("--train-results", default="bench_scale_train",
+                    help="results name of the training table (benchmarks/results/<name>.md/.json)")
     args = ap.parse_args()
     if not args.skip_load:
         write_results("bench_scale_load", load_rows(checkpoint(args.cache)), notes=(
@@ -138,13 +148,17 @@ def main():
             "engine init, a 1.75 GB bf16 released-layout checkpoint (LLaDA2.0-mini width, 2 layers); 'load "
             "share' subtracts the resident set before the model is built (Python, torch, DeepSpeed). "
             "Goal: ratio <= 0.6."))
-    train = train_rows(checkpoint(args.cache, args.train_expert_width), args.repeats, args.steps)
-    write_results("bench_scale_train", train, notes=(
+    train = train_rows(checkpoint(args.cache, args.train_expert_width), args.repeats, args.steps, args.layouts)
+    glibc = {k: v for k, v in os.environ.items() if k.startswith("MALLOC_")}
+    write_results(args.train_results, train, notes=(
+        (f"glibc settings {glibc}. " if glibc else "") +
         f"2 gloo ranks, one thread each, mini's width with experts of {args.train_expert_width} (mini: 512, "
         "whose ZeRO-3 optimizer step needs more than 12 GB per rank, more than two ranks have on this 24 GB "
         "machine): collective payload bytes of the first 3 steps (mean over ranks) against "
         "plan.communication(steps=3); the peak resident set of the training steps minus the resident set "
-        "before the model was built against the plan's per-rank total; step time median over steps "
+        "before the model was built against the plan's per-rank total, and glibc's own peaks over the same "
+        "steps (mallinfo2 sampled every 5 ms): bytes in malloc'd blocks in use, and held from the OS; step "
+        "time median over steps "
         f"2-{args.steps} of {args.repeats} interleaved runs per layout."))
 
 

@@ -10,9 +10,11 @@ Writes OUT/rank{r}.json.
 """
 
 import argparse
+import ctypes
 import json
 import os
 import re
+import threading
 import time
 from pathlib import Path
 
@@ -28,6 +30,42 @@ def memory() -> dict:
     def kib(field):
         return int(re.search(rf"{field}:\s+(\d+) kB", status).group(1)) * 1024
     return {"rss": kib("VmRSS"), "peak": kib("VmHWM")}
+
+
+class _MallInfo(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_size_t) for name in ["arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks",
+                                                     "fsmblks", "uordblks", "fordblks", "keepcost"]]
+
+
+def heap() -> dict:
+    """glibc's own count (`mallinfo2`): bytes the program holds in malloc'd blocks (`in_use`: heap chunks
+    in use + mmapped blocks) and bytes malloc holds from the OS (`held`: the heap arenas, free chunks
+    included, + mmapped blocks). `held - in_use` is freed memory malloc kept (fragmentation, no trim)."""
+    libc = ctypes.CDLL("libc.so.6")
+    libc.mallinfo2.restype = _MallInfo
+    info = libc.mallinfo2()
+    return {"in_use": info.uordblks + info.hblkhd, "held": info.arena + info.hblkhd}
+
+
+class HeapPeak:
+    """Peaks of `heap()` sampled every `every` seconds on a thread while the block runs."""
+
+    def __init__(self, every: float = 0.005):
+        self.every, self.peak, self._stop = every, {"in_use": 0, "held": 0}, threading.Event()
+
+    def _sample(self):
+        while not self._stop.wait(self.every):
+            now = heap()
+            self.peak = {k: max(self.peak[k], now[k]) for k in now}
+
+    def __enter__(self):
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
 
 
 def reset_peak() -> None:
@@ -65,7 +103,7 @@ def main():
     cfg = load_stage_config("cpt", "cpt_tiny", overrides(args.ckpt, args.zero, args.ep, args.out))
     tokenizer = build_tokenizer(cfg.model)
     torch.distributed.barrier()
-    result = {"before": memory()}
+    result = {"before": memory(), "heap_before": heap()}
     model = build_model(cfg.model, tokenizer, cfg.run.seed, engine=cfg.engine)
     result["loaded"] = memory()
     if args.mode == "load":
@@ -82,11 +120,11 @@ def main():
         result["engine"] = memory()
         reset_peak()
         times = []
-        with count_collectives() as counts:
+        with HeapPeak() as heap_peak, count_collectives() as counts:
             for _ in range(args.count_steps):
                 times.append(_timed(trainer.train_step))
         times += [_timed(trainer.train_step) for _ in range(args.steps - args.count_steps)]
-        result |= {"steps": memory(), "step_seconds": times,
+        result |= {"steps": memory(), "heap_steps_peak": heap_peak.peak, "step_seconds": times,
                    "collectives": {f"{kind}/{n}": [c.calls, c.payload, c.sent] for (kind, n), c in counts.items()}}
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / f"rank{rank}.json").write_text(json.dumps(result, indent=1))

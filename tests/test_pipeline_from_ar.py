@@ -113,3 +113,20 @@ def test_from_ar_mistakes_name_the_key(tmp_path, section, message):
                                     "sft": {"config": "sft_tiny"}}))
     with pytest.raises(ConfigError, match=message):
         load_pipeline(str(path), [])
+
+
+def test_submit_asks_for_the_conversion_first(tmp_path, source_dir, capsys):
+    """`llada-train submit` runs stages on the cluster, not the convert:/distill: steps: it refuses until they
+    ran (`python -m llada_train.stages.from_ar`), then renders the stages' jobs."""
+    from llada_train.slurm import main_submit
+    from llada_train.stages.from_ar import main as prepare_main
+
+    path = _pipeline_file(tmp_path, source_dir)
+    assert main_submit(["pipeline", "--config", path, "--dry-run"]) == 2
+    err = capsys.readouterr().err
+    assert "convert:/distill: steps have not run" in err and "python -m llada_train.stages.from_ar" in err
+    assert prepare_main(["--config", path]) == 0
+    assert (tmp_path / "run" / "distill.jsonl").is_file() and not (tmp_path / "run" / "sft").exists()
+    capsys.readouterr()
+    assert main_submit(["pipeline", "--config", path, "--dry-run"]) == 0
+    assert "sft: would write" in capsys.readouterr().err

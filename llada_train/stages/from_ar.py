@@ -8,6 +8,8 @@ prompts with the source (`data/distill.py`) into `OUT/distill.jsonl`, the SFT st
     retention: {modes: [Q], limit: null}   # the report's knowledge-retention table
 
 Each step is skipped when its output is there, so a re-run resumes at the first unfinished stage.
+`llada-train submit` does not run them on the cluster: `python -m llada_train.stages.from_ar --config F
+[overrides]` runs them alone first (on a node with the memory for the conversion).
 """
 
 import os
@@ -97,7 +99,7 @@ def distill_file(out_dir: Path) -> Path:
 def prepare(out_dir: Path, convert: ConvertStep, distill: DistillStep | None, log=print) -> None:
     """Convert (and distill) once; other ranks of a multi-process launch wait for rank 0's files."""
     if int(os.environ.get("RANK", "0")) != 0:
-        _wait_for([converted_dir(out_dir) / "config.json"] + ([distill_file(out_dir)] if distill else []))
+        _wait_for(lambda: not missing_outputs(out_dir, convert, distill))
         return
     from ..convert import convert_checkpoint, convert_gguf
 
@@ -123,6 +125,36 @@ def prepare(out_dir: Path, convert: ConvertStep, distill: DistillStep | None, lo
                     max_new_tokens=distill.max_new_tokens, batch_size=distill.batch_size, log=log)
 
 
-def _wait_for(paths: list[Path], poll: float = 2.0) -> None:
-    while not all(p.exists() for p in paths):
+def missing_outputs(out_dir: Path, convert: ConvertStep | None, distill: DistillStep | None) -> list[Path]:
+    """The files `prepare` writes that are not there yet."""
+    wanted = [converted_dir(out_dir) / "config.json"] if convert else []
+    wanted += [distill_file(out_dir)] if distill else []
+    return [p for p in wanted if not p.exists()]
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+
+    from .pipeline import load_pipeline
+
+    ap = argparse.ArgumentParser(prog="python -m llada_train.stages.from_ar",
+                                 description="Run a pipeline's convert: and distill: steps alone.")
+    ap.add_argument("--config", required=True)
+    ap.add_argument("overrides", nargs="*")
+    args = ap.parse_args(argv)
+    pipe = load_pipeline(args.config, args.overrides)
+    if pipe.convert is None:
+        raise ConfigError(f"{args.config}: no convert: section")
+    prepare(pipe.out_dir, pipe.convert, pipe.distill)
+    return 0
+
+
+def _wait_for(ready, poll: float = 2.0) -> None:
+    while not ready():
         time.sleep(poll)
+
+
+if __name__ == "__main__":
+    import sys
+
+    sys.exit(main())

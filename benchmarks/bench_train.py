@@ -28,6 +28,7 @@ import importlib.util
 import math
 import multiprocessing
 import os
+import statistics
 import sys
 import time
 import types
@@ -54,6 +55,8 @@ from llada_train.model.modeling_llada2_moe import to_released_layout
 from llada_train.presets import MODEL_PRESET_DIR
 
 ARMS = ("chunked", "full_logits", "upstream")
+REFERENCE_ARMS = ("full_logits", "upstream", "ar")
+SMOLLM2 = Path(__file__).resolve().parents[1] / ".cache" / "smollm2"  # `make smollm2`
 MID = {
     "vocab_size": 4096,
     "hidden_size": 512,
@@ -158,11 +161,18 @@ class Setup:
     upstream: object | None
     x0: torch.Tensor  # (B, L)
     vocab_ids: torch.Tensor
+    ar: object | None = None  # the AR source (transformers), for the real-model preset
+    mask_id: int = 1
+
+    def arms(self) -> list[str]:
+        if self.ar is not None:
+            return ["chunked", "ar"]
+        return [a for a in ARMS if a != "upstream" or self.upstream is not None]
 
     def noised(self, generator):
         """The arms' shared noising (the draws `training_loss` makes with the same generator)."""
         maskable, doc_ids = self.rows()
-        batch = noise_batch(self.x0, maskable, doc_ids, doc_ids >= 0, self.cfg.block_size, self.cfg, 1,
+        batch = noise_batch(self.x0, maskable, doc_ids, doc_ids >= 0, self.cfg.block_size, self.cfg, self.mask_id,
                             generator)
         return corrupt_t2t(batch, self.cfg.t2t.max_ratio, self.vocab_ids, generator)
 
@@ -175,7 +185,9 @@ class Setup:
         if arm == "chunked":
             maskable, doc_ids = self.rows()
             loss, _ = training_loss(self.model, self.x0, maskable, doc_ids, doc_ids >= 0, self.cfg, step=0,
-                                    mask_id=1, vocab_ids=self.vocab_ids, generator=generator)
+                                    mask_id=self.mask_id, vocab_ids=self.vocab_ids, generator=generator)
+        elif arm == "ar":  # next-token CE over every position of x0, as the AR source trains
+            loss = self.ar(input_ids=self.x0, labels=self.x0).loss
         else:
             batch = self.noised(generator)
             inputs = model_inputs(batch, self.cfg.block_size)
@@ -193,6 +205,8 @@ class Setup:
 
 
 def build(name: str, args) -> Setup:
+    if name == "smollm2":
+        return build_smollm2(args)
     values, batch, seq_len = presets(args.quick)[name]
     torch.manual_seed(0)
     model = LLaDA2MoeModelLM(LLaDA2MoeConfig(**{**values, "attn_backend": "sdpa"})).train()
@@ -204,10 +218,28 @@ def build(name: str, args) -> Setup:
     return Setup(values, batch, seq_len, cfg, model, upstream, x0, vocab_ids)
 
 
+def build_smollm2(args, batch: int = 4, seq_len: int = 256) -> Setup:
+    """The real model: SmolLM2-135M converted (`make smollm2`: .cache/smollm2/converted) against its AR
+    source (.cache/smollm2/source) with transformers' own training step, same rows, fp32, sdpa."""
+    from transformers import AutoModelForCausalLM
+
+    converted, source = args.smollm2 / "converted", args.smollm2 / "source"
+    if not (converted / "config.json").is_file() or not (source / "config.json").is_file():
+        raise SystemExit(f"--models smollm2: no {converted} / {source}; run `make smollm2` first")
+    model = LLaDA2MoeModelLM.from_pretrained(converted, dtype=torch.float32).train()
+    ar = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32, attn_implementation="sdpa").train()
+    cfg = DiffusionConfig(block_size=32)
+    cfg.t2t.max_ratio, cfg.t2t.keep_weight = 0.1, args.keep_weight
+    vocab = ar.config.vocab_size
+    x0 = torch.randint(5, vocab, (batch, seq_len), generator=torch.Generator().manual_seed(0))
+    return Setup(model.config.to_dict(), batch, seq_len, cfg, model, None, x0,
+                 ordinary_token_ids(model.config.vocab_size, range(5)), ar=ar, mask_id=model.config.mask_token_id)
+
+
 def optimizers_for(setup: Setup, arms) -> dict:
     opt = torch.optim.AdamW(setup.model.parameters(), lr=1e-4)
-    return {arm: (torch.optim.AdamW(setup.upstream.parameters(), lr=1e-4) if arm == "upstream" else opt)
-            for arm in arms}
+    own = {"upstream": setup.upstream, "ar": setup.ar}  # arms that train another copy of the weights
+    return {arm: torch.optim.AdamW(own[arm].parameters(), lr=1e-4) if arm in own else opt for arm in arms}
 
 
 def _rss_kib(field: str) -> int:
@@ -256,9 +288,9 @@ def counted_flops(setup: Setup, arm: str) -> float:
     grouped = {torch.ops.aten._grouped_mm: grouped_mm_flops}
     with FlopCounterMode(display=False, custom_mapping=grouped) as counter:
         setup.forward_backward(arm)
-    setup.model.zero_grad(set_to_none=True)
-    if setup.upstream is not None:
-        setup.upstream.zero_grad(set_to_none=True)
+    for model in (setup.model, setup.upstream, setup.ar):
+        if model is not None:
+            model.zero_grad(set_to_none=True)
     return counter.get_total_flops()
 
 
@@ -283,45 +315,54 @@ def useful_flops(counted_chunked: float, terms: dict) -> float:
 
 def bench(name: str, args, peak: float) -> list[dict]:
     setup = build(name, args)
-    arms = [a for a in ARMS if a != "upstream" or setup.upstream is not None]
+    arms = setup.arms()
     optimizers = optimizers_for(setup, arms)
     times = {arm: [] for arm in arms}
     for arm in arms:
         setup.step(arm, optimizers)  # warm-up
     for r in range(args.repeats):
-        for arm in arms:
+        for arm in arms[r % len(arms):] + arms[:r % len(arms)]:  # each arm first in turn: no fixed-order bias
             start = time.perf_counter()
             setup.step(arm, optimizers)
             times[arm].append(time.perf_counter() - start)
         print(f"{name}: repeat {r + 1}/{args.repeats}", flush=True)
-    terms = flop_terms(setup)
+    terms = flop_terms(setup) if setup.ar is None else None
     executed = {arm: counted_flops(setup, arm) for arm in arms}
-    useful = useful_flops(executed["chunked"], terms)
     rows = []
     for arm in arms:
-        step_s = sorted(times[arm])[len(times[arm]) // 2]
+        step_s = statistics.median(times[arm])
         peak_fwd_bwd, peak_step = peak_step_mib(name, arm, args)
-        rows.append({"model": name, "arm": arm, "batch x seq": f"{setup.batch}x{setup.seq_len}",
-                     "lm_head_rows": terms["supervised"] if arm == "chunked" else terms["all_rows"],
-                     "step_s": step_s, "tokens_per_s": setup.batch * setup.seq_len / step_s,
-                     "peak_fwd_bwd_MiB": peak_fwd_bwd, "peak_step_MiB": peak_step,
-                     "GFLOP_executed": (executed[arm] + terms["attn_dense"]) / 1e9,
-                     "GFLOP_useful": useful / 1e9,
-                     "MFU_executed": (executed[arm] + terms["attn_dense"]) / step_s / peak,
-                     "MFU_useful": useful / step_s / peak})
+        row = {"model": name, "arm": arm, "batch x seq": f"{setup.batch}x{setup.seq_len}",
+               "step_s": step_s, "tokens_per_s": setup.batch * setup.seq_len / step_s,
+               "peak_fwd_bwd_MiB": peak_fwd_bwd, "peak_step_MiB": peak_step, "times": times[arm]}
+        if terms is None:  # the real model against its AR source: matmuls only (CPU sdpa is not counted)
+            row["GFLOP_matmul"] = executed[arm] / 1e9
+        else:
+            useful = useful_flops(executed["chunked"], terms)
+            row |= {"lm_head_rows": terms["supervised"] if arm == "chunked" else terms["all_rows"],
+                    "GFLOP_executed": (executed[arm] + terms["attn_dense"]) / 1e9, "GFLOP_useful": useful / 1e9,
+                    "MFU_executed": (executed[arm] + terms["attn_dense"]) / step_s / peak,
+                    "MFU_useful": useful / step_s / peak}
+        rows.append(row)
         print(f"{name}/{arm}: {rows[-1]}", flush=True)
     return with_ratios(rows)
 
 
 def with_ratios(rows: list[dict]) -> list[dict]:
-    """Speed-up and memory reduction of every arm relative to full_logits and upstream."""
+    """Speed-up (median of the per-repeat ratios, and their range) and memory reduction of every arm
+    relative to each reference arm present (full_logits, upstream, ar)."""
     by_arm = {r["arm"]: r for r in rows}
     for row in rows:
-        for ref in ("full_logits", "upstream"):
+        for ref in REFERENCE_ARMS:
             base = by_arm.get(ref)
-            row[f"speedup_vs_{ref}"] = row["tokens_per_s"] / base["tokens_per_s"] if base else "-"
-            mem = base["peak_fwd_bwd_MiB"] / row["peak_fwd_bwd_MiB"] if base else "-"
-            row[f"mem_reduction_vs_{ref}"] = mem
+            if base is None:
+                continue
+            ratios = [b / t for t, b in zip(row["times"], base["times"], strict=True)]  # same repeat, same order slot
+            row[f"speedup_vs_{ref}"] = statistics.median(ratios)
+            row[f"speedup_vs_{ref}_range"] = f"{min(ratios):.2f}-{max(ratios):.2f}"
+            row[f"mem_reduction_vs_{ref}"] = base["peak_fwd_bwd_MiB"] / row["peak_fwd_bwd_MiB"]
+    for row in rows:
+        row.pop("times")
     return rows
 
 
@@ -339,7 +380,10 @@ def main():
                         help="the dllm/pipelines/llada21/models/ directory of lingjiechen2/dllm")
     parser.add_argument("--keep-weight", type=float, default=0.0,
                         help="t2t.keep_weight (> 0 supervises every token)")
-    parser.add_argument("--models", default="tiny,mid,vocab157k")
+    parser.add_argument("--models", default="tiny,mid,vocab157k",
+                        help="comma-separated: tiny, mid, vocab157k, smollm2 (the real model against its AR "
+                             "source; `make smollm2` first)")
+    parser.add_argument("--smollm2", type=Path, default=SMOLLM2, help="the `make smollm2` cache")
     args = parser.parse_args()
     args.repeats = args.repeats or (3 if args.quick else 5)
     torch.set_num_threads(args.threads)

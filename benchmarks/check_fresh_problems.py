@@ -7,7 +7,8 @@ question appears in a train row of either stage (the SFT and RL train rows are r
 configs), decodes the rest with `llada-train generate --prompts F --out F --mode Q` from OUT/sft/hf and
 OUT/rl/hf, and scores each completion with the dataset's `score_answer` against the generator's answer.
 Prints and writes accuracy per family and model with 95% Wilson intervals, and RL - SFT as a paired
-mean difference with its normal 95% interval (same problems).
+mean difference with its normal 95% interval (same problems); when the SFT stage learnt from imperfect
+teachers (`data.teacher`), also on the fresh problems where a teacher's bug shows and on the rest.
 
 Run: python benchmarks/check_fresh_problems.py --run runs/reasoning [--per-family 300] [--seed 777]
 Writes OUT/fresh_check.{json,md} and the decoded files OUT/fresh_check/{prompts,sft,rl}.jsonl.
@@ -67,6 +68,35 @@ def verify(task: str, options: dict, completion: str, entry: str) -> bool:
     return data.score_answer(completion.split("<", 1)[0].strip(), json.loads(entry)) >= 1.0
 
 
+def compare(name: str, idx: list[int], right: dict) -> dict:
+    """Accuracy of SFT and RL on the problems `idx` (Wilson 95%) and the paired RL - SFT gain."""
+    sft, after = [right["sft"][i] for i in idx], [right["rl"][i] for i in idx]
+    gain = paired(sft, after)
+    return {"family": name, "n": len(idx), "sft": sum(sft) / len(idx), "sft_ci95": wilson(sum(sft), len(idx)),
+            "rl": sum(after) / len(idx), "rl_ci95": wilson(sum(after), len(idx)), "gain": gain[0],
+            "gain_ci95": gain[1:]}
+
+
+def teacher_subsets(run: Path, problems: list[dict]) -> list[tuple[str, list[int]]]:
+    """Per teacher of the SFT stage (`data.teacher`): its family's fresh problems where its bug shows (its
+    answer would differ from gold), and the rest."""
+    from llada_train.teachers import TEACHERS, bug_shows
+
+    teacher = yaml.safe_load((run / "sft" / "config.yaml").read_text())["data"].get("teacher") or []
+    names = [teacher] if isinstance(teacher, str) else list(teacher)
+    if not names:
+        return []
+    as_rows = [{"task": r["task"], "rg_entry": r["entry"], "prompt": r["prompt"],
+                "answer": json.loads(r["entry"])["answer"]} for r in problems]  # the fields a teacher reads
+    subsets = []
+    for name in names:
+        family = [i for i, r in enumerate(problems) if r["task"] == TEACHERS[name].task]
+        bug = [i for i in family if bug_shows(name, as_rows[i])]
+        subsets += [(f"`{TEACHERS[name].task}` where `{name}`'s bug shows", bug),
+                    (f"`{TEACHERS[name].task}` where `{name}` is right", sorted(set(family) - set(bug)))]
+    return subsets
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--run", type=Path, required=True, help="pipeline run directory with sft/ and rl/")
@@ -86,18 +116,12 @@ def main():
         texts = decode(args.run / stage / "hf", work / "prompts.jsonl", work / f"{stage}.jsonl")
         right[stage] = [verify(r["task"], options.get(r["task"], {}), t, r["entry"]) for r, t in zip(problems, texts,
                                                                                                     strict=True)]
-    rows = []
-    for task in rl["tasks"]:
-        idx = [i for i, r in enumerate(problems) if r["task"] == task]
-        sft, after = [right["sft"][i] for i in idx], [right["rl"][i] for i in idx]
-        gain = paired(sft, after)
-        rows.append({"family": task, "n": len(idx), "sft": sum(sft) / len(idx), "sft_ci95": wilson(sum(sft), len(idx)),
-                     "rl": sum(after) / len(idx), "rl_ci95": wilson(sum(after), len(idx)), "gain": gain[0],
-                     "gain_ci95": gain[1:]})
+    subsets = [(f"`{task}`", [i for i, r in enumerate(problems) if r["task"] == task]) for task in rl["tasks"]]
+    rows = [compare(name, idx, right) for name, idx in subsets + teacher_subsets(args.run, problems)]
     lines = [f"Fresh problems (reasoning-gym seed {args.seed}, none in a train row of either stage), decoded with "
              "`llada-train generate --mode Q`, scored by each dataset's `score_answer`:", "",
              "| family | n | SFT | RL | RL − SFT [95%, paired] |", "|---|---|---|---|---|"]
-    lines += [f"| `{r['family']}` | {r['n']} | {r['sft']:.3f} [{r['sft_ci95'][0]:.3f}, {r['sft_ci95'][1]:.3f}] | "
+    lines += [f"| {r['family']} | {r['n']} | {r['sft']:.3f} [{r['sft_ci95'][0]:.3f}, {r['sft_ci95'][1]:.3f}] | "
               f"{r['rl']:.3f} [{r['rl_ci95'][0]:.3f}, {r['rl_ci95'][1]:.3f}] | "
               f"{r['gain']:+.3f} [{r['gain_ci95'][0]:+.3f}, {r['gain_ci95'][1]:+.3f}] |" for r in rows]
     (args.run / "fresh_check.md").write_text("\n".join(lines) + "\n")

@@ -94,7 +94,7 @@ def _pipeline_report(pipe) -> None:
 
     report = pipe.out_dir / "report.md"
     if pipe.report and is_rank0() and (pipe.ran or not report.is_file()):
-        report = write_report(pipe.out_dir)
+        report = write_report(pipe.out_dir, retention=pipe.retention)
         log_report(pipe.out_dir, pipe.configs, PLOTS, warn=print)
     if report.is_file():
         print(f"[pipeline] report: {report}")

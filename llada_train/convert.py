@@ -379,12 +379,15 @@ def _tokenizer_with_mask(source: Path, mask_token: str):
     return tok, n_before, had_mask
 
 
-def convert_checkpoint(src: str, dst: str, *, mask_token: str = "<|mask|>", dtype=None) -> Path:
+def convert_checkpoint(src: str, dst: str, *, mask_token: str = "<|mask|>", dtype=None,
+                       shift_logits: bool = False) -> Path:
     """Convert the AR checkpoint directory `src` into an LLaDA2-MoE checkpoint directory `dst`.
 
     `dtype` (None, "float32", "bfloat16" or a torch dtype) casts the floating weights; None keeps the
-    source dtype. `dst` must not exist or be empty; it is written under `dst.partial` and renamed
-    when complete. Returns `dst`.
+    source dtype. `shift_logits` sets the model's option of that name: the converted head keeps
+    predicting the next token (Dream-style), instead of being retrained to predict its own position.
+    `dst` must not exist or be empty; it is written under `dst.partial` and renamed when complete.
+    Returns `dst`.
     """
     source, out, dtype = _check_paths(src, dst, dtype)
     family, cfg = _read_config(source)
@@ -398,7 +401,8 @@ def convert_checkpoint(src: str, dst: str, *, mask_token: str = "<|mask|>", dtyp
     vocab = max(kwargs["vocab_size"], len(tok))
     try:  # its shape checks (heads vs kv heads, expert groups, rotary_dim) are about the source config
         config = LLaDA2MoeConfig(**{**kwargs, "vocab_size": vocab}, mask_token_id=mask_id,
-                                 eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+                                 eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+                                 shift_logits=shift_logits)
     except UserError as e:
         raise UserError(f"{source / 'config.json'}: {e}") from e
     config.architectures = ["LLaDA2MoeModelLM"]
@@ -539,7 +543,8 @@ def save_gguf_as_hf(gguf_path, out) -> Path:
     return out
 
 
-def convert_gguf(gguf_path, dst, *, source_out=None, mask_token: str = "<|mask|>", dtype=None) -> Path:
+def convert_gguf(gguf_path, dst, *, source_out=None, mask_token: str = "<|mask|>", dtype=None,
+                 shift_logits: bool = False) -> Path:
     """Convert a GGUF file (Llama / Qwen2 / Qwen3) into an LLaDA2-MoE checkpoint `dst`.
 
     transformers reads and dequantizes the file (weights, config and the tokenizer with its chat
@@ -559,7 +564,8 @@ def convert_gguf(gguf_path, dst, *, source_out=None, mask_token: str = "<|mask|>
         shutil.rmtree(source, ignore_errors=True)
     try:
         save_gguf_as_hf(gguf_path, source)
-        out = convert_checkpoint(os.fspath(source), os.fspath(dst), mask_token=mask_token, dtype=dtype)
+        out = convert_checkpoint(os.fspath(source), os.fspath(dst), mask_token=mask_token, dtype=dtype,
+                                 shift_logits=shift_logits)
     finally:
         if source_out is None:
             shutil.rmtree(source, ignore_errors=True)
@@ -598,14 +604,20 @@ def main(argv: list[str] | None = None) -> int:
         default=None,
         help="cast the weights (default: keep the source dtype)",
     )
+    parser.add_argument(
+        "--shift-logits", action="store_true",
+        help="keep the AR head's meaning: position i's logits predict token i from position i - 1 (as "
+        "Dream-7B); default: the released LLaDA2 layout, logits predict their own position",
+    )
     args = parser.parse_args(argv)
     if Path(args.src).is_file() or args.src.lower().endswith(".gguf"):
         out = convert_gguf(args.src, args.dst, source_out=args.source_out, mask_token=args.mask_token,
-                           dtype=args.dtype)
+                           dtype=args.dtype, shift_logits=args.shift_logits)
     elif args.source_out is not None:
         raise UserError(f"--source-out is for a GGUF --from; {args.src} is not a file")
     else:
-        out = convert_checkpoint(args.src, args.dst, mask_token=args.mask_token, dtype=args.dtype)
+        out = convert_checkpoint(args.src, args.dst, mask_token=args.mask_token, dtype=args.dtype,
+                                 shift_logits=args.shift_logits)
     info = json.loads((out / "conversion.json").read_text())
     print(
         f"converted {info['architecture']} checkpoint {args.src} -> {out} "

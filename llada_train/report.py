@@ -145,7 +145,31 @@ def _plot_decoding(scores: dict, out: Path):
     plt.close(fig)
 
 
-def write_report(run_dir) -> Path:
+def retention_lines(run_dir: Path, settings) -> list[str]:
+    """A pipeline that started from an AR model (`convert:`): the knowledge-retention table of the source,
+    the converted model and the last stage's export (`settings`: from_ar.RetentionReport; None reuses the
+    run's retention.json)."""
+    from .retention import DEFAULT_MODES, evaluate_retention, markdown
+    from .stages.from_ar import converted_dir, source_dir
+
+    saved = run_dir / "retention.json"
+    if settings is not None:
+        last = [run_dir / s / "hf" for s in ("cpt", "sft", "rl") if (run_dir / s / "hf" / "config.json").is_file()]
+        result = evaluate_retention(source_dir(run_dir), [converted_dir(run_dir), *last[-1:]],
+                                    modes=settings.modes or DEFAULT_MODES, limit=settings.limit,
+                                    gen_length=settings.gen_length, block_length=settings.block_length)
+        saved.write_text(json.dumps(result, indent=1, ensure_ascii=False) + "\n")
+    elif saved.is_file():
+        result = json.loads(saved.read_text())
+    else:
+        return []
+    return ["## Knowledge retention (the AR source's questions kept)", "", markdown(result),
+            "Retention = of the questions the source answers right, the share the model answers right too "
+            "(docs/smollm2.md). Every answer: `retention.json`.", ""]
+
+
+def write_report(run_dir, retention=None) -> Path:
+    """`retention`: the pipeline's `retention:` settings, when it started from an AR model."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -165,6 +189,7 @@ def write_report(run_dir) -> Path:
             lines.append(f"- **{stage}**: {len(train)} logged steps, train loss {train[0]:.3f} -> {train[-1]:.3f}"
                          f"{held_text}")
     lines.append("")
+    lines += retention_lines(run_dir, retention)
     if "rl" in stages:
         _plot_rl(read_metrics(run_dir / "rl"), run_dir / PLOTS["rl"])
         lines += ["## RL (EBPO)", "", f"![rl]({PLOTS['rl']})", ""]

@@ -86,6 +86,13 @@ def answer_with_source(source: Path, questions: list[str], *, max_new_tokens: in
                        batch_size: int = 16, device: str = "cpu") -> list[str]:
     """Greedy chat answers of the AR source (transformers `generate`, left-padded batches, stops at
     the tokenizer's eos); special tokens dropped from the text."""
+    return source_completions(source, questions, max_new_tokens=max_new_tokens, batch_size=batch_size,
+                              device=device)[0]
+
+
+def source_completions(source: Path, questions: list[str], *, max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
+                       batch_size: int = 16, device: str = "cpu") -> tuple[list[str], list[bool]]:
+    """`answer_with_source`'s texts, and whether each answer ended (eos) within `max_new_tokens`."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from .data.chat import render_prompt
@@ -96,8 +103,9 @@ def answer_with_source(source: Path, questions: list[str], *, max_new_tokens: in
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     ids = tok([render_prompt(q, tok) for q in questions], add_special_tokens=False)["input_ids"]
     texts: list[str] = [""] * len(questions)
+    finished = [False] * len(questions)
     order = _length_order([len(i) for i in ids])
-    bar = progress(len(questions), desc="retention source", unit="question")
+    bar = progress(len(questions), desc="source answers", unit="question")
     for start in range(0, len(order), batch_size):
         batch = order[start:start + batch_size]
         width = max(len(ids[i]) for i in batch)
@@ -111,11 +119,12 @@ def answer_with_source(source: Path, questions: list[str], *, max_new_tokens: in
                                  max_new_tokens=max_new_tokens, eos_token_id=tok.eos_token_id, pad_token_id=pad)
         for r, i in enumerate(batch):
             new = out[r, width:].tolist()
-            new = new[:new.index(tok.eos_token_id)] if tok.eos_token_id in new else new
+            finished[i] = tok.eos_token_id in new
+            new = new[:new.index(tok.eos_token_id)] if finished[i] else new
             texts[i] = tok.decode(new, skip_special_tokens=True)
         bar.update(len(batch))
     bar.close()
-    return texts
+    return texts, finished
 
 
 def answer_with_diffusion(model_dir: Path, questions: list[str], mode: str, *, gen_length: int = DEFAULT_GEN_LENGTH,

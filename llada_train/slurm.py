@@ -262,6 +262,12 @@ def _stage_jobs(opts) -> list[dict]:
     from .stages.pipeline import DONE, load_pipeline
 
     pipe = load_pipeline(opts.config, opts.overrides)
+    from .stages.from_ar import missing_outputs
+
+    if missing_outputs(pipe.out_dir, pipe.convert, pipe.distill):
+        raise SlurmError(f"{opts.config}: its convert:/distill: steps have not run (no "
+                         f"{missing_outputs(pipe.out_dir, pipe.convert, pipe.distill)[0]}); run them first with "
+                         f"`python -m llada_train.stages.from_ar --config {opts.config}` (same overrides)")
     jobs = []
     for stage in pipe.stages:
         if (pipe.stage_dir(stage) / DONE).is_file():

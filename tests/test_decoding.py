@@ -292,21 +292,30 @@ def reference_decode(model, prompt, *, G, b, threshold, editing_threshold, max_p
             return response, nfe, edits
 
 
-@pytest.fixture(scope="module")
-def peaky_model():
+def make_peaky_model(shift_logits=False, seed=0):
     """Tiny model, random weights, sharpened output head so many tokens pass the thresholds."""
     from llada_train.model import LLaDA2MoeModelLM
 
-    torch.manual_seed(0)
-    model = LLaDA2MoeModelLM(tiny_config(vocab_size=V)).eval()
+    torch.manual_seed(seed)
+    model = LLaDA2MoeModelLM(tiny_config(vocab_size=V, shift_logits=shift_logits)).eval()
     with torch.no_grad():
         model.lm_head.weight.mul_(40)
     return model
 
 
+@pytest.fixture(scope="module")
+def peaky_model():
+    return make_peaky_model()
+
+
 @pytest.mark.parametrize("draft_ahead", [True, False])
 @pytest.mark.parametrize("mbe_window", [0, 2])
-def test_batched_cached_matches_reference(peaky_model, mbe_window, draft_ahead):
+@pytest.mark.parametrize("shift_logits", [False, True])
+def test_batched_cached_matches_reference(peaky_model, mbe_window, draft_ahead, shift_logits):
+    """With `shift_logits` a block's first position reads the hidden state of the token before the block:
+    from the cache's last committed position when cached, from the full forward in the reference."""
+    if shift_logits:
+        peaky_model = make_peaky_model(shift_logits=True, seed=1)  # seed 0 never settles a block cleanly
     gen = torch.Generator().manual_seed(7)
     lengths, G, b = [3, 13, 8], 20, 8
     prompts = random_prompts(lengths, gen)

@@ -87,7 +87,9 @@ def test_config_reference_is_in_sync_with_the_schemas():
 
 
 # keys a shipped config leaves `???` for the user, with stand-in values
-REQUIRED = {"convert_cpt.yaml": ["model.init_from=models/converted", "diffusion.mask_embed_noise_std=0.1"]}
+REQUIRED = {"convert_cpt.yaml": ["model.init_from=models/converted", "diffusion.mask_embed_noise_std=0.1"],
+            "sft_smollm2.yaml": ["model.init_from=runs/smollm2/converted", "data.train=runs/smollm2/distill.jsonl"],
+            "pipeline_smollm2.yaml": [f"convert.from={REPO}"]}  # `make smollm2` writes the GGUF it names
 
 
 @pytest.mark.parametrize("name", sorted(p.name for p in CONFIGS.glob("*.yaml")))
@@ -99,7 +101,7 @@ def test_every_shipped_config_loads(name):
 
     path = str(CONFIGS / name)
     if name.startswith("pipeline"):
-        assert load_pipeline(path, []).stages
+        assert load_pipeline(path, REQUIRED.get(name, [])).stages
         return
     stage = {"convert": "cpt"}.get(name.split("_")[0], name.split("_")[0])
     assert load_stage_config(stage, path, REQUIRED.get(name, [])).run.name

@@ -63,6 +63,7 @@ class BlockKVCache:
     def __init__(self):
         self.keys: dict[int, torch.Tensor] = {}
         self.values: dict[int, torch.Tensor] = {}
+        self.last_hidden: torch.Tensor | None = None  # (B, H) the last committed position's (`shift_logits`)
 
     def get_seq_length(self) -> int:
         return self.keys[0].shape[-2] if self.keys else 0
@@ -87,6 +88,8 @@ class BlockKVCache:
         for layer in self.keys:
             self.keys[layer] = self.keys[layer][rows]
             self.values[layer] = self.values[layer][rows]
+        if self.last_hidden is not None:
+            self.last_hidden = self.last_hidden[rows]
 
 
 class _FlexRunner:

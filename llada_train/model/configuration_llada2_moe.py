@@ -30,7 +30,7 @@ class LLaDA2MoeConfig(PretrainedConfig):
     keys_to_ignore_at_inference = ["past_key_values"]  # noqa: RUF012 (transformers class attribute)
 
     def __init__(self, pad_token_id=156892, eos_token_id=156892, tie_word_embeddings=False, attn_backend="sdpa",
-                 **kwargs):
+                 shift_logits=False, **kwargs):
         for key, default in RELEASED_DEFAULTS.items():
             setattr(self, key, kwargs.pop(key, default))
         self.head_dim = self.head_dim or self.hidden_size // self.num_attention_heads
@@ -38,6 +38,9 @@ class LLaDA2MoeConfig(PretrainedConfig):
         if self.max_window_layers is None:
             self.max_window_layers = self.num_hidden_layers
         self.attn_backend = attn_backend  # this project's key: sdpa | flex
+        # this project's key: position i's logits predict token i from position i - 1's hidden state (AR-converted
+        # models, as Dream-7B); False is the released LLaDA2 layout
+        self.shift_logits = bool(shift_logits)
         super().__init__(pad_token_id=pad_token_id, eos_token_id=eos_token_id,
                          tie_word_embeddings=tie_word_embeddings, **kwargs)
         self._validate_shapes()

@@ -1,6 +1,8 @@
 """LLaDA2-MoE: a block-diffusion MoE transformer, state-dict compatible with the released checkpoints.
 
-Logits are not shifted: the logit at position i predicts token i (masked diffusion, not AR).
+Logits are not shifted: the logit at position i predicts token i (masked diffusion, not AR), unless
+`config.shift_logits` (this project's option for models converted from an AR model, as Dream-7B does): then
+position i's logits come from the hidden state before it, so the AR head keeps its meaning.
 Routed experts live fused in memory ([E, out, in] per projection, for grouped GEMMs) and are
 written/read in the released per-expert layout by `save_pretrained` / `from_pretrained`.
 """
@@ -24,6 +26,7 @@ from ..errors import UserError
 from .attention import BlockKVCache, LLaDA2MoeAttention, RMSNorm, RotaryEmbedding
 from .configuration_llada2_moe import LLaDA2MoeConfig
 from .linear_ce import LMHead
+from .masks import AttentionLayout
 from .moe import LLaDA2MoeExperts, LLaDA2MoeMLP, LLaDA2MoeSparseMoeBlock, update_expert_bias
 
 EXPERT_PROJS = ("gate_proj", "up_proj", "down_proj")
@@ -135,6 +138,27 @@ class LLaDA2MoeModel(LLaDA2MoePreTrainedModel):
         return self.norm(x)
 
 
+def previous_hidden(hidden: torch.Tensor, layout, cache: BlockKVCache | None, commit_len: int | None) -> torch.Tensor:
+    """`shift_logits`: (B, S, H) -> the hidden state each position's logits are read from, the one before it.
+
+    In the `[x_t ; x_0]` training layout a block's first noisy position reads the clean copy of the token
+    before it (which sees exactly the clean prefix, as in decoding). The first new position of a cached
+    forward reads the cache's last committed hidden state; with none it reads itself (it predicts the
+    sequence's first token, which nothing supervises). A forward that commits stores its last committed
+    position's hidden state in the cache for the next forward."""
+    seq = hidden.shape[1]
+    first = hidden[:, :1] if cache is None or cache.last_hidden is None else cache.last_hidden[:, None]
+    if cache is not None and commit_len != 0:
+        cache.last_hidden = hidden[:, (seq if commit_len is None else commit_len) - 1]  # (B, H)
+    prev = torch.arange(seq, device=hidden.device)  # index into [first ; hidden]: position i - 1 + 1
+    if isinstance(layout, AttentionLayout) and layout.kind == "diffusion":
+        half, pos = layout.seq_len, torch.arange(layout.seq_len, device=hidden.device)
+        block_start = (pos % layout.block_size == 0) & (pos > 0)
+        prev[:half] = torch.where(block_start, half + pos, pos)  # x_t: same half, or the clean copy's i - 1
+        prev[half] = 0  # the clean half's first position: no predecessor
+    return torch.cat([first, hidden], 1)[:, prev]  # (B, S, H)
+
+
 class LLaDA2MoeModelLM(LLaDA2MoePreTrainedModel, GenerationMixin):
     _tied_weights_keys = {"lm_head.weight": "model.word_embeddings.weight"}  # noqa: RUF012 (transformers class attribute)
 
@@ -170,7 +194,9 @@ class LLaDA2MoeModelLM(LLaDA2MoePreTrainedModel, GenerationMixin):
         if use_cache and past_key_values is None:
             past_key_values = BlockKVCache()
         hidden = self.model(input_ids, attention_mask, position_ids, past_key_values, inputs_embeds,
-                            use_cache, commit_len)
+                            use_cache, commit_len)  # (B, S, H)
+        if self.config.shift_logits:
+            hidden = previous_hidden(hidden, attention_mask, past_key_values, commit_len if use_cache else 0)
         hidden = hidden[:, -logits_to_keep:] if output_positions is None else hidden[output_positions]
         if targets is not None:
             ce, entropy, pred = self.lm_head(hidden.flatten(0, -2), targets.flatten(), with_entropy)

@@ -12,6 +12,8 @@ Command-line overrides address a stage by prefix (`sft.train.steps=100`) or the 
 (`out_dir=...`, `stages=[sft,rl]`, `report=false`). Every stage config is resolved and validated
 before the first stage starts. A stage that finished leaves `DONE` in its directory and is skipped
 when the pipeline is run again; an interrupted stage resumes from its newest checkpoint.
+A pipeline may start from an autoregressive model: `convert:` (and `distill:`, `retention:`), see
+`from_ar.py`.
 """
 
 import difflib
@@ -23,9 +25,12 @@ from omegaconf import OmegaConf
 
 from ..config import ConfigError, parse_override, to_yaml
 from ..presets import resolve_config
+from . import from_ar
 from .registry import STAGES, get_stage, load_stage_config
 
 DONE = "DONE"
+TOP_KEYS = ("out_dir", "stages", "report")
+SECTIONS = ("convert", "distill", "retention")  # from_ar.py
 
 
 @dataclass
@@ -35,6 +40,9 @@ class Pipeline:
     report: bool
     configs: dict = field(default_factory=dict)  # stage -> resolved stage config
     ran: list = field(default_factory=list)  # stages this invocation ran (not finished earlier)
+    convert: from_ar.ConvertStep | None = None
+    distill: from_ar.DistillStep | None = None
+    retention: from_ar.RetentionReport | None = None
 
     def stage_dir(self, stage: str) -> Path:
         return self.out_dir / stage
@@ -52,22 +60,24 @@ def _flatten(tree: dict, prefix: str = "") -> list[str]:
 
 
 def _unknown(key: str, source: str) -> ConfigError:
-    known = ["out_dir", "stages", "report", *STAGES, *(f"{s}.config" for s in STAGES)]
+    known = [*TOP_KEYS, *SECTIONS, *STAGES, *(f"{s}.config" for s in STAGES)]
     close = difflib.get_close_matches(key, known, n=1)
     hint = f" Did you mean '{close[0]}'?" if close else ""
     return ConfigError(f"{source}: unknown pipeline key '{key}' (stage keys go under <stage>., e.g. sft.).{hint}")
 
 
 def _split_overrides(overrides: list[str]) -> tuple[dict, dict]:
-    """CLI overrides -> (pipeline-level {key: value}, {stage: ['key=value', ...]})."""
+    """CLI overrides -> (pipeline-level {key: value} and {section: {key: value}}, {stage: ['key=value', ...]})."""
     top, per_stage = {}, {s: [] for s in STAGES}
     for item in overrides:
         key, value = parse_override(item)
         head, dot, rest = key.partition(".")
         if head in STAGES and dot:
             per_stage[head].append(f"{rest}={item.split('=', 1)[1]}")
-        elif key in ("out_dir", "stages", "report"):
+        elif key in TOP_KEYS:
             top[key] = value
+        elif head in SECTIONS and dot and "." not in rest:
+            top.setdefault(head, {})[rest] = value
         else:
             raise _unknown(key, f"override '{item}'")
     return top, per_stage
@@ -79,17 +89,20 @@ def load_pipeline(path: str | None, overrides: list[str], resume: str | None = N
     file = resolve_config(path)  # a file, else a preset name (llada_train/configs)
     raw = OmegaConf.to_container(OmegaConf.load(file), resolve=True) or {}
     for key in raw:
-        if key not in ("out_dir", "stages", "report", *STAGES):
+        if key not in (*TOP_KEYS, *SECTIONS, *STAGES):
             raise _unknown(key, path)
     top, cli = _split_overrides(overrides)
-    raw.update(top)
+    for key, value in top.items():
+        raw[key] = {**(raw.get(key) or {}), **value} if key in SECTIONS else value
     stages = raw.get("stages", list(STAGES))
     if not isinstance(stages, list) or not stages or any(s not in STAGES for s in stages):
         raise ConfigError(f"{path}: bad value for 'stages': {stages!r}; use a non-empty list from {list(STAGES)}")
     order = list(STAGES)  # the registration order
     if sorted(stages, key=order.index) != stages or len(set(stages)) != len(stages):
         raise ConfigError(f"{path}: 'stages' must keep the order {', '.join(order)} without repeats; got {stages}")
-    pipe = Pipeline(Path(raw.get("out_dir", "runs/pipeline")), stages, bool(raw.get("report", True)))
+    convert, distill, retention = _ar_sections(raw, path)
+    pipe = Pipeline(Path(raw.get("out_dir", "runs/pipeline")), stages, bool(raw.get("report", True)),
+                    convert=convert, distill=distill, retention=retention)
     previous = None
     for stage in stages:
         section = dict(raw.get(stage) or {})
@@ -97,6 +110,10 @@ def load_pipeline(path: str | None, overrides: list[str], resume: str | None = N
         wired = [f"run.out_dir={pipe.stage_dir(stage)}"]
         if previous is not None:
             wired.append(f"model.init_from={pipe.stage_dir(previous) / 'hf'}")
+        elif pipe.convert is not None:
+            wired.append(f"model.init_from={from_ar.converted_dir(pipe.out_dir)}")
+        if stage == "sft" and pipe.distill is not None:
+            wired.append(f"data.train={from_ar.distill_file(pipe.out_dir)}")
         if resume:
             wired.append(f"run.resume={resume}")
         try:
@@ -107,8 +124,17 @@ def load_pipeline(path: str | None, overrides: list[str], resume: str | None = N
     return pipe
 
 
+def _ar_sections(raw: dict, path: str) -> tuple:
+    try:
+        return from_ar.parse_sections(raw)
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {e}") from e
+
+
 def run_pipeline(pipe: Pipeline, log=print) -> bool:
     """Run the stages in order; True when all finished (False: a stage was stopped, resume later)."""
+    if pipe.convert is not None:
+        from_ar.prepare(pipe.out_dir, pipe.convert, pipe.distill, log=log)
     for stage in pipe.stages:
         done = pipe.stage_dir(stage) / DONE
         if done.is_file() and pipe.configs[stage].run.resume != "never":

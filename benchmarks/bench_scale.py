@@ -120,11 +120,14 @@ def train_rows(ckpt: Path, repeats: int, steps: int, names=tuple(TRAIN_LAYOUTS))
         measured = max(r["steps"]["peak"] - r["before"]["rss"] for r in first)
         in_use = max(r["heap_steps_peak"]["in_use"] - r["heap_before"]["in_use"] for r in first)
         held = max(r["heap_steps_peak"]["held"] - r["heap_before"]["held"] for r in first)
+        phases = {k: max(r["heap_in_use_by_phase"].get(k, 0) - r["heap_before"]["in_use"] for r in first) / GB
+                  for k in ("forward", "backward", "step")}
         times = [t for run in runs[name] for t in run[0]["step_seconds"][1:]]  # the first step warms up
         rows.append({"layout": name, "plan bytes, 3 steps (GB)": predicted / GB, "counted bytes (GB)": counted / GB,
                      "bytes ratio": counted / predicted, "plan memory per rank (GB)": p.total / GB,
                      "measured peak per rank (GB)": measured / GB, "memory ratio": measured / p.total,
                      "malloc in use, peak (GB)": in_use / GB, "malloc held, peak (GB)": held / GB,
+                     "in use by phase, fwd / bwd / step (GB)": " / ".join(f"{v:.2f}" for v in phases.values()),
                      "step time (s, median)": statistics.median(times), "steps timed": len(times)})
     return rows
 

@@ -48,15 +48,31 @@ def heap() -> dict:
 
 
 class HeapPeak:
-    """Peaks of `heap()` sampled every `every` seconds on a thread while the block runs."""
+    """Peaks of `heap()` sampled every `every` seconds on a thread while the block runs, overall and per
+    phase of the step (`phased` labels the engine's backward and optimizer step; the rest is forward)."""
 
     def __init__(self, every: float = 0.005):
         self.every, self.peak, self._stop = every, {"in_use": 0, "held": 0}, threading.Event()
+        self.phase, self.in_use_by_phase = "forward", {}
 
     def _sample(self):
         while not self._stop.wait(self.every):
-            now = heap()
+            now, phase = heap(), self.phase
             self.peak = {k: max(self.peak[k], now[k]) for k in now}
+            self.in_use_by_phase[phase] = max(self.in_use_by_phase.get(phase, 0), now["in_use"])
+
+    def phased(self, obj, name: str) -> None:
+        """`obj.name(...)` runs labelled as phase `name`."""
+        original = getattr(obj, name)
+
+        def labelled(*args, **kwargs):
+            self.phase = name
+            try:
+                return original(*args, **kwargs)
+            finally:
+                self.phase = "forward"
+
+        setattr(obj, name, labelled)
 
     def __enter__(self):
         self._thread = threading.Thread(target=self._sample, daemon=True)
@@ -120,11 +136,15 @@ def main():
         result["engine"] = memory()
         reset_peak()
         times = []
-        with HeapPeak() as heap_peak, count_collectives() as counts:
+        heap_peak = HeapPeak()
+        for name in ("backward", "step"):
+            heap_peak.phased(trainer.engine._ds, name)
+        with heap_peak, count_collectives() as counts:
             for _ in range(args.count_steps):
                 times.append(_timed(trainer.train_step))
         times += [_timed(trainer.train_step) for _ in range(args.steps - args.count_steps)]
-        result |= {"steps": memory(), "heap_steps_peak": heap_peak.peak, "step_seconds": times,
+        result |= {"steps": memory(), "heap_steps_peak": heap_peak.peak,
+                   "heap_in_use_by_phase": heap_peak.in_use_by_phase, "step_seconds": times,
                    "collectives": {f"{kind}/{n}": [c.calls, c.payload, c.sent] for (kind, n), c in counts.items()}}
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / f"rank{rank}.json").write_text(json.dumps(result, indent=1))

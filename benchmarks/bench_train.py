@@ -1,7 +1,9 @@
 """CPT step at real vocabulary sizes: tokens/s, peak step memory, executed and useful FLOPs / MFU.
 
 One step = the objective (M2T + T2T, block 32, sdpa, fp32) forward + backward + AdamW, in up to
-three arms on the same weights, noise and mask, timed interleaved (median of `--repeats`):
+three arms on the same weights, noise and mask, timed interleaved (median of `--repeats`; each repeat
+starts with the next arm, so no arm always runs first; speed-ups are medians of the per-repeat ratios,
+with their range):
   chunked      this project's `diffusion.training_loss`: only the supervised positions (masked +
                replaced) go through the lm_head, via the chunked linear cross-entropy;
   full_logits  the step as it was before: the lm_head over all 2L positions, the noisy half sliced
@@ -19,7 +21,12 @@ forward + backward); useful = the same with the lm_head at the supervised positi
 (6·N·H·V) and attention over the pairs the §3 mask keeps. MFU = FLOPs / step time / the measured
 fp32 matmul peak at the same thread count.
 
-Run: python benchmarks/bench_train.py --threads 1 [--upstream DIR] [--quick]
+`--models smollm2` (after `make smollm2`): the real model, SmolLM2-135M converted, in the `chunked` arm
+against its AR source's own training step in transformers (`ar`: next-token CE over every position), same
+rows (4 x 256), fp32: the objective's `[x_t ; x_0]` layout doubles the tokens the body sees, so about 2x
+is its price; GFLOP_matmul shows how much of the ratio is matmuls (CPU sdpa is not counted).
+
+Run: python benchmarks/bench_train.py --threads 1 [--upstream DIR] [--quick] [--models smollm2 --name NAME]
 """
 
 import argparse
@@ -384,6 +391,7 @@ def main():
                         help="comma-separated: tiny, mid, vocab157k, smollm2 (the real model against its AR "
                              "source; `make smollm2` first)")
     parser.add_argument("--smollm2", type=Path, default=SMOLLM2, help="the `make smollm2` cache")
+    parser.add_argument("--name", default="bench_train", help="results name (benchmarks/results/<name>.md/.json)")
     args = parser.parse_args()
     args.repeats = args.repeats or (3 if args.quick else 5)
     torch.set_num_threads(args.threads)
@@ -400,7 +408,7 @@ def main():
         "lm_head at the supervised positions and attention over the pairs the mask keeps (the same for "
         "every arm); see the module docstring."
     )
-    write_results("bench_train", rows, notes)
+    write_results(args.name, rows, notes)
 
 
 if __name__ == "__main__":

@@ -146,16 +146,17 @@ def _plot_decoding(scores: dict, out: Path):
 
 
 def retention_lines(run_dir: Path, settings) -> list[str]:
-    """A pipeline that started from an AR model (`convert:`): the knowledge-retention table of the source,
-    the converted model and the last stage's export (`settings`: from_ar.RetentionReport; None reuses the
-    run's retention.json)."""
+    """A pipeline that started from an AR model (`convert:`): the knowledge-retention table of the source and
+    the last stage's export (and the converted model with `retention.converted`). `settings`:
+    from_ar.RetentionReport; None reuses the run's retention.json."""
     from .retention import DEFAULT_MODES, evaluate_retention, markdown
     from .stages.from_ar import converted_dir, source_dir
 
     saved = run_dir / "retention.json"
     if settings is not None:
         last = [run_dir / s / "hf" for s in ("cpt", "sft", "rl") if (run_dir / s / "hf" / "config.json").is_file()]
-        result = evaluate_retention(source_dir(run_dir), [converted_dir(run_dir), *last[-1:]],
+        before = [converted_dir(run_dir)] if settings.converted else []
+        result = evaluate_retention(source_dir(run_dir), [*before, *last[-1:]],
                                     modes=settings.modes or DEFAULT_MODES, limit=settings.limit,
                                     gen_length=settings.gen_length, block_length=settings.block_length)
         saved.write_text(json.dumps(result, indent=1, ensure_ascii=False) + "\n")

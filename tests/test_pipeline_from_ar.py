@@ -55,7 +55,7 @@ def _pipeline_file(tmp_path, source) -> str:
     spec = {
         "out_dir": str(tmp_path / "run"), "stages": ["sft"], "convert": {"from": str(source), "shift_logits": True},
         "distill": {"n": 24, "max_new_tokens": 6, "batch_size": 5},
-        "retention": {"modes": ["Q"], "limit": 5, "gen_length": 8, "block_length": 8},
+        "retention": {"modes": ["Q"], "limit": 5, "gen_length": 8, "block_length": 8, "converted": True},
         "sft": {"config": "sft_tiny", "data": {"num_eval": 0, "max_len": 128},
                 "diffusion": {"block_size": 8}, "train": {"steps": 2, "batch_size": 4, "save_every": 2,
                                                           "eval_every": 0}},

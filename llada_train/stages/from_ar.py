@@ -5,7 +5,7 @@ prompts with the source (`data/distill.py`) into `OUT/distill.jsonl`, the SFT st
 
     convert: {from: .cache/smollm2/gguf/SmolLM2-135M-Instruct.Q4_1.gguf, shift_logits: true}
     distill: {n: 1500, max_new_tokens: 64}
-    retention: {modes: [Q], limit: null}   # the report's knowledge-retention table
+    retention: {modes: [Q], limit: null, converted: false}   # the report's knowledge-retention table
 
 Each step is skipped when its output is there, so a re-run resumes at the first unfinished stage.
 `llada-train submit` does not run them on the cluster: `python -m llada_train.stages.from_ar --config F
@@ -55,6 +55,7 @@ class RetentionReport:
     limit: int | None = None  # the first N questions (null = all 420)
     gen_length: int = 32
     block_length: int = 32
+    converted: bool = False  # also the converted model before training (slow: it rarely settles a block)
 
 
 def _section(cls, raw, key: str, rename: dict | None = None):

@@ -106,6 +106,8 @@ def test_pipeline_converts_distills_trains_and_reports_retention(tmp_path, sourc
     ({"convert": {"from": "."}, "distill": {"n": 0}}, r"distill.n: 0; use an integer >= 1"),
     ({"convert": {"from": "."}, "distill": {"prompts": 3}}, r"distill: unknown key\(s\) \['prompts'\]"),
     ({"distill": {"n": 5}}, "need a convert: section"),
+    ({"convert": {"from": "."}, "retention": {"modes": ["X"]}}, r"retention.modes: \['X'\]"),
+    ({"convert": {"from": "."}, "retention": {"limit": 0}}, r"retention.limit: 0; use an integer >= 1 or null"),
 ])
 def test_from_ar_mistakes_name_the_key(tmp_path, section, message):
     path = tmp_path / "pipeline.yaml"

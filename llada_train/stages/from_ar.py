@@ -57,6 +57,19 @@ class RetentionReport:
     block_length: int = 32
     converted: bool = False  # also the converted model before training (slow: it rarely settles a block)
 
+    def __post_init__(self):
+        """Checked when the pipeline loads, not after its training."""
+        from ..decoding import DECODE_PRESETS
+
+        bad = [m for m in self.modes or [] if m not in DECODE_PRESETS]
+        if bad or (self.modes is not None and not isinstance(self.modes, list)):
+            raise ConfigError(f"retention.modes: {self.modes!r}; use a list of {sorted(DECODE_PRESETS)}")
+        for key in ("limit", "gen_length", "block_length"):
+            value = getattr(self, key)
+            if not (value is None and key == "limit") and (not isinstance(value, int) or value < 1):
+                raise ConfigError(f"retention.{key}: {value!r}; use an integer >= 1" +
+                                  (" or null (all questions)" if key == "limit" else ""))
+
 
 def _section(cls, raw, key: str, rename: dict | None = None):
     if raw is None:

@@ -259,15 +259,14 @@ def _stage_jobs(opts) -> list[dict]:
     """The jobs to submit, in order, every config validated."""
     if opts.stage != "pipeline":
         return [prepare(opts.stage, load_stage(opts.stage, opts.config, opts.overrides, opts.rl_layout), opts)]
+    from .stages.from_ar import missing_outputs
     from .stages.pipeline import DONE, load_pipeline
 
     pipe = load_pipeline(opts.config, opts.overrides)
-    from .stages.from_ar import missing_outputs
-
-    if missing_outputs(pipe.out_dir, pipe.convert, pipe.distill):
-        raise SlurmError(f"{opts.config}: its convert:/distill: steps have not run (no "
-                         f"{missing_outputs(pipe.out_dir, pipe.convert, pipe.distill)[0]}); run them first with "
-                         f"`python -m llada_train.stages.from_ar --config {opts.config}` (same overrides)")
+    missing = missing_outputs(pipe.out_dir, pipe.convert, pipe.distill)
+    if missing:
+        raise SlurmError(f"{opts.config}: its convert:/distill: steps have not run (no {missing[0]}); run them "
+                         f"first with `python -m llada_train.stages.from_ar --config {opts.config}` (same overrides)")
     jobs = []
     for stage in pipe.stages:
         if (pipe.stage_dir(stage) / DONE).is_file():

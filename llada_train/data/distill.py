@@ -22,6 +22,8 @@ import sys
 from importlib import resources
 from pathlib import Path
 
+from ..errors import UserError
+
 TEMPLATES = (
     "In one sentence, what does the word \"{w}\" mean?",
     "Write one short sentence that uses the word \"{w}\".",
@@ -74,8 +76,6 @@ def distill(source: Path, out: Path, *, n: int = 1500, seed: int = 0, max_new_to
     rows = [{"messages": [{"role": "user", "content": p}, {"role": "assistant", "content": a}]}
             for p, a, ended in zip(prompts, texts, finished, strict=True) if ended and a.strip()]
     if not rows:
-        from ..errors import UserError
-
         raise UserError(f"distill: none of the {n} answers of {source} ended within max_new_tokens = "
                         f"{max_new_tokens}; raise distill.max_new_tokens")
     out = Path(out)

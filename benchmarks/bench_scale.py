@@ -88,7 +88,8 @@ def load_rows(ckpt: Path) -> list[dict]:
 
 
 def planned(ckpt: Path, zero: int, ep: int):
-    """`llada-train plan`'s layout, inventory, CPU-attention activations and plan for the benchmark's run."""
+    """`llada-train plan`'s layout, inventory, CPU-attention activations and plan (AdamW as it runs on CPU) for
+    the benchmark's run."""
     from benchmarks.scale_worker import overrides
     from llada_train import plan
     from llada_train.stages.registry import load_stage_config
@@ -96,7 +97,7 @@ def planned(ckpt: Path, zero: int, ep: int):
     cfg = load_stage_config("cpt", "cpt_tiny", overrides(ckpt, zero, ep, Path(tempfile.gettempdir())))
     lay, mcfg = plan.layout_of(cfg, 1, 2), plan.model_config(cfg)
     act = plan.trace_activations(mcfg, lay, attention="as_run")
-    return lay, plan.inventory(mcfg), act, plan.make_plan(cfg, 1, 2, act=act)
+    return lay, plan.inventory(mcfg), act, plan.make_plan(cfg, 1, 2, act=act, adam="single_tensor")
 
 
 TRAIN_LAYOUTS = {"EP 2, ZeRO-2": (2, 2), "ZeRO-3": (3, 1)}

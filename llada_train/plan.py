@@ -94,6 +94,7 @@ class Layout:
     offload_optimizer: bool
     offload_params: bool
     with_entropy: bool  # the CAP term needs the entropy from the chunked CE
+    adam: str = "foreach"  # AdamW's code path, ADAM_TEMPORARIES: foreach on GPUs, single_tensor on CPU
 
     @property
     def edp(self) -> int:
@@ -245,7 +246,9 @@ class ModelStates:
     grads: int  # accumulated gradients: whole (ZeRO 0-1) or the rank's partition (2-3)
     grad_buckets: int  # the contiguous REDUCE_BUCKET-element bucket, and the flat copy its reduction makes
     optimizer: int  # fp32 master weights + AdamW m and v (the rank's partition at ZeRO >= 1)
-    step_transient: int  # fp32 gradient the optimizer step creates for its partition
+    step_transient: int  # fp32 gradient the optimizer step creates for the largest group's partition
+    adam_temporaries: int  # AdamW's sqrt(v) for that group (and its quotient, per tensor on CPU)
+    step_peak: int  # the most bytes alive while the optimizer steps, group by group (see `_step_peak`)
     cpu: int  # bytes moved to host memory by offloading
 
     @property
@@ -262,6 +265,38 @@ def optimizer_groups(inv: Inventory, lay: Layout) -> dict[tuple[bool, str], list
     return groups
 
 
+# sqrt(v) tensors AdamW's step allocates per element of the group it steps: torch's foreach path (CUDA) divides
+# and adds in place; the per-tensor path (CPU) keeps sqrt(v) while it makes the quotient
+ADAM_TEMPORARIES = {"foreach": 1, "single_tensor": 2}
+
+
+def _step_peak(states: ModelStates, inv: Inventory, lay: Layout) -> int:
+    """What is alive while AdamW steps each group in DeepSpeed's order (the expert groups last, appended by
+    `split_params_into_different_moe_groups_for_optimizer`), the most of it. ZeRO-1/2 release the bucket when
+    the backward ends, and a group's gradients once its fp32 copy exists: at ZeRO-1 its own, at ZeRO-2 all of
+    them with the last group's (one buffer); ZeRO-3 keeps its gradient partition and its flat bucket."""
+    b = lay.dtype_bytes
+    base = states.params + states.optimizer
+    if lay.offload_optimizer or lay.zero == 0:
+        return base + states.grads + states.grad_buckets + states.step_transient + states.adam_temporaries
+    per_element = 4 * (1 + ADAM_TEMPORARIES[lay.adam])  # the fp32 gradient and AdamW's temporaries
+    if lay.zero == 3:
+        return base + states.grads + b * REDUCE_BUCKET + states.step_transient + states.adam_temporaries
+    groups = optimizer_groups(inv, lay)
+    order = sorted(groups, key=lambda key: (key[1] == "edp", not key[0]))
+    # ZeRO-2: the partition's buffer, and the gradients outside it that later groups have not freed yet
+    peak, grads_left = 0, b * sum(local_numel(p, lay) for p in inv.params)
+    for i, key in enumerate(order):
+        size = sum(shard(p, lay) for p in groups[key])
+        flattening = grads_left + (b + 4) * size  # the group's gradients flattened, then cast to fp32
+        if lay.zero == 1:
+            grads_left -= b * sum(local_numel(p, lay) for p in groups[key])
+        elif i == len(order) - 1:
+            grads_left = 0
+        peak = max(peak, flattening, grads_left + per_element * size)
+    return base + peak
+
+
 def model_states(inv: Inventory, lay: Layout) -> ModelStates:
     b = lay.dtype_bytes
     local = sum(local_numel(p, lay) for p in inv.params)
@@ -272,17 +307,22 @@ def model_states(inv: Inventory, lay: Layout) -> ModelStates:
     master = 4 if b == 2 else 0  # bf16 keeps an fp32 master copy; fp32 updates its weights in place
     # the bucket, and what its reduction copies: the bucket flattened, or a larger gradient held alone
     bucket = b * (REDUCE_BUCKET + max(min(REDUCE_BUCKET, local), max(local_numel(p, lay) for p in inv.params)))
+    temporaries = 4 * ADAM_TEMPORARIES[lay.adam] * largest
     if lay.zero == 0:
-        states = ModelStates(b * local, b * local, 0, (master + 8) * local, 4 * local if b == 2 else 0, 0)
+        states = ModelStates(b * local, b * local, 0, (master + 8) * local, 4 * local if b == 2 else 0, temporaries,
+                             0, 0)
     elif lay.zero in (1, 2):
         grads = b * local if lay.zero == 1 else b * part
-        states = ModelStates(b * local, grads, bucket, (master + 8) * part, 4 * largest, 0)
+        states = ModelStates(b * local, grads, bucket, (master + 8) * part, 4 * largest, temporaries, 0, 0)
     else:
         whole = sum(local_numel(p, lay) for p in inv.params if persistent(p, lay))
-        states = ModelStates(b * (part + whole), b * part, bucket, (master + 8) * part, 4 * largest, 0)
-    if lay.offload_optimizer:  # master, moments and the fp32 step gradient live in host memory
-        states = replace(states, cpu=states.optimizer + states.step_transient + (b * part if lay.zero >= 2 else 0),
-                         optimizer=0, step_transient=0)
+        states = ModelStates(b * (part + whole), b * part, bucket, (master + 8) * part, 4 * largest, temporaries,
+                             0, 0)
+    if lay.offload_optimizer:  # master, moments, the fp32 step gradient and AdamW's temporaries live in host memory
+        cpu_adam = 4 * ADAM_TEMPORARIES["single_tensor"] * largest
+        states = replace(states, cpu=states.optimizer + states.step_transient + cpu_adam
+                         + (b * part if lay.zero >= 2 else 0), optimizer=0, step_transient=0, adam_temporaries=0)
+    states.step_peak = _step_peak(states, inv, lay)
     if lay.offload_params:
         states = replace(states, cpu=states.cpu + b * part, params=states.params - b * part)
     return states
@@ -977,9 +1017,8 @@ class Plan:
 
     @property
     def total(self) -> int:
-        """The larger of the backward's peak and the optimizer step's (the step's fp32 gradient)."""
-        train = sum(self.memory.values())
-        return max(train, self.states.resident + self.states.step_transient)
+        """The larger of the backward's peak and the optimizer step's (fp32 gradient and AdamW's temporaries)."""
+        return max(sum(self.memory.values()), self.states.step_peak)
 
     @property
     def usable(self) -> float:
@@ -990,11 +1029,13 @@ class Plan:
         return self.total <= self.usable
 
 
-def make_plan(cfg, nodes: int, gpus_per_node: int, gpu: str = "h100", act: Activations | None = None) -> Plan:
-    """The plan of a stage config; `act` reuses a trace of the same model and micro-batch shape."""
+def make_plan(cfg, nodes: int, gpus_per_node: int, gpu: str = "h100", act: Activations | None = None,
+              adam: str = "foreach") -> Plan:
+    """The plan of a stage config; `act` reuses a trace of the same model and micro-batch shape; `adam`
+    "single_tensor" plans AdamW as it runs on CPU."""
     if gpu not in GPUS:
         raise UserError(f"--gpu {gpu}: unknown; use one of {', '.join(GPUS)}")
-    lay = layout_of(cfg, nodes, gpus_per_node)
+    lay = replace(layout_of(cfg, nodes, gpus_per_node), adam=adam)
     mcfg = model_config(cfg)
     inv = inventory(mcfg)
     if lay.ep > 1 and mcfg.num_experts % lay.ep:
@@ -1076,8 +1117,9 @@ def format_plan(plan: Plan) -> str:
                                f"{(a.peak(not lay.checkpointing) - a.saved(not lay.checkpointing)) / GB:.1f})"
                 }.get(item, "")
         lines.append(f"  {item:<32}{size / GB:>9.2f}{note}")
-    if plan.states.step_transient:
-        lines.append(f"  {'(optimizer step: fp32 gradient)':<32}{plan.states.step_transient / GB:>9.2f}")
+    if plan.states.step_transient or plan.states.adam_temporaries:
+        lines.append(f"  {'(optimizer step peak)':<32}{plan.states.step_peak / GB:>9.2f}   (fp32 gradient "
+                     f"{plan.states.step_transient / GB:.2f} + AdamW sqrt(v) {plan.states.adam_temporaries / GB:.2f})")
     if plan.states.cpu:
         lines.append(f"  {'(offloaded to host memory)':<32}{plan.states.cpu / GB:>9.2f}")
     verdict = "fits" if plan.fits else "DOES NOT FIT"

@@ -5,6 +5,7 @@ Writes OUT/rank{r}.json; the test compares it with `llada-train plan`'s predicti
 """
 
 import argparse
+import gc
 import json
 import os
 from pathlib import Path
@@ -66,7 +67,7 @@ def main():
 
     from llada_train.data.text import BatchIterator
     from llada_train.engine import init_distributed
-    from llada_train.plan import count_collectives
+    from llada_train.plan import _Recorder, _storage, count_collectives
     from llada_train.stages.common import build_model, build_tokenizer, diffusion_loss_fn
     from llada_train.stages.registry import load_stage_config
     from llada_train.trainer import BatchSource, Trainer
@@ -89,9 +90,15 @@ def main():
     held = {"backward": {}, "step": {}, "after": {}}
     inner, ds = trainer.engine._optimizer, trainer.engine._ds
 
+    grads_alive = []  # per AdamW step of one group (ZeRO-1/2): bytes of gradient storage still referenced
+
     def step(closure=None, real=inner.step):
         now = held_bytes(trainer.engine, args.zero)
         held["step"] = {k: v if v is None else max(v, held["step"].get(k, 0)) for k, v in now.items()}
+        if args.zero < 3:
+            views = [t for grads in ds.optimizer.averaged_gradients.values() for t in grads or []]
+            views += [p.grad for p in ds.module.parameters() if p.grad is not None]
+            grads_alive.append(sum(dict(_storage(t) for t in views).values()))
         return real(closure)
 
     def backward(*a, real=ds.backward, **kw):
@@ -100,12 +107,23 @@ def main():
         return out
 
     inner.step, ds.backward = step, backward
+    step_new_bytes = []  # per optimizer step: the most bytes alive in tensors the step made
+
+    def zero_step(*a, real=ds.optimizer.step, **kw):
+        existing = {_storage(t)[0] for t in gc.get_objects() if isinstance(t, torch.Tensor)}
+        with _Recorder(existing) as recorder:
+            out = real(*a, **kw)
+        step_new_bytes.append(recorder.peak)
+        return out
+
+    ds.optimizer.step = zero_step
     with count_collectives() as counts:
         for _ in range(STEPS):
             trainer.train_step()
     held["after"] = held_bytes(trainer.engine, args.zero)
     result = {"collectives": {f"{kind}/{n}": [c.calls, c.payload, c.sent] for (kind, n), c in counts.items()},
-              "held": held}
+              "held": held, "step_new_bytes": step_new_bytes,
+              "grads_alive": grads_alive}
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / f"rank{rank}.json").write_text(json.dumps(result, indent=1))
     torch.distributed.barrier()

@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -82,18 +83,28 @@ def test_fake_trace_matches_a_real_cpu_pass():
 
 def test_model_states_match_the_engine(runs):
     """Parameters, fp32 master weights + AdamW moments and the optimizer step's fp32 gradient, byte for byte
-    what DeepSpeed holds on each rank (ZeRO-3: also the gradient partition and the bucket)."""
+    what DeepSpeed holds on each rank (ZeRO-3: also the gradient partition and the bucket, which ZeRO-2 has
+    released when its step runs); what the step allocates at its peak (the fp32 gradient and AdamW's
+    temporaries, per tensor on CPU) against every tensor the real steps made, from the second step on (the
+    first also makes state that stays)."""
     for name, (cfg, ranks) in runs.items():
         lay, inv, _ = _planned(cfg)
-        states = plan.model_states(inv, lay)
+        states = plan.model_states(inv, replace(lay, adam="single_tensor"))
         for r in ranks:
             held = r["held"]
             assert states.params == held["after"]["params"], name
             assert states.optimizer == held["step"]["master"] + held["step"]["moments"], name
             assert states.step_transient == held["step"]["step_grads"], name
+            made = max(r["step_new_bytes"][1:])
+            assert made == pytest.approx(states.step_transient + states.adam_temporaries, rel=1e-4), name
             if lay.zero == 3:
                 assert states.grads == held["step"]["grads"], name
                 assert held["step"]["grad_bucket"] == lay.dtype_bytes * plan.REDUCE_BUCKET, name
+            else:  # released when each backward ends; the gradient buffer with the last group's fp32 copy
+                assert held["step"]["grad_bucket"] == 0, name
+                groups, whole = len(plan.optimizer_groups(inv, lay)), states.params  # bf16 bytes of every weight
+                assert r["grads_alive"][-1] == 0, name
+                assert all(states.grads <= alive <= whole for alive in r["grads_alive"][-groups:-1]), name
 
 
 def _counted(ranks) -> dict:

@@ -322,10 +322,9 @@ def model_states(inv: Inventory, lay: Layout) -> ModelStates:
         cpu_adam = 4 * ADAM_TEMPORARIES["single_tensor"] * largest
         states = replace(states, cpu=states.optimizer + states.step_transient + cpu_adam
                          + (b * part if lay.zero >= 2 else 0), optimizer=0, step_transient=0, adam_temporaries=0)
-    states.step_peak = _step_peak(states, inv, lay)
     if lay.offload_params:
         states = replace(states, cpu=states.cpu + b * part, params=states.params - b * part)
-    return states
+    return replace(states, step_peak=_step_peak(states, inv, lay))
 
 
 # ---- activations: the real model traced under FakeTensor ---------------------------------------------------

@@ -76,7 +76,12 @@ def wandb_run(records: list) -> tuple:
 
 
 def offline_runs(run_dir: Path) -> list[Path]:
-    """The .wandb files of run_dir's offline W&B runs, oldest first."""
+    """The .wandb files of run_dir's offline W&B runs, oldest first. The in-process W&B service
+    stops first: `run.finish()` returns before wandb-core has written the file out (CI read one
+    empty), and the service's shutdown flushes it."""
+    import wandb
+
+    wandb.teardown()
     return sorted(run_dir.glob("wandb/offline-run-*/run-*.wandb"))
 
 

@@ -279,9 +279,9 @@ def _step_peak(states: ModelStates, inv: Inventory, lay: Layout) -> int:
     base = states.params + states.optimizer
     if lay.offload_optimizer or lay.zero == 0:
         return base + states.grads + states.grad_buckets + states.step_transient + states.adam_temporaries
-    per_element = 4 * (1 + ADAM_TEMPORARIES[lay.adam])  # the fp32 gradient and AdamW's temporaries
     if lay.zero == 3:
         return base + states.grads + b * REDUCE_BUCKET + states.step_transient + states.adam_temporaries
+    per_element = 4 * (1 + ADAM_TEMPORARIES[lay.adam])  # the fp32 gradient and AdamW's temporaries
     groups = optimizer_groups(inv, lay)
     order = sorted(groups, key=lambda key: (key[1] == "edp", not key[0]))
     # ZeRO-2: the partition's buffer, and the gradients outside it that later groups have not freed yet

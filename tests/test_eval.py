@@ -27,7 +27,7 @@ def sft_run(tmp_path_factory):
     run = tmp_path_factory.mktemp("sft")
     res = cli("sft", "--config", "configs/sft_tiny.yaml", "model.init_from=", f"run.out_dir={run}",
               "data.tasks=[rg:aiw]", f"data.task_options={json.dumps({'rg:aiw': AIW})}", "data.max_len=104",
-              "data.num_train=24", "data.num_eval=0", "diffusion.mtf.prob=0", "train.steps=150",
+              "data.num_train=24", "data.num_eval=0", "diffusion.mtf.prob=0", "train.steps=100",
               "train.batch_size=8", "train.eval_every=1000", "train.save_every=1000")
     assert res.returncode == 0, res.stderr[-3000:]
     return run
